@@ -1,0 +1,32 @@
+# The README's two commands are `make sweep` and `make test`; both set up first (idempotent, seconds when done).
+SHELL := /bin/bash
+VENV  := .venv
+BIN   := $(VENV)/bin
+SPEC  ?= sweeps/width.yaml
+
+.PHONY: setup sweep smoke test test-slow lint bench clean
+
+setup:
+	@scripts/setup.sh
+
+sweep: setup  ## the main job: the width x steps sweep on Fashion-MNIST, local Ray, local MLflow
+	$(BIN)/bvit-sweep launch $(SPEC)
+
+smoke: setup
+	$(BIN)/bvit-sweep launch sweeps/smoke.yaml
+
+test: setup  ## default suite (slow tests excluded)
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+test-slow: setup  ## only the slow tests (real training runs, multi-node)
+	$(BIN)/pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
