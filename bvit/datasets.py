@@ -1,0 +1,369 @@
+"""Prepared data sets: FFCV `.beton` files plus a `meta.json` that says what they hold and how to check them.
+
+A prepared directory holds `train.beton`, `test.beton` and `meta.json`:
+
+    bvit-sweep data prepare fashion-mnist --out data/fashion-mnist
+    bvit-sweep data prepare image-folder --src /data/imagenet --out data/imagenet --max-res 256
+
+Fields of `meta.json` others rely on: `num_classes`, `class_names`, `image_shape` ([C, H, W] of the stored
+images; for image folders of mixed sizes the largest H and W, with `fixed_size` false), `mean` and `std`
+(per channel, in pixel units 0..255, over the training split), `train_count`, `test_count`. `files`
+records each `.beton`'s size and SHA-256 (a sampled digest above 1 GiB); `load_metadata` refuses a
+directory whose files disagree with it, so a stale, truncated or swapped `.beton` is never read.
+
+Fashion-MNIST is stored as `NDArrayField` uint8 (28, 28) + `IntField` label; image folders as
+`RGBImageField` + `IntField` (see `bvit.image_folder`).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import gzip
+import hashlib
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DataError", "load_metadata", "prepare_fashion_mnist", "prepare_image_folder", "read_idx",
+           "FASHION_MNIST_CLASSES", "DEBIAN_FASHION_MNIST"]
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+SPLITS = ("train", "test")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FMNIST_FILES = {("train", "images"): "train-images-idx3-ubyte", ("train", "labels"): "train-labels-idx1-ubyte",
+                 ("test", "images"): "t10k-images-idx3-ubyte", ("test", "labels"): "t10k-labels-idx1-ubyte"}
+_FULL_DIGEST_MAX = 1 << 30
+_BETON_HEADER = struct.Struct("<HHIQQ")  # ffcv HeaderType: version, num_fields, page_size, num_samples, alloc_table_ptr
+
+
+class DataError(Exception):
+    """A user-facing data problem; the message names the file and says what to do."""
+
+
+# ---- IDX ---------------------------------------------------------------------------------------------
+
+def read_idx(path: Path | str, *, ndim: int) -> np.ndarray:
+    """Parse an IDX file of unsigned bytes (`.gz` or plain) with `ndim` dimensions, validating magic and size."""
+    path = Path(path)
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({e}); the file is damaged -- reinstall it "
+                        "(apt-get install --reinstall dataset-fashion-mnist) or pass another --source") from e
+    if len(raw) < 4:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
+    zero, dtype_code, got_ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08 or got_ndim != ndim:
+        raise DataError(f"{path}: bad IDX magic {raw[:4].hex()} (expected 0000080{ndim}: unsigned bytes, "
+                        f"{ndim} dimension(s)); this is not the expected IDX file")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise DataError(f"{path}: {what}: header says {'x'.join(map(str, dims))} items = {expected} bytes "
+                        f"(decompressed), file has {len(raw)}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_fmnist_files(source: Path) -> dict[tuple[str, str], Path]:
+    hint = ("install the Debian package (apt-get install dataset-fashion-mnist) or pass --source DIR "
+            "holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]")
+    if not source.is_dir():
+        raise DataError(f"{source}: Fashion-MNIST directory not found; {hint}")
+    found = {}
+    for key, stem in _FMNIST_FILES.items():
+        candidates = [source / f"{stem}.gz", source / stem]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise DataError(f"{candidates[0]}: missing (nor {candidates[1].name}); {hint}")
+        found[key] = path
+    return found
+
+
+def _load_fmnist(files: Mapping[tuple[str, str], Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for split in SPLITS:
+        images = read_idx(files[split, "images"], ndim=3)  # (N, 28, 28) uint8
+        labels = read_idx(files[split, "labels"], ndim=1)  # (N,) uint8
+        if images.shape[1:] != (28, 28):
+            raise DataError(f"{files[split, 'images']}: images are {images.shape[1]}x{images.shape[2]}, "
+                            "Fashion-MNIST is 28x28")
+        if len(images) != len(labels):
+            raise DataError(f"{files[split, 'labels']}: {len(labels)} labels for {len(images)} images in "
+                            f"{files[split, 'images'].name}")
+        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+            raise DataError(f"{files[split, 'labels']}: label {labels.max()} out of range 0..9")
+        out[split] = images, labels
+    return out
+
+
+# ---- checksums and metadata --------------------------------------------------------------------------
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file; above 1 GiB, of its size, first and last MiB and 256 evenly spaced 64 KiB blocks."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _FULL_DIGEST_MAX:
+            for block in iter(functools.partial(f.read, 1 << 22), b""):
+                h.update(block)
+            return "sha256:" + h.hexdigest()
+        h.update(str(size).encode())
+        spaced = np.linspace(1 << 20, size - (2 << 20), 256).astype(np.int64).tolist()
+        for offset, length in [(0, 1 << 20), *[(o, 1 << 16) for o in spaced], (size - (1 << 20), 1 << 20)]:
+            f.seek(offset)
+            h.update(f.read(length))
+    return "sampled-sha256:" + h.hexdigest()
+
+
+def _beton_header_count(path: Path) -> tuple[int, int]:
+    with open(path, "rb") as f:
+        head = f.read(_BETON_HEADER.size)
+    if len(head) < _BETON_HEADER.size:
+        return -1, -1
+    _, _, _, num_samples, alloc_table_ptr = _BETON_HEADER.unpack(head)
+    return num_samples, alloc_table_ptr
+
+
+@functools.lru_cache(maxsize=64)
+def _verified(path: str, size: int, mtime_ns: int, inode: int, digest: str) -> bool:
+    return file_digest(Path(path)) == digest
+
+
+def _check_files(root: Path, meta: dict[str, Any]) -> None:
+    redo = meta.get("prepare_command") or "bvit-sweep data prepare ..."
+    for split in SPLITS:
+        name = f"{split}.beton"
+        path, rec = root / name, meta["files"].get(name)
+        if rec is None:
+            raise DataError(f"{root / META_NAME}: no record of {name}; re-run `{redo}`")
+        if not path.is_file():
+            raise DataError(f"{path}: missing; re-run `{redo}`")
+        st = path.stat()
+        if st.st_size != rec["bytes"]:
+            what = "truncated" if st.st_size < rec["bytes"] else "larger than recorded"
+            raise DataError(f"{path}: {what} ({st.st_size} bytes, meta.json says {rec['bytes']}); "
+                            f"the file is damaged or from another preparation -- re-run `{redo}`")
+        count, table = _beton_header_count(path)
+        if count != meta[f"{split}_count"] or not 0 < table <= st.st_size:
+            raise DataError(f"{path}: FFCV header says {count} items, meta.json says {meta[f'{split}_count']}; "
+                            f"mismatched files -- re-run `{redo}`")
+        if not _verified(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino, rec["digest"]):
+            raise DataError(f"{path}: content does not match the checksum in meta.json (stale, modified or "
+                            f"copied from another preparation); re-run `{redo}`")
+
+
+_REQUIRED = ("format_version", "dataset", "kind", "num_classes", "class_names", "image_shape", "mean", "std",
+             "train_count", "test_count", "files")
+
+
+def load_metadata(path: Path | str) -> dict[str, Any]:
+    """Read `meta.json` of a prepared directory (or the file itself) and verify its `.beton` files.
+
+    Checks that both files exist, have the recorded size and item count, and match the recorded checksum
+    (computed once per process per file version). Raises `DataError` naming the offending file otherwise.
+    """
+    path = Path(path)
+    root = path.parent if path.name == META_NAME else path
+    meta_path = root / META_NAME
+    if not root.is_dir():
+        raise DataError(f"{root}: prepared data directory not found; create it with "
+                        f"`bvit-sweep data prepare fashion-mnist --out {root}` (or `prepare image-folder`)")
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: missing -- {root} was never prepared or preparation was interrupted; "
+                        f"run `bvit-sweep data prepare fashion-mnist --out {root}` (or `prepare image-folder`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: unreadable ({e}); delete {root} and prepare it again") from e
+    missing = [k for k in _REQUIRED if k not in meta] if isinstance(meta, dict) else list(_REQUIRED)
+    if missing:
+        raise DataError(f"{meta_path}: missing field(s) {', '.join(missing)}; delete {root} and prepare it again")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise DataError(f"{meta_path}: format version {meta['format_version']}, this code reads {FORMAT_VERSION}; "
+                        f"re-run `{meta.get('prepare_command', 'bvit-sweep data prepare ...')}`")
+    _check_files(root, meta)
+    return meta
+
+
+# ---- writing -----------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def keep_torch_threads() -> Iterator[None]:
+    """Importing FFCV, building a Loader and starting an epoch each set torch's intra-op thread count
+    (to 1, or to the loader's worker count); run those under this to keep the caller's setting."""
+    import torch
+
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _writer_progress(desc: str, enabled: bool) -> Iterator[None]:
+    """FFCV's writer always draws a tqdm bar; label it, or silence it."""
+    from tqdm import tqdm
+
+    with keep_torch_threads():
+        import ffcv.writer
+
+    original = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(tqdm, desc=desc, disable=not enabled, leave=False)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = original
+
+
+def write_beton(path: Path, dataset: Any, fields: dict[str, Any], *, page_size: int = 1 << 21, workers: int = 1,
+                progress: bool = False) -> dict[str, Any]:
+    """Write `dataset` (indexable, items are tuples in `fields` order) to `path` atomically; returns its record.
+
+    `dataset[i]` must never raise: FFCV's writer waits forever for a worker that died.
+    """
+    with keep_torch_threads():
+        from ffcv.writer import DatasetWriter
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        writer = DatasetWriter(str(tmp), fields, page_size=page_size, num_workers=max(1, min(workers, len(dataset))))
+        with _writer_progress(f"write {path.name}", progress):
+            writer.from_indexed_dataset(dataset, chunksize=max(1, min(1000, len(dataset) // (4 * workers) or 1)))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"bytes": path.stat().st_size, "digest": file_digest(path)}
+
+
+def ffcv_version() -> str:
+    return version("ffcv")
+
+
+def up_to_date(out: Path, *, source_fingerprint: str, params: dict[str, Any]) -> tuple[dict | None, str]:
+    """(metadata, "") when `out` already holds this preparation; else (None, why it must be redone)."""
+    if not (out / META_NAME).exists():
+        return None, "not prepared yet"
+    try:
+        meta = load_metadata(out)
+    except DataError as e:
+        return None, str(e)
+    changes = {"source": (meta.get("source", {}).get("fingerprint"), source_fingerprint),
+               "options": (meta.get("params"), params), "ffcv version": (meta.get("ffcv_version"), ffcv_version())}
+    for what, (old, new) in changes.items():
+        if old != new:
+            return None, f"{what} changed since the last preparation"
+    return meta, ""
+
+
+def start_preparation(out: Path) -> None:
+    """Remove `meta.json` first, so an interrupted preparation leaves a directory `load_metadata` refuses."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_NAME).unlink(missing_ok=True)
+
+
+def finish_preparation(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Atomically write `meta.json` (last, after both `.beton` files) and return the metadata."""
+    meta = {"format_version": FORMAT_VERSION, **meta, "ffcv_version": ffcv_version(),
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}
+    tmp = out / f".{META_NAME}.{os.getpid()}.partial"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, out / META_NAME)
+    return meta
+
+
+def channel_stats(total: np.ndarray, total_sq: np.ndarray, count: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (pixel units) from float64 sums of x and x**2 over `count` pixels."""
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
+
+
+# ---- Fashion-MNIST ------------------------------------------------------------------------------------
+
+class _ArrayDataset:
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+
+def prepare_fashion_mnist(*, out: Path | str, source: Path | str | None = None, progress: bool = False,
+                          force: bool = False, workers: int | None = None) -> dict[str, Any]:
+    """Parse the Fashion-MNIST IDX files and write `train.beton`, `test.beton` and `meta.json` to `out`.
+
+    `source` defaults to the Debian package's directory. Returns the metadata plus `status`:
+    "up-to-date" (nothing written: same source checksums, options and FFCV version, files verified) or
+    "written" (with `reason`).
+    """
+    out = Path(out)
+    source = Path(source) if source is not None else DEBIAN_FASHION_MNIST
+    files = _find_fmnist_files(source)
+    digests = {p.name: file_digest(p) for p in files.values()}
+    fingerprint = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    params = {"storage": "ndarray-uint8-28x28"}
+    meta, reason = up_to_date(out, source_fingerprint=fingerprint, params=params)
+    if meta is not None and not force:
+        return {**meta, "status": "up-to-date"}
+    reason = "forced" if force else reason
+
+    data = _load_fmnist(files)
+    start_preparation(out)
+    with keep_torch_threads():
+        from ffcv.fields import IntField, NDArrayField
+
+    fields = {"image": NDArrayField(dtype=np.dtype("uint8"), shape=(28, 28)), "label": IntField()}
+    workers = workers or min(4, os.cpu_count() or 1)
+    records = {f"{split}.beton": write_beton(out / f"{split}.beton", _ArrayDataset(*data[split]), fields,
+                                             workers=workers, progress=progress) for split in SPLITS}
+    train_images = data["train"][0]
+    mean, std = channel_stats(np.array([train_images.sum(dtype=np.float64)]),
+                              np.array([np.square(train_images, dtype=np.float64).sum()]), train_images.size)
+    meta = finish_preparation(out, {
+        "dataset": "fashion-mnist",
+        "kind": "ndarray",
+        "num_classes": len(FASHION_MNIST_CLASSES),
+        "class_names": list(FASHION_MNIST_CLASSES),
+        "image_shape": [1, 28, 28],
+        "fixed_size": True,
+        "mean": mean,
+        "std": std,
+        "train_count": len(data["train"][1]),
+        "test_count": len(data["test"][1]),
+        "train_per_class": np.bincount(data["train"][1], minlength=10).tolist(),
+        "test_per_class": np.bincount(data["test"][1], minlength=10).tolist(),
+        "source": {"path": str(source.resolve()), "fingerprint": fingerprint,
+                   "files": digests},
+        "params": params,
+        "files": records,
+        "prepare_command": f"bvit-sweep data prepare fashion-mnist --source {source} --out {out}",
+    })
+    return {**meta, "status": "written", "reason": reason}
+
+
+def prepare_image_folder(*, src: Path | str, out: Path | str, max_res: int | None = None,
+                         jpeg_quality: int | None = 90, workers: int | None = None, progress: bool = False,
+                         strict: bool = False, force: bool = False) -> dict[str, Any]:
+    """Class-folder data set (`src/train/<class>/*`, `src/val/<class>/*`) to FFCV; see `bvit.image_folder`."""
+    from bvit.image_folder import prepare_image_folder as _prepare
+
+    return _prepare(src=src, out=out, max_res=max_res, jpeg_quality=jpeg_quality, workers=workers,
+                    progress=progress, strict=strict, force=force)

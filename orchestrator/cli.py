@@ -1,0 +1,69 @@
+"""`bvit-sweep`: the command line. Thin commands; the work happens in keyword-only functions tests can call.
+
+Adding a command: an `Annotated` signature under `@app.command()` and `@reports_errors`, a body that calls
+a function and prints. A `UserError` raised anywhere below prints one `file: field: message` line per
+problem on stderr and exits with its code (2 for invalid input), never a traceback.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.errors import reports_errors
+
+app = typer.Typer(
+    name="bvit-sweep",
+    help="Width x step-count sweeps of recurrent-depth Vision Transformers (bViT) vs ViT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode="markdown",
+)
+
+SpecFile = Annotated[Path, typer.Argument(metavar="SPEC", help="Sweep spec, e.g. `sweeps/width.yaml`.", show_default=False)]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+Smoke = Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides (a few tiny trials).")]
+
+
+def _print_json(doc: Any) -> None:
+    typer.echo(json.dumps(doc, indent=2))
+
+
+@app.command()
+@reports_errors
+def validate(spec: SpecFile, json_out: JsonOut = False) -> None:
+    """Check a spec (and its smoke variant) without running anything; say how many trials it makes."""
+    from orchestrator.spec import validate_file
+
+    result = validate_file(path=spec)
+    if json_out:
+        _print_json(result.to_dict())
+    else:
+        typer.echo(result.summary())
+
+
+@app.command()
+@reports_errors
+def plan(
+        spec: SpecFile,
+        smoke: Smoke = False,
+        json_out: JsonOut = False,
+        bench: Annotated[bool, typer.Option(
+            "--bench/--no-bench", help="Time a short training benchmark here (~1 s); off: a stated fixed rate.")] = True,
+        all_rows: Annotated[bool, typer.Option("--all", help="Show every trial (the table stops at 200).")] = False,
+) -> None:
+    """Every trial with its parameters, GFLOPs per image and estimated time, and the totals."""
+    from rich.console import Console
+
+    from orchestrator.plan import make_plan, print_plan
+    from orchestrator.spec import load_spec
+
+    result = make_plan(spec=load_spec(spec), smoke=smoke, bench=bench)
+    if json_out:
+        _print_json(result.to_dict())
+    else:
+        console = Console()
+        print_plan(result, console=console if console.is_terminal else Console(width=200), max_rows=None if all_rows else 200)

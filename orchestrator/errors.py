@@ -1,0 +1,212 @@
+"""User-facing errors shared by every `bvit-sweep` command: one line per problem, an exit code, no traceback.
+
+A problem is a location (`('axes', 'model.width', 2)`) and a message; rendered against its source file
+it reads `sweeps/x.yaml: axes["model.width"][2]: width=100 is not divisible by heads=6`. Commands raise
+`UserError` (or a subclass); `reports_errors` turns it into those lines on stderr and the exit code.
+`InputWarning`s raised while a command runs print as `warning: ...` lines on stderr.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import typing
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+__all__ = [
+    "EXIT_INVALID", "InputWarning", "Loc", "UserError", "did_you_mean", "error_message", "field_paths", "format_loc", "problems_from_validation",
+    "read_yaml", "render", "reports_errors",
+]
+
+EXIT_INVALID = 2  # invalid input: the same code click uses for a bad command line
+
+Loc = tuple[str | int, ...]
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class UserError(Exception):
+    """An error the user can fix: `lines` (one per problem) and the process exit `code`."""
+
+    def __init__(self, lines: str | Sequence[str], *, code: int = EXIT_INVALID) -> None:
+        self.lines = [lines] if isinstance(lines, str) else list(lines)
+        self.code = code
+        super().__init__("\n".join(self.lines))
+
+
+class InputWarning(UserWarning):
+    """A problem with the user's input that does not stop the command (e.g. a duplicated trial)."""
+
+
+def format_loc(loc: Loc) -> str:
+    """`('axes', 'model.width', 2)` -> `axes["model.width"][2]`; `('base', 'model', 'width')` -> `base.model.width`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENT.match(part):
+            out += f".{part}" if out else part
+        else:
+            out += f'["{part}"]'
+    return out
+
+
+def render(problems: Iterable[tuple[Loc | str, str]], *, source: str) -> list[str]:
+    """`source: location: message` lines (`source: message` for the whole file), duplicates dropped, order kept."""
+    lines = []
+    for loc, msg in problems:
+        where = loc if isinstance(loc, str) else format_loc(loc)
+        lines.append((f"{source}: {where}: {msg}" if where else f"{source}: {msg}").replace("\n", " "))
+    return list(dict.fromkeys(lines))
+
+
+def _clean_message(msg: str) -> str:
+    """Drop pydantic's `Value error, ` / `Assertion failed, ` prefixes from a validator's message."""
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            return msg[len(prefix):]
+    return msg
+
+
+def error_message(err: dict[str, Any], *, model: type[BaseModel] | None = None) -> str:
+    """A pydantic error as a message a user can act on, the offending value shown where it helps.
+
+    With the validated `model`, an unknown field gets a did-you-mean from the fields valid at its location.
+    """
+    kind, msg = err["type"], _clean_message(err["msg"])
+    if kind == "extra_forbidden":
+        return "unknown field" + _known_fields(model, tuple(err["loc"]))
+    if kind == "missing":
+        return "required field is missing"
+    if kind in ("value_error", "assertion_error") or isinstance(err.get("input"), dict):
+        return msg
+    shown = repr(err.get("input"))
+    return f"{msg} (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _known_fields(model: type[BaseModel] | None, loc: Loc) -> str:
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if model is not None and isinstance(part, str) else None
+        model = _submodel(field.annotation) if field is not None else None
+    return did_you_mean(loc[-1], model.model_fields) if model is not None and isinstance(loc[-1], str) else ""
+
+
+def did_you_mean(word: str, choices: Iterable[str], *, prefix: str = "") -> str:
+    """` (did you mean 'prefix+closest'?)`, else ` (valid: a, b, c)`: a hint to append to an error message."""
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else f" (valid: {', '.join(choices)})"
+
+
+def field_paths(model: type[BaseModel], prefix: str = "") -> tuple[dict[str, type[BaseModel]], list[str]]:
+    """The dotted paths of a nested pydantic model: {section path: its model} ('' for `model`), [leaf paths]."""
+    sections: dict[str, type[BaseModel]] = {prefix.rstrip("."): model}
+    leaves: list[str] = []
+    for name, field in model.model_fields.items():
+        if (sub := _submodel(field.annotation)) is not None:
+            sub_sections, sub_leaves = field_paths(sub, f"{prefix}{name}.")
+            sections.update(sub_sections)
+            leaves += sub_leaves
+        else:
+            leaves.append(prefix + name)
+    return sections, leaves
+
+
+def problems_from_validation(
+        exc: ValidationError, *, model: type[BaseModel] | None = None, prefix: Loc = (),
+) -> list[tuple[Loc, str]]:
+    """One `(location, message)` per pydantic error, the location under `prefix` (see `error_message`)."""
+    return [(prefix + tuple(err["loc"]), error_message(err, model=model)) for err in exc.errors(include_url=False)]
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` (no Python object tags) that also rejects a key given twice in one mapping."""
+
+
+def _unique_keys(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        except TypeError:  # unhashable key: construct_mapping reports it
+            pass
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's data, loaded safely (plain YAML only, no key given twice in one mapping).
+
+    Raises `UserError` with one line: `file: no such file`, `file: line 3, column 7: YAML error: ...`, ...
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{source}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{source}: not UTF-8 text; expected a YAML file") from None
+    except OSError as e:
+        raise UserError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).split("\n")[0]
+        if "could not determine a constructor for the tag" in problem:
+            problem += " (only plain YAML is allowed: no Python object tags)"
+        context = getattr(e, "context", None)
+        raise UserError(f"{source}: {where}YAML error: {problem}" + (f" ({context})" if context else "")) from None
+
+
+def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Wrap a CLI command: a `UserError` prints its lines on stderr and exits with its code, never a traceback.
+
+    `InputWarning`s print as `warning: ...` lines on stderr (every time, not once per location).
+    """
+    import typer
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", InputWarning)
+            previous = warnings.showwarning
+
+            def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
+                if issubclass(category, InputWarning):
+                    typer.echo(f"warning: {message}", err=True)
+                else:
+                    previous(message, category, *rest, **kw)
+
+            warnings.showwarning = show
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                for line in e.lines:
+                    typer.echo(line, err=True)
+                raise typer.Exit(e.code) from None
+
+    return wrapper

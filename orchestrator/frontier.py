@@ -1,0 +1,115 @@
+"""The accuracy-parameter frontier and the paper's central comparison, from a sweep's trial table.
+
+For each (arch, width, steps) cell, seeds are averaged. Outputs:
+  * frontier.csv: one row per cell -- params, FLOPs, mean/std test top-1, seeds, whether the cell is on
+    the Pareto frontier (no cell with fewer or equal parameters is more accurate), and for bViT cells
+    the recovered fraction (bViT top-1 / ViT top-1 at the same width and steps) and gap in points.
+  * frontier.png (top-1 vs parameters, log x), steps.png (per width: top-1 vs steps, both arms),
+    recovered.png (recovered fraction and gap vs width, one line per step count).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["frontier_table", "write_frontier", "METRIC"]
+
+METRIC = "final_test_top1"
+
+
+def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
+    """Per-cell summary with Pareto flags and recovered fractions (finished trials only)."""
+    df = pd.DataFrame(rows)
+    if df.empty or metric not in df:
+        raise ValueError(f"no finished trials with {metric!r} to build a frontier from")
+    df = df[(df["status"] == "TERMINATED") & df[metric].notna()] if "status" in df else df[df[metric].notna()]
+    if df.empty:
+        raise ValueError("no TERMINATED trial has a test accuracy yet; run or resume the sweep first")
+    df = df.assign(**{metric: pd.to_numeric(df[metric]), "params": pd.to_numeric(df["params"]),
+                      "flops_per_image": pd.to_numeric(df["flops_per_image"])})
+    cells = (df.groupby(["arch", "width", "steps"], as_index=False)
+             .agg(params=("params", "first"), flops_per_image=("flops_per_image", "first"),
+                  top1_mean=(metric, "mean"), top1_std=(metric, "std"), seeds=(metric, "size")))
+    cells["top1_std"] = cells["top1_std"].fillna(0.0)
+    cells = cells.sort_values(["params", "top1_mean"], ascending=[True, False]).reset_index(drop=True)
+    best_so_far, on = -math.inf, []
+    for top1 in cells["top1_mean"]:
+        on.append(top1 > best_so_far)
+        best_so_far = max(best_so_far, top1)
+    cells["on_frontier"] = on
+    vit = cells[cells["arch"] == "vit"].set_index(["width", "steps"])["top1_mean"]
+    rec, gap = [], []
+    for _, c in cells.iterrows():
+        ref = vit.get((c["width"], c["steps"])) if c["arch"] == "bvit" else None
+        rec.append(c["top1_mean"] / ref if ref else None)
+        gap.append(ref - c["top1_mean"] if ref else None)
+    cells["recovered_fraction"] = rec
+    cells["gap_points"] = gap
+    return cells.sort_values(["arch", "width", "steps"]).reset_index(drop=True)
+
+
+def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> dict[str, Path]:
+    """Write frontier.csv and the three PNG plots into `out_dir`; returns {name: path}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"frontier.csv": out_dir / "frontier.csv"}
+    cells.to_csv(paths["frontier.csv"], index=False, float_format="%.4f")
+    style = {"bvit": dict(marker="o", color="tab:blue"), "vit": dict(marker="s", color="tab:orange")}
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for arch, g in cells.groupby("arch"):
+        ax.errorbar(g["params"], g["top1_mean"], yerr=g["top1_std"], linestyle="none", label=arch, **style[arch])
+        for _, c in g.iterrows():
+            ax.annotate(f"w{c['width']}·T{c['steps']}", (c["params"], c["top1_mean"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    front = cells[cells["on_frontier"]].sort_values("params")
+    ax.plot(front["params"], front["top1_mean"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
+    ax.set(xscale="log", xlabel="parameters", ylabel="test top-1 (%)", title=title or "accuracy vs parameters")
+    ax.grid(alpha=.3)
+    ax.legend()
+    fig.tight_layout()
+    paths["frontier.png"] = out_dir / "frontier.png"
+    fig.savefig(paths["frontier.png"], dpi=120)
+    plt.close(fig)
+
+    widths = sorted(cells["width"].unique())
+    fig, axes = plt.subplots(1, len(widths), figsize=(3.2 * len(widths), 3.2), sharey=True, squeeze=False)
+    for ax, w in zip(axes[0], widths, strict=True):
+        for arch, g in cells[cells["width"] == w].groupby("arch"):
+            g = g.sort_values("steps")
+            ax.errorbar(g["steps"], g["top1_mean"], yerr=g["top1_std"], label=arch, **style[arch])
+        ax.set(title=f"width {w}", xlabel="steps (bViT) / depth (ViT)")
+        ax.grid(alpha=.3)
+    axes[0][0].set_ylabel("test top-1 (%)")
+    axes[0][0].legend()
+    fig.tight_layout()
+    paths["steps.png"] = out_dir / "steps.png"
+    fig.savefig(paths["steps.png"], dpi=120)
+    plt.close(fig)
+
+    rec = cells[cells["recovered_fraction"].notna()]
+    if not rec.empty:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
+        for steps, g in rec.groupby("steps"):
+            g = g.sort_values("width")
+            a1.plot(g["width"], g["recovered_fraction"], marker="o", label=f"T={steps}")
+            a2.plot(g["width"], g["gap_points"], marker="o", label=f"T={steps}")
+        a1.axhline(1.0, color="grey", linewidth=1, linestyle="--")
+        a1.set(xscale="log", xlabel="width", ylabel="bViT top-1 / ViT top-1", title="recovered fraction")
+        a2.axhline(0.0, color="grey", linewidth=1, linestyle="--")
+        a2.set(xscale="log", xlabel="width", ylabel="ViT − bViT (points)", title="gap")
+        for a in (a1, a2):
+            a.set_xticks(sorted(rec["width"].unique()), labels=[str(w) for w in sorted(rec["width"].unique())])
+            a.grid(alpha=.3)
+            a.legend()
+        fig.tight_layout()
+        paths["recovered.png"] = out_dir / "recovered.png"
+        fig.savefig(paths["recovered.png"], dpi=120)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,218 @@
+"""Launch a sweep on Ray Tune: an embedded local Ray by default, an existing cluster by address.
+
+    launch(spec_path="sweeps/width.yaml")                 # local Ray, storage runs/<name>
+    launch(spec_path=..., address="ray://head:10001")     # or RAY_ADDRESS, or inside `ray job submit`
+    launch(spec_path=..., resume=True)                    # Tuner.restore: finished trials are not rerun
+
+Data is prepared once, before any trial starts, at the path in the trial configs (relative paths are
+resolved against the launching directory and handed to trials as absolute paths; on a multi-node
+cluster that path must be on storage every node mounts, e.g. NFS, or prepared on each node first).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from bvit.config import TrialConfig
+from orchestrator.errors import UserError
+from orchestrator.progress import ProgressTable
+from orchestrator.results import collect_trials, finalize, write_results
+from orchestrator.spec import SweepSpec, expand, load_spec
+from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
+from orchestrator.trainable import run_trial
+
+__all__ = ["launch", "LaunchResult", "sweep_dir_for"]
+
+SNAPSHOT = "bvit_sweep.json"
+
+
+@dataclass
+class LaunchResult:
+    sweep_dir: Path
+    results_dir: Path
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.interrupted and all(t["status"] == "TERMINATED" for t in self.trials)
+
+
+def sweep_name(spec: SweepSpec, smoke: bool) -> str:
+    """A smoke run is its own sweep (<name>-smoke), so it never collides with the real one."""
+    return spec.name + ("-smoke" if smoke else "")
+
+
+def sweep_dir_for(spec: SweepSpec, storage: str | None = None, *, smoke: bool = False) -> Path:
+    """Where Ray Tune keeps this sweep's state: <storage>/<name> (storage from the CLI, else the spec)."""
+    return Path(storage or spec.storage).expanduser().resolve() / sweep_name(spec, smoke)
+
+
+def _trial_name(trial) -> str:
+    return trial.config["run"]["trial_id"]
+
+
+def prepare_data(trials: list[TrialConfig], *, cwd: Path) -> dict[str, str]:
+    """Make sure every data dir the trials read exists and verifies; prepare Fashion-MNIST if absent.
+
+    Returns {spec path -> absolute path}. Runs once on the launching machine, before any trial.
+    """
+    from bvit.datasets import DataError, load_metadata, prepare_fashion_mnist
+
+    resolved: dict[str, str] = {}
+    for path in sorted({t.data.path for t in trials}):
+        absolute = Path(path) if Path(path).is_absolute() else (cwd / path)
+        try:
+            load_metadata(absolute)
+        except DataError as missing:
+            if "fashion-mnist" not in absolute.name or (absolute / "meta.json").exists():
+                raise UserError([str(missing)]) from missing
+            print(f"preparing Fashion-MNIST into {absolute} (once, before the trials start)")
+            try:
+                prepare_fashion_mnist(out=absolute)
+            except DataError as e:
+                raise UserError([str(e)]) from e
+        resolved[path] = str(absolute.resolve())
+    return resolved
+
+
+def _connect(address: str | None, spec: SweepSpec) -> str:
+    address = address or os.environ.get("RAY_ADDRESS") or spec.ray_address
+    if ray.is_initialized():
+        return "existing"
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return address
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return "local"
+
+
+def _runs(spec: SweepSpec, trials: list[TrialConfig], data_paths: dict[str, str], sweep_dir: Path,
+          fault: dict | None) -> list[dict[str, Any]]:
+    r = spec.resources
+    runs = []
+    for cfg in trials:
+        resolved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_paths[cfg.data.path]})})
+        runs.append({
+            "trial_id": cfg.trial_id(),
+            "trial": resolved.model_dump(mode="json"),
+            "workers": r.workers, "cpus": r.cpus, "gpus": r.gpus,
+            "torch_threads": max(1, int(r.cpus // max(r.workers, 1))),
+            "max_failures": spec.max_failures,
+            "train_storage": str(sweep_dir / "train"),
+            **({"_fault": fault} if fault else {}),
+        })
+    return runs
+
+
+def _trainable(spec: SweepSpec):
+    r = spec.resources
+    if r.workers > 1:  # the Tune trial only drives a TorchTrainer; its workers hold the resources
+        return tune.with_resources(run_trial, {"cpu": 0})
+    return tune.with_resources(run_trial, {"cpu": r.cpus, "gpu": r.gpus})
+
+
+def _scheduler(spec: SweepSpec, trials: list[TrialConfig]):
+    s = spec.scheduler
+    if s.type == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+        max_t = s.max_t or max(t.optim.epochs for t in trials)
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=s.grace_period,
+                             reduction_factor=s.reduction_factor)
+    return None
+
+
+def _snapshot(spec: SweepSpec, smoke: bool, trials: list[TrialConfig]) -> dict[str, Any]:
+    return {"spec": spec.model_dump(mode="json"), "smoke": smoke, "trial_ids": [t.trial_id() for t in trials]}
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(old.keys() | new.keys(), key=str):
+            out += _diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix}: {json.dumps(old)} -> {json.dumps(new)}"]
+
+
+def launch(
+        *,
+        spec_path: Path | str,
+        address: str | None = None,
+        storage: str | None = None,
+        smoke: bool = False,
+        resume: bool = False,
+        force: bool = False,
+        results_root: Path | str = "results",
+        tracking_uri: str | None = None,
+        verbose: bool = True,
+        _fault: dict | None = None,
+) -> LaunchResult:
+    """Run (or resume) every trial of the sweep; write results/<name>/trials.csv; return the trial table."""
+    spec = load_spec(spec_path)
+    trials = expand(spec, smoke=smoke)
+    sweep_dir = sweep_dir_for(spec, storage, smoke=smoke)
+    name = sweep_dir.name
+    snapshot = _snapshot(spec, smoke, trials)
+    snap_file = sweep_dir / SNAPSHOT
+    exists = tune.Tuner.can_restore(str(sweep_dir))
+    if exists and not resume:
+        raise UserError([f"{sweep_dir}: a sweep named {spec.name!r} already exists there; "
+                         "pass --resume to continue it, or --storage DIR / a new name to start another"])
+    if resume and not exists:
+        raise UserError([f"{sweep_dir}: no sweep state to resume; run without --resume to start it"])
+    if resume and snap_file.exists():
+        changes = _diff(json.loads(snap_file.read_text()), snapshot)
+        if changes and not force:
+            raise UserError([f"{spec_path}: the spec changed since the sweep started; refusing to resume "
+                             "(pass --force to resume anyway):", *("  " + c for c in changes)])
+
+    data_paths = prepare_data(trials, cwd=Path.cwd())
+    _connect(address, spec)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    if not resume or force:
+        snap_file.write_text(json.dumps(snapshot, indent=1))
+
+    results_dir = Path(results_root) / name
+    uri, experiment = resolve_tracking(spec, results_dir, tracking_uri)
+    tracking = dict(uri=uri, experiment=experiment, sweep=name, artifact_root=str(results_dir / "mlflow" / "artifacts"))
+    callbacks = [ProgressTable(total=len(trials))] if verbose else []
+    callbacks.append(MlflowProgressCallback(**tracking))
+    trainable = _trainable(spec)
+    if resume:
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False)
+    else:
+        runs = _runs(spec, trials, data_paths, sweep_dir, _fault)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"run": tune.grid_search(runs)},
+            tune_config=tune.TuneConfig(
+                metric=spec.scheduler.metric, mode=spec.scheduler.mode, scheduler=_scheduler(spec, trials),
+                max_concurrent_trials=spec.max_concurrent_trials,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(sweep_dir.parent), verbose=0, callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    interrupted = False
+    try:
+        tuner.fit()
+    except KeyboardInterrupt:
+        interrupted = True
+    table = collect_trials(sweep_dir, spec=spec, trials=trials)
+    interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
+    write_results(table, spec=spec, spec_path=Path(spec_path), results_dir=results_dir, smoke=smoke,
+                  sweep_dir=sweep_dir)
+    finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
+             complete=not interrupted, **tracking)
+    return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)

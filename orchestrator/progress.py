@@ -1,0 +1,84 @@
+"""Live progress a person can read: one line per trial event, and a full trial table now and then."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray import tune
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["ProgressTable", "render_table"]
+
+
+def render_table(rows: list[dict[str, Any]], title: str = "") -> Table:
+    """A rich table of trials: id, arch, width, steps, seed, state, epoch, best top-1, node, retries."""
+    table = Table(title=title, header_style="bold")
+    for col in ("trial", "arch", "width", "steps", "seed", "state", "epoch", "top-1", "best top-1", "node", "retries"):
+        table.add_column(col, justify="right" if col not in ("trial", "arch", "state", "node") else "left")
+    def cell(r: dict[str, Any], key: str, fmt: str = "{}") -> str:
+        v = r.get(key)
+        return "" if v is None or v != v else fmt.format(v)
+
+    for r in rows:
+        table.add_row(*(cell(r, k) for k in ("trial_id", "arch", "width", "steps", "seed", "status", "epochs")),
+                      cell(r, "final_test_top1", "{:.2f}"), cell(r, "best_test_top1", "{:.2f}"),
+                      cell(r, "node"), cell(r, "retries"))
+    return table
+
+
+class ProgressTable(tune.Callback):
+    """Prints each trial's epoch results as they arrive and the whole table every `every_s` seconds."""
+
+    def __init__(self, total: int, every_s: float = 60.0) -> None:
+        self.total = total
+        self.every_s = every_s
+        self._last = 0.0
+        self._rows: dict[str, dict[str, Any]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # picklable with the experiment state (resume)
+        return {"total": self.total, "every_s": self.every_s, "_last": 0.0, "_rows": {}}
+
+    def _row(self, trial) -> dict[str, Any]:
+        run = trial.config["run"]
+        m = run["trial"]["model"]
+        row = self._rows.setdefault(run["trial_id"], {
+            "trial_id": run["trial_id"], "arch": m["arch"], "width": m["width"], "steps": m["steps"],
+            "seed": run["trial"]["seed"], "retries": 0,
+        })
+        row["status"] = trial.status
+        return row
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        row = self._row(trial)
+        row.update(epochs=result.get("epoch"), final_test_top1=result.get("test_top1"),
+                   best_test_top1=result.get("best_test_top1"), node=result.get("node_ip"),
+                   retries=result.get("retries", 0))
+        Console(highlight=False).print(
+            f"[{row['trial_id']}] {row['arch']:4s} width {row['width']:<4} steps {row['steps']:<3} seed {row['seed']} "
+            f"epoch {row['epochs']}: loss {result.get('train_loss', float('nan')):.3f} "
+            f"top-1 {result.get('test_top1', float('nan')):.2f} (best {row['best_test_top1']:.2f}) "
+            f"{result.get('images_per_s', 0):.0f} img/s on {row['node']}")
+        self._maybe_table(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._row(trial)["status"] = "TERMINATED"
+        self._maybe_table(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._row(trial)["status"] = "ERROR"
+        Console(highlight=False).print(f"[{trial.config['run']['trial_id']}] failed; see {trial.path}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        Console(highlight=False).print(
+            f"[{trial.config['run']['trial_id']}] crashed; restarting from its last checkpoint")
+
+    def _maybe_table(self, trials, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        for t in trials:
+            self._row(t)
+        done = sum(t.status == "TERMINATED" for t in trials)
+        Console().print(render_table(list(self._rows.values()), title=f"{done}/{self.total} trials finished"))

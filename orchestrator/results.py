@@ -1,0 +1,171 @@
+"""The sweep's trial table, read back from Ray Tune's own state (the source of truth), and its files.
+
+`collect_trials` works on a finished, interrupted or running sweep; `write_results` writes
+results/<sweep>/trials.csv (one row per trial), the resolved spec and the git SHA it came from.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bvit.config import TrialConfig
+from orchestrator.spec import SweepSpec
+
+__all__ = ["collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "COLUMNS"]
+
+COLUMNS = [
+    "trial_id", "status", "arch", "width", "steps", "heads", "seed", "params", "flops_per_image",
+    "best_test_top1", "best_epoch", "final_test_top1", "final_test_top5", "final_test_loss", "final_train_loss",
+    "epochs", "wall_s", "node", "retries", "error",
+]
+
+
+def _axis_columns(spec: SweepSpec | None, trials: list[TrialConfig] | None) -> list[str]:
+    if not trials:
+        return []
+    flats = [t.flat() for t in trials]
+    return [k for k in flats[0] if len({json.dumps(f[k]) for f in flats}) > 1 and k != "seed"]
+
+
+def collect_trials(sweep_dir: Path, *, spec: SweepSpec | None = None,
+                   trials: list[TrialConfig] | None = None) -> list[dict[str, Any]]:
+    """One dict per trial in the sweep at `sweep_dir` (status, axes, counts, best/final metrics, node...)."""
+    from ray.tune import ExperimentAnalysis
+
+    analysis = ExperimentAnalysis(str(sweep_dir))
+    dfs = analysis.trial_dataframes
+    axis_cols = _axis_columns(spec, trials)
+    rows = []
+    for trial in analysis.trials:
+        run = trial.config["run"]
+        cfg = TrialConfig.model_validate(run["trial"])
+        flat = cfg.flat()
+        last = trial.last_result or {}
+        df = dfs.get(trial.trial_id)
+        row: dict[str, Any] = {
+            "trial_id": run["trial_id"], "status": trial.status, "arch": cfg.model.arch,
+            "width": cfg.model.width, "steps": cfg.model.steps, "heads": cfg.model.heads, "seed": cfg.seed,
+            **{c: flat[c] for c in axis_cols if c not in ("model.arch", "model.width", "model.steps", "model.heads")},
+            "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
+            "final_test_top1": last.get("test_top1"), "final_test_top5": last.get("test_top5"),
+            "final_test_loss": last.get("test_loss"), "final_train_loss": last.get("train_loss"),
+            "epochs": last.get("epoch", 0), "wall_s": last.get("time_total_s"), "node": last.get("node_ip"),
+            "retries": max(int(last.get("retries", 0)), trial.num_failures), "error": "",
+        }
+        if df is not None and not df.empty and "test_top1" in df:
+            best = df.loc[df["test_top1"].idxmax()]
+            row["best_test_top1"], row["best_epoch"] = float(best["test_top1"]), int(best["epoch"])
+        else:
+            row["best_test_top1"], row["best_epoch"] = None, None
+        if trial.status == "ERROR" and trial.error_file:
+            row["error"] = f"see {trial.error_file}"
+        rows.append(row)
+    order = {t.trial_id(): i for i, t in enumerate(trials or [])}
+    rows.sort(key=lambda r: (order.get(r["trial_id"], len(order)), r["trial_id"]))
+    return rows
+
+
+def git_sha(cwd: Path | None = None) -> str:
+    """HEAD's SHA, with '-dirty' when the work tree has uncommitted changes; 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Path, results_dir: Path,
+                  smoke: bool, sweep_dir: Path) -> Path:
+    """results/<name>[-smoke]/: trials.csv, spec.yaml (resolved), run.json (SHA, command, sweep dir)."""
+    out = results_dir
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(COLUMNS[:7] + [k for r in rows for k in r] + COLUMNS[7:]))
+    tmp = out / ".trials.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    tmp.replace(out / "trials.csv")
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    command = f"bvit-sweep launch {spec_path}" + (" --smoke" if smoke else "")
+    (out / "run.json").write_text(json.dumps({
+        "git_sha": git_sha(), "command": command, "sweep_dir": str(sweep_dir), "python": sys.version.split()[0],
+        "trials": len(rows), "terminated": sum(r["status"] == "TERMINATED" for r in rows),
+    }, indent=1))
+    return out
+
+
+def best_checkpoint(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, Path] | None:
+    """(trial id, checkpoint.pt) of the finished trial with the best final test top-1, or None."""
+    done = [r for r in rows if r["status"] == "TERMINATED" and r.get("final_test_top1") is not None]
+    if not done:
+        return None
+    best = max(done, key=lambda r: r["final_test_top1"])
+    ckpts = sorted((sweep_dir / best["trial_id"]).glob("checkpoint_*/checkpoint.pt"))
+    return (best["trial_id"], ckpts[-1]) if ckpts else None
+
+
+def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]], uri: str, experiment: str,
+             sweep: str, artifact_root: str | None, complete: bool, verbose: bool = True) -> dict[str, Any]:
+    """After a sweep: frontier files, MLflow back-fill, frontier + best model on the parent run.
+
+    MLflow problems are reported, never raised: Ray's results stay the source of truth and
+    `bvit-sweep sync` repeats this step later.
+    """
+    from orchestrator.frontier import frontier_table, write_frontier
+    from orchestrator.tracking import SweepTracker, sync_sweep
+
+    out: dict[str, Any] = {"frontier": None, "synced": None}
+    paths: dict[str, Path] = {}
+    cells = None
+    try:
+        cells = frontier_table(table)
+        paths = write_frontier(cells, results_dir, title=sweep)
+        out["frontier"] = str(paths["frontier.csv"])
+    except ValueError as e:
+        if verbose:
+            print(f"no frontier yet: {e}")
+    try:
+        out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep,
+                                   artifact_root=Path(artifact_root) if artifact_root else None)
+        tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep,
+                               artifact_root=Path(artifact_root) if artifact_root else None)
+        parent = tracker.parent_run_id()
+        for path in paths.values():
+            tracker.client.log_artifact(parent, str(path), artifact_path="frontier")
+        if cells is not None:
+            tracker.client.log_table(parent, data=cells, artifact_file="frontier/frontier_table.json")
+        if (results_dir / "trials.csv").exists():
+            tracker.client.log_artifact(parent, str(results_dir / "trials.csv"))
+        best = best_checkpoint(sweep_dir, table)
+        if best is not None:
+            trial_id, ckpt = best
+            row = next(r for r in table if r["trial_id"] == trial_id)
+            cfg = TrialConfig.model_validate(json.loads(json.dumps(_config_of(sweep_dir, trial_id))))
+            tracker.client.log_artifact(tracker.child_run_id(trial_id, cfg), str(ckpt), artifact_path="model")
+            tracker.client.set_tag(parent, "bvit.best_trial", trial_id)
+            tracker.client.log_metric(parent, "best_final_test_top1", float(row["final_test_top1"]))
+        if complete:
+            tracker.finish_parent(ok=all(r["status"] == "TERMINATED" for r in table))
+    except Exception as e:  # tracking must never lose a finished sweep
+        print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
+              f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")
+    if verbose and out["synced"]:
+        print(f"MLflow: {uri} (experiment {experiment!r}): {out['synced']['trials']} trial runs, "
+              f"{out['synced']['epochs_logged']} epochs back-filled")
+    return out
+
+
+def _config_of(sweep_dir: Path, trial_id: str) -> dict[str, Any]:
+    params = json.loads((sweep_dir / trial_id / "params.json").read_text())
+    return params["run"]["trial"]

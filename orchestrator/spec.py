@@ -1,0 +1,500 @@
+"""Sweep specs: a base trial config plus axes, as data (big_vision's `hyper.product`, written in YAML).
+
+    name: width
+    base: {data: {train_subset: 10000}, optim: {epochs: 6}}  # partial TrialConfig, merged over its defaults
+    axes:                                     # dotted path -> values; the grid is their product
+      model.arch: [bvit, vit]
+      model.steps: [4, 8]
+    zip:                                      # groups of paths whose equal-length lists vary together
+      - {model.width: [32, 64, 128], model.heads: [2, 4, 8]}
+    seeds: [0, 1]
+    smoke: {base: {optim: {epochs: 1}}, axes: {model.steps: [2]}}  # what `--smoke` shrinks
+
+Trial order is deterministic: seeds vary slowest (a sweep stopped early has covered the grid with the first
+seed), then the axes in file order, then the zip groups; the last varies fastest. `load_spec` checks all
+that needs no grid; `expand` resolves and validates every trial and names the axis value behind a problem.
+"""
+from __future__ import annotations
+
+import difflib
+import itertools
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic.functional_validators import field_validator, model_validator
+
+from bvit.config import TrialConfig
+from orchestrator.errors import (
+    InputWarning,
+    Loc,
+    UserError,
+    did_you_mean,
+    error_message,
+    field_paths,
+    format_loc,
+    read_yaml,
+    render,
+)
+from orchestrator.errors import problems_from_validation as problems_from
+
+__all__ = [
+    "METRICS", "MAX_TRIALS", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking", "Trial",
+    "Validation", "expand", "expand_trials", "load_spec", "validate_file",
+]
+
+METRICS = {"test_top1": "max", "test_top5": "max", "test_loss": "min", "train_loss": "min"}  # name -> better
+MAX_TRIALS = 100_000
+_MAX_LINES = 30  # distinct problems shown before "... and N more"
+
+Problem = tuple[Loc | str, str]
+Axes = dict[str, list[Any]]
+
+
+class SpecError(UserError):
+    """An invalid spec: `problems` as (location, message), rendered as `source: location: message` lines."""
+
+    def __init__(self, problems: list[Problem], *, source: str = "<spec>") -> None:
+        self.problems, self.source = problems, source
+        lines = render(problems, source=source)
+        if len(lines) > _MAX_LINES:
+            lines = lines[:_MAX_LINES] + [f"{source}: ... and {len(lines) - _MAX_LINES} more problems"]
+        super().__init__(lines)
+
+    def with_source(self, source: str) -> SpecError:
+        return SpecError(self.problems, source=source)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Frozen):
+    cpus: float = Field(1.0, gt=0, description="CPUs per trial (fractions allowed); also its torch threads")
+    gpus: float = Field(0.0, ge=0, description="GPUs per trial (fractions share a GPU between trials)")
+    workers: int = Field(1, ge=1, description="data-parallel workers per trial; > 1 runs a Ray Train TorchTrainer")
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker(self) -> Resources:
+        if self.gpus > self.workers:
+            raise ValueError(f"gpus={self.gpus:g} > workers={self.workers}: each worker drives one GPU; "
+                             f"set workers: {math.ceil(self.gpus)} for data parallelism")
+        return self
+
+
+class Scheduler(_Frozen):
+    type: Literal["fifo", "asha"] = Field("fifo", description="fifo: every trial runs to the end; asha: early stopping")
+    metric: Literal["test_top1", "test_top5", "test_loss", "train_loss"] = Field("test_top1", description="reported metric")
+    mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better (default: the metric's)")
+    grace_period: int = Field(1, ge=1, description="asha: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(3.0, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
+    max_t: int | None = Field(None, ge=1, description="asha: epochs of the last rung (None: the trials' epochs)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mode" not in data and data.get("metric") in METRICS:
+            return {**data, "mode": METRICS[data["metric"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scheduler:
+        if self.mode != METRICS[self.metric]:
+            raise ValueError(f"{self.metric} is better when {'larger' if METRICS[self.metric] == 'max' else 'smaller'}: "
+                             f"mode must be {METRICS[self.metric]!r}")
+        asha_only = sorted({"grace_period", "reduction_factor", "max_t"} & self.model_fields_set)
+        if self.type == "fifo" and asha_only:
+            raise ValueError(f"{', '.join(asha_only)} applies to type 'asha' only")
+        if self.max_t is not None and self.grace_period > self.max_t:
+            raise ValueError(f"grace_period={self.grace_period} exceeds max_t={self.max_t}")
+        return self
+
+
+class Tracking(_Frozen):
+    uri: str | None = Field(None, min_length=1, description="MLflow tracking URI (None: SQLite under the sweep's results)")
+    experiment: str | None = Field(None, min_length=1, description="MLflow experiment (None: the spec's name)")
+
+
+class Smoke(_Frozen):
+    base: dict[str, Any] = Field({}, description="partial TrialConfig merged over `base`")
+    axes: Axes = Field({}, description="replaces the values of these axes (adds an axis if new)")
+    zip: list[Axes] | None = Field(None, description="replaces every zip group")
+    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, description="replaces `seeds`")
+
+
+class SweepSpec(_Frozen):
+    name: str = Field(description="the sweep's name: its directory under `storage` and its default experiment")
+    description: str = Field("", description="one paragraph: what the sweep tests")
+    base: dict[str, Any] = Field({}, description="partial TrialConfig merged over its defaults")
+    axes: Axes = Field({}, description="dotted TrialConfig path -> non-empty list of values; the grid is their product")
+    zip: list[Axes] = Field([], description="groups of dotted paths -> equal-length lists that vary together")
+    seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1, description="one trial per seed per grid point")
+    resources: Resources = Field(default_factory=Resources, description="per trial")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the resources allow")
+    scheduler: Scheduler = Field(default_factory=Scheduler, description="trial scheduler")
+    max_failures: int = Field(0, ge=0, description="retries of a failed trial (from its last checkpoint)")
+    tracking: Tracking = Field(default_factory=Tracking, description="MLflow")
+    storage: str = Field("runs", min_length=1, description="Ray Tune storage root (path or URI); the sweep is storage/name")
+    ray_address: str | None = Field(None, min_length=1, description="Ray cluster to join (None: start a local one)")
+    smoke: Smoke = Field(default_factory=Smoke, description="overrides applied by `--smoke`")
+
+    _source: str = PrivateAttr("<spec>")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_directory_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(f"{name!r}: use letters, digits, '.', '_' and '-' (it names the sweep's directory)")
+        return name
+
+    @model_validator(mode="after")
+    def _structure(self) -> SweepSpec:
+        raw = {"base": self.base, "axes": self.axes, "zip": self.zip, "smoke": self.smoke.model_dump()}
+        if problems := _structure_problems(raw):
+            raise SpecError(problems)
+        for smoke, where in ((False, ("axes",)), (True, ("smoke",))):
+            if (n := math.prod(len(axis.points) for axis in _axes(self, smoke=smoke))) > MAX_TRIALS:
+                raise SpecError([(where, f"the grid has {n:,} trials, more than {MAX_TRIALS:,}; split the sweep")])
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file this spec was loaded from (`<spec>` when built in code); error lines start with it."""
+        return self._source
+
+    @property
+    def experiment(self) -> str:
+        """MLflow experiment name: `tracking.experiment`, else the spec's name."""
+        return self.tracking.experiment or self.name
+
+    @property
+    def sweep_dir(self) -> str:
+        """Where Ray Tune keeps this sweep: `storage/name` (a path or URI)."""
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+# ---- what a dotted path may name -------------------------------------------------------------------------------
+
+_SECTIONS, LEAVES = field_paths(TrialConfig)
+
+
+def _suggest(path: str, *, nested: bool = False) -> str:
+    """` (did you mean 'model.width'?)`, or the fields a path could name. `nested`: suggest the bare field name."""
+    section, _, leaf = path.rpartition(".")
+    if nested:
+        return did_you_mean(leaf, _SECTIONS[section].model_fields)
+    by_leaf = {p.rpartition(".")[2]: p for p in LEAVES}
+    if leaf in by_leaf:
+        return f" (did you mean {by_leaf[leaf]!r}?)"
+    if section and section in _SECTIONS:
+        return did_you_mean(leaf, _SECTIONS[section].model_fields, prefix=f"{section}.")
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7)
+    return f" (did you mean {by_leaf[close[0]]!r}?)" if close else did_you_mean(section or leaf, TrialConfig.model_fields)
+
+
+def _path_problem(path: str) -> str | None:
+    if path == "seed":
+        return "list seeds in the top-level `seeds:`, not as an axis"
+    if path in LEAVES:
+        return None
+    if not path:
+        return "empty path: name a TrialConfig field, e.g. model.width"
+    if path in _SECTIONS:
+        return f"{path!r} is a section, not a field: vary one of its fields, e.g. {path}.{next(iter(_SECTIONS[path].model_fields))}"
+    return f"not a TrialConfig field{_suggest(path)}"
+
+
+def _base_problems(tree: Any, *, section: str, loc: Loc) -> list[Problem]:
+    if not isinstance(tree, dict):
+        what = f"{section} fields" if section else "TrialConfig fields (model, data, optim, ...)"
+        return [(loc, f"expected a mapping of {what}, got {type(tree).__name__}")]
+    out: list[Problem] = []
+    for key, value in tree.items():
+        path = f"{section}.{key}" if section else str(key)
+        if not isinstance(key, str) or not key:
+            out.append((loc + (str(key),), "field names are strings"))
+        elif not section and key == "seed":
+            out.append((loc + (key,), "list seeds in the top-level `seeds:`"))
+        elif "." in key:
+            head, _, rest = key.partition(".")
+            out.append((loc + (key,), f"write nested fields as mappings: {head}: {{{rest}: ...}}"))
+        elif path in _SECTIONS:
+            out += _base_problems(value, section=path, loc=loc + (key,))
+        elif path not in LEAVES:
+            out.append((loc + (key,), f"unknown field{_suggest(path, nested=True)}"))
+    return out
+
+
+def _entries(x: Any) -> Axes:
+    """The well-typed entries of an axes mapping (the rest already has a type error)."""
+    return {k: v for k, v in x.items() if isinstance(k, str) and isinstance(v, list)} if isinstance(x, dict) else {}
+
+
+def _groups(x: Any) -> list[tuple[int, Axes]]:
+    return [(g, _entries(group)) for g, group in enumerate(x) if isinstance(group, dict)] if isinstance(x, list) else []
+
+
+def _axes_problems(axes: Axes, *, loc: Loc) -> list[Problem]:
+    out: list[Problem] = []
+    for path, values in axes.items():
+        if (msg := _path_problem(path)) is not None:
+            out.append((loc + (path,), msg))
+        elif not values:
+            out.append((loc + (path,), "empty axis: give at least one value"))
+    return out
+
+
+def _zip_problems(groups: list[tuple[int, Axes]], *, loc: Loc) -> list[Problem]:
+    out: list[Problem] = []
+    for g, group in groups:
+        if not group:
+            out.append((loc + (g,), "empty zip group: give paths with equal-length lists of values"))
+        out += _axes_problems(group, loc=loc + (g,))
+        lengths = {path: len(values) for path, values in group.items()}
+        if len(set(lengths.values())) > 1:
+            detail = ", ".join(f"{p}: {n}" for p, n in lengths.items())
+            out.append((loc + (g,), f"the lists of a zip group vary together and need equal lengths, got {detail}"))
+    return out
+
+
+def _clashes(named: list[tuple[str, Loc]]) -> list[Problem]:
+    first: dict[str, Loc] = {}
+    out: list[Problem] = []
+    for path, loc in named:
+        if path in first:
+            out.append((loc, f"{path} already varies in {format_loc(first[path])}"))
+        first.setdefault(path, loc)
+    return out
+
+
+def _named(axes: Axes, groups: list[tuple[int, Axes]], *, axes_loc: Loc, zip_loc: Loc) -> list[tuple[str, Loc]]:
+    return [(p, axes_loc + (p,)) for p in axes] + [(p, zip_loc + (g, p)) for g, grp in groups for p in grp]
+
+
+def _structure_problems(data: dict[str, Any]) -> list[Problem]:
+    """What field types cannot see: unknown fields in base, axis paths, empty axes, zip lengths, clashes.
+
+    Reads the raw mapping and skips parts of the wrong type (they have a type error already), so that one
+    run reports every problem.
+    """
+    smoke = data.get("smoke") if isinstance(data.get("smoke"), dict) else {}
+    axes, groups = _entries(data.get("axes", {})), _groups(data.get("zip", []))
+    smoke_axes, smoke_groups = _entries(smoke.get("axes", {})), _groups(smoke.get("zip"))
+    out: list[Problem] = []
+    for tree, loc in ((data.get("base", {}), ("base",)), (smoke.get("base", {}), ("smoke", "base"))):
+        if isinstance(tree, dict):
+            out += _base_problems(tree, section="", loc=loc)
+    out += _axes_problems(axes, loc=("axes",)) + _zip_problems(groups, loc=("zip",))
+    out += _clashes(_named(axes, groups, axes_loc=("axes",), zip_loc=("zip",)))
+    out += _axes_problems(smoke_axes, loc=("smoke", "axes"))
+    if smoke.get("zip") is not None:
+        out += _zip_problems(smoke_groups, loc=("smoke", "zip"))
+        named = _named(axes, [], axes_loc=("axes",), zip_loc=())
+        named += _named({p: v for p, v in smoke_axes.items() if p not in axes}, smoke_groups,
+                        axes_loc=("smoke", "axes"), zip_loc=("smoke", "zip"))
+        out += _clashes(named)
+    else:
+        zipped = {p for _, group in groups for p in group}
+        out += [(("smoke", "axes", p), f"{p} varies in a zip group; override the whole group with smoke.zip")
+                for p in smoke_axes if p in zipped]
+    return out
+
+
+# ---- expansion ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Trial:
+    """One resolved trial: its config and the values of the paths the sweep varies (seed included)."""
+
+    config: TrialConfig
+    axes: dict[str, Any]
+    id: str  # config.trial_id(), computed once
+
+
+@dataclass(frozen=True)
+class _Axis:
+    paths: tuple[str, ...]
+    points: tuple[tuple[Any, ...], ...]
+    locs: tuple[Loc, ...]  # per path; point i of path j comes from locs[j] + (i,)
+
+
+def _group(group: Axes, loc: Loc) -> _Axis:
+    paths = tuple(group)
+    return _Axis(paths, tuple(zip(*group.values(), strict=True)), tuple(loc + (p,) for p in paths))
+
+
+def _axes(spec: SweepSpec, *, smoke: bool) -> list[_Axis]:
+    s = spec.smoke if smoke else Smoke()
+    seeds, seeds_loc = (s.seeds, ("smoke", "seeds")) if s.seeds is not None else (spec.seeds, ("seeds",))
+    out = [_Axis(("seed",), tuple((x,) for x in seeds), (seeds_loc,))]
+    for path, values in {**spec.axes, **s.axes}.items():
+        out.append(_group({path: values}, ("smoke", "axes") if path in s.axes else ("axes",)))
+    groups, loc = (s.zip, ("smoke", "zip")) if s.zip is not None else (spec.zip, ("zip",))
+    out += [_group(group, loc + (g,)) for g, group in enumerate(groups)]
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k in _SECTIONS else v
+    return out
+
+
+def _assign(tree: dict[str, Any], path: str, value: Any) -> None:
+    *sections, leaf = path.split(".")
+    for key in sections:
+        tree[key] = tree = dict(tree.get(key) or {})
+    tree[leaf] = value
+
+
+def _leaf_locs(tree: dict[str, Any], *, loc: Loc, section: str = "") -> dict[str, Loc]:
+    out: dict[str, Loc] = {}
+    for key, value in tree.items():
+        path = f"{section}.{key}" if section else key
+        if path in _SECTIONS and isinstance(value, dict):
+            out.update(_leaf_locs(value, loc=loc + (key,), section=path))
+        else:
+            out[path] = loc + (key,)
+    return out
+
+
+def _blame(err: dict[str, Any], sources: dict[str, Loc], varied: set[str]) -> Loc:
+    """The spec location behind a TrialConfig error: the axis value or base entry that set the field.
+
+    A field error goes to whoever set that field. A cross-field error (e.g. `width=100 is not divisible by
+    heads=6`) goes to the field its message names first, preferring a varied one over a base entry.
+    """
+    loc, msg = tuple(err["loc"]), err["msg"]
+    for k in range(len(loc), 0, -1):
+        path = ".".join(str(p) for p in loc[:k])
+        if path in sources:
+            return sources[path] + loc[k:]
+    prefix = ".".join(str(p) for p in loc)
+    inside = [p for p in sources if not prefix or p.startswith(prefix + ".")]
+
+    def mention(path: str) -> int:
+        found = re.search(rf"\b{re.escape(path.rsplit('.', 1)[-1])}\b", msg)
+        return found.start() if found else -1
+
+    named = sorted((p for p in inside if mention(p) >= 0), key=mention)
+    for pool in ([p for p in named if p in varied], named, [p for p in inside if p in varied]):
+        if pool:
+            return sources[pool[0]]
+    return ("base",) + loc
+
+
+def expand_trials(spec: SweepSpec, *, smoke: bool = False) -> list[Trial]:
+    """Every trial of the sweep, validated, in deterministic order; duplicates collapse with an `InputWarning`.
+
+    Raises `SpecError` naming, for each problem, the axis value or base entry behind it.
+    """
+    base = _merge(spec.base, spec.smoke.base) if smoke else spec.base
+    base_sources = _leaf_locs(spec.base, loc=("base",))
+    if smoke:
+        base_sources.update(_leaf_locs(spec.smoke.base, loc=("smoke", "base")))
+    axes = _axes(spec, smoke=smoke)
+    varied = {p for axis in axes for p in axis.paths}
+    trials: dict[str, Trial] = {}
+    duplicates: list[tuple[Trial, Trial]] = []
+    problems: list[Problem] = []
+    for index in itertools.product(*(range(len(axis.points)) for axis in axes)):
+        tree, values = dict(base), {}
+        for axis, i in zip(axes, index, strict=True):
+            for path, value in zip(axis.paths, axis.points[i], strict=True):
+                _assign(tree, path, value)
+                values[path] = value
+        try:
+            config = TrialConfig.model_validate(tree)
+        except ValidationError as e:
+            sources = dict(base_sources)
+            for axis, i in zip(axes, index, strict=True):
+                sources.update({p: loc + (i,) for p, loc in zip(axis.paths, axis.locs, strict=True)})
+            problems += [(_blame(err, sources, varied), error_message(err)) for err in e.errors(include_url=False)]
+            continue
+        trial = Trial(config, values, config.trial_id())
+        if (first := trials.get(trial.id)) is not None:
+            duplicates.append((first, trial))
+            continue
+        trials[trial.id] = trial
+    if problems:
+        raise SpecError(problems, source=spec.source)
+    _warn_duplicates(duplicates, source=spec.source)
+    return list(trials.values())
+
+
+def _warn_duplicates(duplicates: list[tuple[Trial, Trial]], *, source: str) -> None:
+    def show(values: dict[str, Any]) -> str:
+        return "{" + ", ".join(f"{k}={v}" for k, v in values.items()) + "}"
+
+    for first, again in duplicates[:5]:
+        warnings.warn(f"{source}: trial {again.id} {show(again.axes)} repeats {show(first.axes)} (the same resolved "
+                      "config); it runs once", InputWarning, stacklevel=3)
+    if len(duplicates) > 5:
+        ids = sorted({again.id for _, again in duplicates})
+        warnings.warn(f"{source}: {len(duplicates) - 5} more trials repeat earlier ones (ids {', '.join(ids[:10])}"
+                      f"{', ...' if len(ids) > 10 else ''}); each runs once", InputWarning, stacklevel=3)
+
+
+def expand(spec: SweepSpec, *, smoke: bool = False) -> list[TrialConfig]:
+    """The sweep's trial configs in deterministic order (see `expand_trials`); `smoke=True` applies `spec.smoke`."""
+    return [t.config for t in expand_trials(spec, smoke=smoke)]
+
+
+# ---- loading --------------------------------------------------------------------------------------------------
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a sweep spec (YAML, loaded safely). Raises `SpecError`: one `file: field: message` per problem.
+
+    Checks everything that needs no grid (types, unknown keys, axis paths, zip lengths); `expand` checks trials.
+    """
+    source = str(path)
+    data = read_yaml(path)
+    if data is None:
+        raise SpecError([((), "the file is empty; a spec needs at least `name:`")], source=source)
+    if not isinstance(data, dict):
+        raise SpecError([((), f"a spec is a mapping of fields (name, base, axes, ...), got {type(data).__name__}")],
+                        source=source)
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(problems_from(e, model=SweepSpec) + _structure_problems(data), source=source) from None
+    except SpecError as e:
+        raise e.with_source(source) from None
+    spec._source = source
+    return spec
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A checked spec file: the spec and its trials, normal and `--smoke`."""
+
+    spec: SweepSpec
+    trials: list[Trial]
+    smoke_trials: list[Trial]
+
+    def grid(self) -> str:
+        """`seeds 2 x model.arch 2 x (model.width, model.heads) 3`: the factors of the trial count."""
+        def name(axis: _Axis) -> str:
+            return "seeds" if axis.paths == ("seed",) else ", ".join(axis.paths).join("()" if len(axis.paths) > 1 else ("", ""))
+
+        return " x ".join(f"{name(axis)} {len(axis.points)}" for axis in _axes(self.spec, smoke=False))
+
+    def summary(self) -> str:
+        return (f"{self.spec.source}: valid: {len(self.trials)} trials ({self.grid()}); "
+                f"--smoke: {len(self.smoke_trials)} trials")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.spec.source, "name": self.spec.name, "valid": True, "trials": len(self.trials),
+                "smoke_trials": len(self.smoke_trials), "grid": self.grid(),
+                "ids": [t.id for t in self.trials], "smoke_ids": [t.id for t in self.smoke_trials]}
+
+
+def validate_file(*, path: str | Path) -> Validation:
+    """Load a spec and expand it both ways, so every problem surfaces as a `SpecError` before any compute."""
+    spec = load_spec(path)
+    return Validation(spec, expand_trials(spec), expand_trials(spec, smoke=True))

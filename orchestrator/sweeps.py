@@ -1,0 +1,116 @@
+"""After-the-fact views of a sweep: status, frontier, MLflow sync and the MLflow dashboard.
+
+A SWEEP argument is a sweep directory (<storage>/<name>), a spec file (its sweep under the spec's
+storage), or a bare name (looked up under ./runs).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UserError
+from orchestrator.spec import SweepSpec, load_spec
+
+__all__ = ["Sweep", "resolve_sweep", "sweep_status", "sweep_frontier", "sweep_sync", "ui_command_line"]
+
+SNAPSHOT = "bvit_sweep.json"
+
+
+@dataclass
+class Sweep:
+    dir: Path
+    spec: SweepSpec
+    results_dir: Path
+
+    @property
+    def name(self) -> str:
+        return self.dir.name
+
+
+def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool = False) -> Sweep:
+    """Find a sweep from a directory, a spec file or a name; a clear error when there is none."""
+    from ray.tune import Tuner
+
+    p = Path(arg).expanduser()
+    if p.suffix in (".yaml", ".yml"):
+        spec = load_spec(p)
+        d = Path(spec.storage).expanduser().resolve() / (spec.name + ("-smoke" if smoke else ""))
+    elif p.is_dir():
+        d = p.resolve()
+    else:
+        d = (Path("runs") / arg).resolve()
+    if not (d / SNAPSHOT).exists() or not Tuner.can_restore(str(d)):
+        raise UserError([f"{arg}: no sweep found at {d}; pass a sweep directory (<storage>/<name>), "
+                         "its spec file, or its name under ./runs"])
+    spec = SweepSpec.model_validate(json.loads((d / SNAPSHOT).read_text())["spec"])
+    return Sweep(dir=d, spec=spec, results_dir=Path(results_root) / d.name)
+
+
+def sweep_status(sweep: Sweep) -> list[dict[str, Any]]:
+    """The trial table of a sweep (finished, interrupted or running)."""
+    from orchestrator.results import collect_trials
+    return collect_trials(sweep.dir, spec=sweep.spec)
+
+
+def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Recompute frontier.csv and plots into results/<sweep>/ and log them to the parent MLflow run."""
+    from orchestrator.frontier import frontier_table
+    from orchestrator.results import finalize
+    from orchestrator.tracking import resolve_tracking
+
+    table = sweep_status(sweep)
+    try:
+        cells = frontier_table(table)
+    except ValueError as e:
+        raise UserError([f"{sweep.dir}: {e}"], code=1) from e
+    uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
+    finalize(sweep_dir=sweep.dir, results_dir=sweep.results_dir, table=table, uri=uri, experiment=experiment,
+             sweep=sweep.name, artifact_root=str(sweep.results_dir / "mlflow" / "artifacts"),
+             complete=all(r["status"] in ("TERMINATED", "ERROR") for r in table), verbose=False)
+    return {"cells": cells.to_dict("records"), "dir": str(sweep.results_dir)}
+
+
+def sweep_sync(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, int]:
+    """Back-fill MLflow from Ray's results (idempotent); raises a UserError when MLflow is unreachable."""
+    from orchestrator.tracking import resolve_tracking, sync_sweep
+
+    uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
+    try:
+        return sync_sweep(sweep.dir, uri=uri, experiment=experiment, sweep=sweep.name,
+                          artifact_root=sweep.results_dir / "mlflow" / "artifacts")
+    except Exception as e:
+        raise UserError([f"{uri}: cannot reach MLflow ({type(e).__name__}: {e}); nothing was lost, "
+                         "Ray's results are kept: retry when the server is up"], code=1) from e
+
+
+def ui_command_line(sweep: Sweep | None, *, port: int, tracking_uri: str | None = None,
+                    results_root: Path | str = "results") -> list[str]:
+    """The `mlflow ui` command for a sweep's store (or, with no sweep, ./results' only local store)."""
+    from orchestrator.tracking import resolve_tracking
+
+    if sweep is not None:
+        uri, _ = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
+    elif tracking_uri:
+        uri = tracking_uri
+    else:
+        stores = sorted(Path(results_root).glob("*/mlflow/mlflow.db"))
+        if not stores:
+            raise UserError([f"{results_root}: no local MLflow store yet; run a sweep first or pass --tracking-uri"])
+        uri = f"sqlite:///{stores[-1].resolve()}"
+    if not uri.startswith("sqlite"):
+        raise UserError([f"{uri} is a tracking server already: open it in a browser"], code=1)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    return [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+
+
+def run_ui(cmd: list[str]) -> int:
+    """Start the dashboard in the foreground (Ctrl-C stops it)."""
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0

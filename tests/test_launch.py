@@ -1,0 +1,190 @@
+"""The launcher on a real local Ray: a sweep completes, crashes retry from checkpoints, resume after SIGKILL,
+data-parallel trials, and a 2-node cluster that loses a node."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from orchestrator.errors import UserError
+from orchestrator.launch import launch
+
+TINY = {
+    "model": {"width": 32, "steps": 2, "heads": 2},
+    "data": {"train_subset": 1024, "batch_size": 128, "num_workers": 1},
+    "optim": {"epochs": 2, "warmup_epochs": 0.5},
+}
+
+
+def write_spec(path: Path, fmnist_dir: Path, *, name="t", epochs=2, axes=None, seeds=(0,), **extra) -> Path:
+    base = json.loads(json.dumps(TINY))
+    base["data"]["path"] = str(fmnist_dir)
+    base["optim"]["epochs"] = epochs
+    spec = {"name": name, "base": base, "axes": axes or {"model.arch": ["bvit", "vit"]}, "seeds": list(seeds),
+            "resources": {"cpus": 1}, **extra}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_completes_with_trials_csv_and_mlflow_runs(workdir, fmnist_dir):
+    from mlflow.tracking import MlflowClient
+
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="tiny")
+    result = launch(spec_path=spec, verbose=False)
+    assert result.ok and len(result.trials) == 2
+    rows = read_csv(workdir / "results" / "tiny" / "trials.csv")
+    assert [r["status"] for r in rows] == ["TERMINATED", "TERMINATED"]
+    assert {r["arch"] for r in rows} == {"bvit", "vit"}
+    for r in rows:
+        assert r["epochs"] == "2" and float(r["best_test_top1"]) > 10 and int(r["params"]) > 0 and r["node"]
+    assert (workdir / "results" / "tiny" / "frontier.csv").exists()
+    run = json.loads((workdir / "results" / "tiny" / "run.json").read_text())
+    assert run["command"] == f"bvit-sweep launch {spec}" and run["terminated"] == 2
+
+    client = MlflowClient(f"sqlite:///{workdir / 'results' / 'tiny' / 'mlflow' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("bvit.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("bvit.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 2
+    for c in children:
+        assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert c.data.params["model.width"] == "32" and "params" in c.data.params
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "test_top1")] == [1, 2]
+
+    with pytest.raises(UserError, match="already exists"):
+        launch(spec_path=spec, verbose=False)
+
+
+def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir):
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="crash", epochs=3, axes={"model.arch": ["bvit"]},
+                      max_failures=1)
+    result = launch(spec_path=spec, verbose=False,
+                    _fault={"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")})
+    assert result.ok
+    (row,) = result.trials
+    assert row["status"] == "TERMINATED" and row["epochs"] == 3 and row["retries"] == 1
+    (trial_dir,) = [p for p in (workdir / "runs" / "crash").iterdir() if p.is_dir() and p.name != "train"]
+    epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
+    assert epochs == [1, 2, 3]  # epochs 1-2 kept, only epoch 3 ran after the crash
+
+
+def test_changed_spec_is_refused_on_resume_unless_forced(workdir, fmnist_dir):
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="chg", epochs=1, axes={"model.arch": ["bvit"]})
+    launch(spec_path=spec, verbose=False)
+    write_spec(spec, fmnist_dir, name="chg", epochs=2, axes={"model.arch": ["bvit"]})
+    with pytest.raises(UserError) as e:
+        launch(spec_path=spec, resume=True, verbose=False)
+    assert "spec changed" in e.value.lines[0]
+    assert any("optim" in line and "1 -> 2" in line for line in e.value.lines[1:])
+
+
+@pytest.mark.slow
+def test_sigkilled_launcher_resumes_without_rerunning_finished_trials(workdir, fmnist_dir):
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="kill", epochs=2,
+                      axes={"model.width": [16, 32, 48, 64]}, max_concurrent_trials=1)
+    yaml_spec = yaml.safe_load(spec.read_text())
+    yaml_spec["base"]["model"]["heads"] = 2
+    spec.write_text(yaml.safe_dump(yaml_spec))
+    code = f"from orchestrator.launch import launch; launch(spec_path={str(spec)!r}, verbose=False)"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep = workdir / "runs" / "kill"
+    deadline = time.time() + 300
+    finished = []
+    while time.time() < deadline and not finished:
+        time.sleep(1)
+        finished = [p for p in sweep.glob("*/result.json")
+                    if any(json.loads(x).get("done") for x in p.read_text().splitlines())]
+    assert finished, "no trial finished within 5 minutes"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {p.parent.name: p.read_text() for p in finished}
+    time.sleep(2)
+    result = launch(spec_path=spec, resume=True, verbose=False)
+    assert result.ok and len(result.trials) == 4
+    for name, text in before.items():
+        assert (sweep / name / "result.json").read_text() == text, f"finished trial {name} ran again"
+
+
+@pytest.mark.slow
+def test_trial_with_two_workers_trains_data_parallel(workdir, fmnist_dir):
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="ddp", epochs=1, axes={"model.arch": ["bvit"]},
+                      resources={"cpus": 1, "workers": 2})
+    result = launch(spec_path=spec, verbose=False)
+    assert result.ok
+    (row,) = result.trials
+    assert row["epochs"] == 1 and row["final_test_top1"] > 10
+
+
+@pytest.mark.slow
+def test_two_node_cluster_runs_trials_on_both_and_survives_losing_one(workdir, fmnist_dir):
+    import threading
+
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    sweep = workdir / "runs" / "multi"
+    removed = threading.Event()
+
+    def results():
+        return [json.loads(x) for p in sweep.glob("*/result.json") for x in p.read_text().splitlines()]
+
+    def remove_worker_mid_trial():  # as soon as a trial on the worker has reported an epoch and is not done
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if any(r.get("node_id") == worker.node_id and not r.get("done") for r in results()):
+                cluster.remove_node(worker)
+                removed.set()
+                return
+
+    try:
+        spec = write_spec(workdir / "s.yaml", fmnist_dir, name="multi", epochs=4,
+                          axes={"model.width": [16, 32, 48, 64]}, max_failures=2)
+        s = yaml.safe_load(spec.read_text())
+        s["base"]["model"]["heads"] = 2
+        spec.write_text(yaml.safe_dump(s))
+        ray.init(address=cluster.address)
+        threading.Thread(target=remove_worker_mid_trial, daemon=True).start()
+        result = launch(spec_path=spec, verbose=False)
+        assert removed.is_set(), "no trial ever ran on the worker node"
+        assert result.ok, result.trials
+        assert all(r["epochs"] == 4 for r in result.trials)
+        assert {r["node_id"] for r in results()} == {cluster.head_node.node_id, worker.node_id}
+        assert sum(r["retries"] for r in result.trials) >= 1  # the worker's trial restarted on the head
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_missing_data_that_cannot_be_prepared_is_a_clear_error(workdir, fmnist_dir):
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="nodata", axes={"model.arch": ["bvit"]})
+    s = yaml.safe_load(spec.read_text())
+    s["base"]["data"]["path"] = str(workdir / "imagenet")
+    spec.write_text(yaml.safe_dump(s))
+    with pytest.raises(UserError) as e:
+        launch(spec_path=spec, verbose=False)
+    assert str(workdir / "imagenet") in e.value.lines[0]
+    assert not ray.is_initialized()  # failed before any compute was spent
