@@ -158,7 +158,7 @@ class _Limited:
         for images, labels in self.source() if callable(self.source) else self.source:
             if self.limit is not None:
                 if seen >= self.limit:
-                    return
+                    continue  # drain: an FFCV pass abandoned midway leaves its reader thread spinning
                 images, labels = images[: self.limit - seen], labels[: self.limit - seen]
             seen += labels.shape[0]
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
@@ -179,31 +179,27 @@ def state_statistics(model: nn.Module, loader: Batches, *, max_images: int | Non
         calls.append((attention_entropy(p), mean_attention_distance(p, grid_size=grid, num_prefix_tokens=prefix)))
 
     hooks = [m.register_forward_hook(on_attention) for m in model.modules() if isinstance(m, Attention)]
+    totals: dict[Any, torch.Tensor] = {}
+
+    def add(key: Any, value: torch.Tensor) -> None:
+        totals[key] = totals[key] + value if key in totals else value
+
     images = tokens = 0
-    norm = rel = ent = dist = None
-    sums: list[torch.Tensor] = []
-    grams: dict[tuple[int, int], torch.Tensor] = {}
     try:
         for x, _ in _Limited(loader, max_images, device):
             calls.clear()
             states = _states(model, x)
             b, n, _ = states[0].shape
             flat = [s.reshape(b * n, -1).double() for s in states]  # (B * N, D) per state
-            batch_norm = torch.stack([s.norm(dim=-1).sum() for s in states]).double()  # (L + 1,)
-            batch_rel = torch.stack([((h1 - h0).flatten(1).norm(dim=1) / h0.flatten(1).norm(dim=1)).sum()
-                                     for h0, h1 in zip(states, states[1:], strict=False)]).double()  # (L,)
-            batch_ent = torch.stack([e for e, _ in calls]) * b  # (L, H)
-            batch_dist = torch.stack([d for _, d in calls]) * b
-            if norm is None:
-                norm, rel, ent, dist = batch_norm, batch_rel, batch_ent, batch_dist
-                sums = [f.sum(0) for f in flat]
-                grams = {(i, j): flat[i].T @ flat[j] for i in range(len(flat)) for j in range(i, len(flat))}
-            else:
-                norm, rel, ent, dist = norm + batch_norm, rel + batch_rel, ent + batch_ent, dist + batch_dist
-                for i, f in enumerate(flat):
-                    sums[i] += f.sum(0)
-                for (i, j), g in grams.items():
-                    g += flat[i].T @ flat[j]
+            add("norm", torch.stack([f.norm(dim=-1).sum() for f in flat]))  # (L + 1,)
+            add("rel", torch.stack([((h1 - h0).flatten(1).norm(dim=1) / h0.flatten(1).norm(dim=1)).double().sum()
+                                    for h0, h1 in zip(states, states[1:], strict=False)]))  # (L,)
+            add("entropy", torch.stack([e for e, _ in calls]) * b)  # (L, H)
+            add("distance", torch.stack([d for _, d in calls]) * b)  # (L, H)
+            for i, f in enumerate(flat):
+                add(("sum", i), f.sum(0))  # (D,)
+                for j in range(i, len(flat)):
+                    add((i, j), f.T @ flat[j])  # (D, D)
             images += b
             tokens += b * n
     finally:
@@ -213,19 +209,19 @@ def state_statistics(model: nn.Module, loader: Batches, *, max_images: int | Non
         raise ValueError("the loader yielded no images to analyse")
 
     def centered(i: int, j: int) -> torch.Tensor:
-        return grams[(i, j)] - torch.outer(sums[i], sums[j]) / tokens  # (D, D)
+        return totals[(i, j)] - torch.outer(totals[("sum", i)], totals[("sum", j)]) / tokens  # (D, D)
 
-    size = len(sums)
+    size = len(states)
     cka = [[0.0] * size for _ in range(size)]
     for i in range(size):
         for j in range(i, size):
             cka[i][j] = cka[j][i] = _centered_gram_cka(centered(i, j), centered(i, i), centered(j, j))
     return {
         "images": images,
-        "norm": (norm / tokens).tolist(),
-        "relative_update": (rel / images).tolist(),
-        "attention_entropy": (ent / images).tolist(),
-        "attention_distance": (dist / images).tolist(),
+        "norm": (totals["norm"] / tokens).tolist(),
+        "relative_update": (totals["rel"] / images).tolist(),
+        "attention_entropy": (totals["entropy"] / images).tolist(),
+        "attention_distance": (totals["distance"] / images).tolist(),
         "max_entropy": math.log(tokens // images),
         "cka": cka,
     }

@@ -117,33 +117,42 @@ def _epoch_loader_class() -> type:
     from ffcv.loader import Loader
 
     class EpochLoader(Loader):
-        """FFCV Loader whose order is `order_fn(epoch)`, both set by the caller before each pass."""
+        """FFCV Loader told its order, batch size and drop-last before each pass (`start`).
+
+        FFCV reads all three only when a pass starts, and its numba-compiled pipeline does not depend
+        on them, so one compiled Loader serves every order and batch size.
+        """
 
         def __init__(self, *args: Any, **kwargs: Any):
-            self.order_fn, self.epoch = lambda epoch: self.indices, 0
+            self.order = None
             super().__init__(*args, **kwargs)
 
         def next_traversal_order(self) -> np.ndarray:
-            return self.order_fn(self.epoch)
+            return self.indices if self.order is None else self.order
 
         def __len__(self) -> int:  # FFCV's counts the order drawn at construction, not the current one
-            n = len(self.order_fn(self.epoch))
+            n = len(self.next_traversal_order())
             return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+        def start(self, order: np.ndarray, *, batch_size: int, drop_last: bool) -> Iterator:
+            self.order, self.batch_size, self.drop_last = order, batch_size, drop_last
+            with keep_torch_threads():
+                return iter(self)  # takes the order and sizes now: later calls do not affect this pass
 
     return EpochLoader
 
 
 @functools.lru_cache(maxsize=8)
-def _loader(fname: str, file_id: tuple, *, count: int, batch_size: int, drop_last: bool, num_workers: int,
-            kind: str, decode_size: int, crop_ratio: float, device: torch.device) -> Any:
-    """One FFCV Loader per file version and settings per process: building one compiles its pipeline
-    with numba (seconds), so trials and tests in the same process share it. Order is set per pass."""
+def _loader(fname: str, file_id: tuple, *, num_workers: int, kind: str, decode_size: int, crop_ratio: float,
+            device: torch.device) -> Any:
+    """One FFCV Loader per file version and pipeline per process: building one compiles its pipeline
+    with numba (seconds), so trials and tests in the same process share it (one pass at a time)."""
     from ffcv.loader import OrderOption
 
     with keep_torch_threads():
         return _epoch_loader_class()(
-            fname, batch_size=batch_size, num_workers=num_workers, os_cache=True, order=OrderOption.SEQUENTIAL,
-            distributed=False, indices=np.arange(count, dtype=np.uint64), drop_last=drop_last, batches_ahead=3,
+            fname, batch_size=1, num_workers=num_workers, os_cache=True, order=OrderOption.SEQUENTIAL,
+            distributed=False, batches_ahead=3,
             pipelines=_pipelines(kind, decode_size=decode_size, crop_ratio=crop_ratio, device=device))
 
 
@@ -164,33 +173,31 @@ class Loaders:
     """Train and eval loaders over one prepared directory; see the module docstring for what they yield."""
 
     def __init__(self, *, meta: dict[str, Any], cfg: DataConfig, img_size: int, seed: int, device: torch.device,
-                 rank: int, world: int, train_loader: Any, eval_loader: Any, train_per_rank: int):
+                 rank: int, world: int, train_loader: Any, eval_loader: Any, train_indices: np.ndarray):
         self.meta, self.cfg, self.img_size, self.seed = meta, cfg, img_size, seed
         self.device, self.rank, self.world = device, rank, world
-        self._train, self._eval = train_loader, eval_loader
-        self.steps_per_epoch = train_per_rank // cfg.batch_size
+        self._train, self._eval, self._train_indices = train_loader, eval_loader, train_indices
+        self.steps_per_epoch = math.ceil(len(train_indices) / world) // cfg.batch_size
         self.eval_steps = math.ceil(meta["test_count"] / cfg.eval_batch_size)
         self.train_items = self.steps_per_epoch * cfg.batch_size  # per rank and epoch, after drop-last
         c = meta["image_shape"][0]
-        self._mean = torch.tensor(meta["mean"], dtype=torch.float32, device=device).view(1, c, 1, 1)
-        self._std = torch.tensor(meta["std"], dtype=torch.float32, device=device).view(1, c, 1, 1)
+        mean = torch.tensor(meta["mean"], dtype=torch.float64).view(1, c, 1, 1)
+        std = torch.tensor(meta["std"], dtype=torch.float64).view(1, c, 1, 1)
+        self._scale = (1 / std).to(device, torch.float32)  # (x - mean) / std as one in-place x * scale + shift
+        self._shift = (-mean / std).to(device, torch.float32)
 
     def train(self, epoch: int) -> _Batches:
         """The batches of `epoch` (any int >= 0): the same for the same (seed, epoch), in any process."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
-        loader = self._train
-        indices, seed, rank, world = loader.indices, self.seed, self.rank, self.world
-        loader.order_fn = lambda e: epoch_order(indices, seed=seed, epoch=e, rank=rank, world=world)
-        loader.epoch = epoch
-        with keep_torch_threads():
-            batches = iter(loader)  # the order is drawn here, so later changes to `loader` do not affect it
+        order = epoch_order(self._train_indices, seed=self.seed, epoch=epoch, rank=self.rank, world=self.world)
+        batches = self._train.start(order, batch_size=self.cfg.batch_size, drop_last=True)
         return _Batches(self._train_batches(batches, epoch), self.steps_per_epoch)
 
     def eval(self) -> _Batches:
         """Every test image once, in file order, centre-cropped and normalised; labels (B,) int64."""
-        with keep_torch_threads():
-            batches = iter(self._eval)
+        order = np.arange(self.meta["test_count"], dtype=np.uint64)
+        batches = self._eval.start(order, batch_size=self.cfg.eval_batch_size, drop_last=False)
         return _Batches((self._prepare(images, labels) for images, labels in batches), self.eval_steps)
 
     def _prepare(self, images: torch.Tensor, labels: torch.Tensor, rng: np.random.Generator | None = None):
@@ -201,7 +208,7 @@ class Loaders:
         x = x.to(torch.float32, memory_format=torch.contiguous_format)
         if augment == "rrc-flip":
             x = random_resized_crop_flip(x, self.img_size, rng)  # (B, C, S, S) -> (B, C, img_size, img_size)
-        x = (x - self._mean) / self._std
+        x = x.mul_(self._scale).add_(self._shift)
         return x, labels.view(-1).to(torch.int64, copy=True)  # copy: FFCV reuses its label buffers
 
     def _train_batches(self, batches: Iterator, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -254,13 +261,12 @@ def _make_loaders(cfg: DataConfig, *, img_size: int, seed: int, device: torch.de
 
     rrc = cfg.augment == "rrc-flip"
     common = dict(num_workers=min(cfg.num_workers, numba.config.NUMBA_NUM_THREADS), kind=meta["kind"], device=device)
-    train_loader = _loader(*_file_id(cfg.path, "train"), count=len(indices), batch_size=cfg.batch_size,
-                           drop_last=True, decode_size=round(img_size / EVAL_CROP_RATIO) if rrc else img_size,
-                           crop_ratio=1.0, **common)
-    eval_loader = _loader(*_file_id(cfg.path, "test"), count=meta["test_count"], batch_size=cfg.eval_batch_size,
-                          drop_last=False, decode_size=img_size, crop_ratio=EVAL_CROP_RATIO if rrc else 1.0, **common)
+    train_loader = _loader(*_file_id(cfg.path, "train"), crop_ratio=1.0,
+                           decode_size=round(img_size / EVAL_CROP_RATIO) if rrc else img_size, **common)
+    eval_loader = _loader(*_file_id(cfg.path, "test"), decode_size=img_size,
+                          crop_ratio=EVAL_CROP_RATIO if rrc else 1.0, **common)
     return Loaders(meta=meta, cfg=cfg, img_size=img_size, seed=seed, device=device, rank=rank, world=world,
-                   train_loader=train_loader, eval_loader=eval_loader, train_per_rank=per_rank)
+                   train_loader=train_loader, eval_loader=eval_loader, train_indices=indices)
 
 
 def _file_id(root: str | Path, split: str) -> tuple[str, tuple[int, int, int]]:

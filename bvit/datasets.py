@@ -177,7 +177,7 @@ def load_metadata(path: Path | str) -> dict[str, Any]:
     Checks that both files exist, have the recorded size and item count, and match the recorded checksum
     (computed once per process per file version). Raises `DataError` naming the offending file otherwise.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # a relative path is resolved against the cwd: show which one was meant
     root = path.parent if path.name == META_NAME else path
     meta_path = root / META_NAME
     if not root.is_dir():

@@ -159,8 +159,10 @@ def finetune(
     if out is not None:
         path = Path(out) / FINETUNED_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
+        k = result["num_classes"]
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"num_classes": k})})
         torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json"), "result": result,
-                    "peft": {"method": method, "rank": rank, "alpha": alpha, "num_classes": result["num_classes"]}},
+                    "peft": {"method": method, "rank": rank, "alpha": alpha, "num_classes": k}},
                    path)
         result["saved"] = str(path)
     return result

@@ -47,7 +47,11 @@ def resolve_checkpoint(target: str) -> Path:
 
 
 def _trial_id_of(checkpoint: Path, fallback: str) -> str:
-    """The sweep's trial id: from a Ray trial's params.json above the checkpoint, else the config's own id."""
+    """The sweep's trial id: from a Ray trial's params.json above the checkpoint, else the config's own id.
+
+    (The sweep names a trial by the id of its config as written in the spec, before its data path is made
+    absolute; the config saved in the checkpoint has the absolute path, hence a different `trial_id()`.)
+    """
     for parent in list(checkpoint.parents)[:3]:
         params = parent / "params.json"
         if params.is_file():
@@ -87,11 +91,12 @@ def run_analysis(*, targets: list[str], out: Path, data: Path | None = None, max
             raise UserError(f"{data_cfg.path}: {loaders.meta['num_classes']} classes, but {path} was trained on "
                             f"{cfg.model.num_classes}; pass the --data it was trained on")
         m = cfg.model
-        label = f"{m.arch}-w{m.width}-T{m.steps}-{cfg.trial_id()}"
+        trial_id = _trial_id_of(path, cfg.trial_id())
+        label = f"{m.arch}-w{m.width}-T{m.steps}-{trial_id}"
         print(f"analysing {label} ({path})", file=sys.stderr)
         result = analyze(model, loaders.eval, cfg=cfg, device=dev, max_images=max_images,
                          stats_images=stats_images, extra_steps=extra_steps)
-        result.update(checkpoint=str(path), sweep_trial_id=_trial_id_of(path, result["trial_id"]))
+        result.update(checkpoint=str(path), sweep_trial_id=trial_id)
         results[label] = result
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,12 +1,14 @@
 """`bvit-sweep`: the command line. Thin commands; the work happens in keyword-only functions tests can call.
 
-Adding a command: an `Annotated` signature under `@app.command()` and `@reports_errors`, a body that calls
-a function and prints. A `UserError` raised anywhere below prints one `file: field: message` line per
-problem on stderr and exits with its code (2 for invalid input), never a traceback.
+Adding a command: an `Annotated` signature under `@app.command()` and `@reports_errors`, a body that
+imports what it needs (so `bvit-sweep --help` does not pay for torch), calls a function and prints. A
+`UserError` raised anywhere below prints one `file: field: message` line per problem on stderr and exits
+with its code (2 for invalid input), never a traceback.
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,13 +25,16 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-SpecFile = Annotated[Path, typer.Argument(metavar="SPEC", help="Sweep spec, e.g. `sweeps/width.yaml`.", show_default=False)]
+SpecFile = Annotated[Path, typer.Argument(metavar="SPEC", help="Sweep spec, e.g. `sweeps/width.yaml`.")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
-Smoke = Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides (a few tiny trials).")]
+Smoke = Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides.")]
+Bench = Annotated[bool, typer.Option(help="Time a ~1 s training benchmark here; off: a stated fixed rate.")]
+AllRows = Annotated[bool, typer.Option("--all", help="Show every trial (the table stops at 200 rows).")]
 
 
 def _print_json(doc: Any) -> None:
-    typer.echo(json.dumps(doc, indent=2))
+    """One JSON document on stdout: indented for a terminal, compact (and much faster) for a pipe."""
+    typer.echo(json.dumps(doc, indent=2 if sys.stdout.isatty() else None))
 
 
 @app.command()
@@ -51,9 +56,8 @@ def plan(
         spec: SpecFile,
         smoke: Smoke = False,
         json_out: JsonOut = False,
-        bench: Annotated[bool, typer.Option(
-            "--bench/--no-bench", help="Time a short training benchmark here (~1 s); off: a stated fixed rate.")] = True,
-        all_rows: Annotated[bool, typer.Option("--all", help="Show every trial (the table stops at 200).")] = False,
+        bench: Bench = True,
+        all_rows: AllRows = False,
 ) -> None:
     """Every trial with its parameters, GFLOPs per image and estimated time, and the totals."""
     from rich.console import Console
@@ -66,4 +70,6 @@ def plan(
         _print_json(result.to_dict())
     else:
         console = Console()
-        print_plan(result, console=console if console.is_terminal else Console(width=200), max_rows=None if all_rows else 200)
+        if not console.is_terminal:  # piped: no terminal width to fit, keep rows on one line
+            console = Console(width=200)
+        print_plan(result, console=console, max_rows=None if all_rows else 200)

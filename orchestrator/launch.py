@@ -129,7 +129,7 @@ def _scheduler(spec: SweepSpec, trials: list[TrialConfig]):
 
 
 def _snapshot(spec: SweepSpec, smoke: bool, trials: list[TrialConfig]) -> dict[str, Any]:
-    return {"spec": spec.model_dump(mode="json"), "smoke": smoke, "trial_ids": [t.trial_id() for t in trials]}
+    return {"spec": spec.model_dump(mode="json", exclude_unset=True), "smoke": smoke, "trial_ids": [t.trial_id() for t in trials]}
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -1,9 +1,9 @@
 """What a sweep costs before any compute is spent: exact parameters and FLOPs, estimated time per trial.
 
-Parameters and FLOPs come from closed-form counts of the model `bvit.model.build_model` builds (tested equal
+Parameters and FLOPs come from closed-form counts of the models `bvit.model.build_model` builds (tested equal
 to `count_params` / `count_flops`), cached per model shape, so a 10,000-trial grid plans in about a second.
-Time is an estimate: the measured training FLOP rate of one small model on this machine (or, with
-`bench=False` or for GPUs this machine lacks, a stated fixed rate), scaled by each trial's FLOPs.
+Time is an estimate: the training FLOP rate of one small model measured on this machine (or, with
+`bench=False` or for GPUs, a stated fixed rate), scaled by each trial's FLOPs.
 """
 from __future__ import annotations
 
@@ -17,17 +17,21 @@ from typing import Any
 from bvit.config import ModelConfig, TrialConfig
 from orchestrator.spec import SweepSpec, Trial, expand_trials
 
-__all__ = ["Plan", "Rate", "TrialCost", "make_plan", "measure_rate", "model_flops", "model_params"]
+__all__ = [
+    "Plan", "Rate", "TrialCost", "duration", "make_plan", "measure_rate", "model_flops", "model_params",
+    "print_plan",
+]
 
-# Fixed rates (training FLOP/s), used without a measurement. CPU: timm ViT width 128, depth 4, patch 4 on
-# 28x28, batch 256 on this project's 2-core machines trains ~500 img/s fp32, ~670 bf16 (ENVIRONMENT.md):
-# 3 x 84.0 MFLOP x img/s over 2 cores (bf16 needs avx512_bf16/AMX; without, it is ~7x slower than fp32). GPU: an assumption -- about a third of an A100/H100-class dense peak
+# Fixed training FLOP/s, used without a measurement. CPU: a timm ViT (width 128, depth 4, patch 4, 28x28,
+# batch 256) trains ~500 img/s fp32 and ~670 bf16 on 2 cores of this project's reference machine
+# (ENVIRONMENT.md), i.e. 3 x 84.0 MFLOP x img/s / 2 per core. bf16 needs avx512_bf16 or AMX: on an AVX2-only
+# CPU it measured ~7x slower than fp32. GPU: an assumption, about a third of an A100/H100-class dense peak
 # (DeiT-B's 300 epochs in 53 h on 8 V100s is ~27 TFLOP/s per V100).
 CPU_CORE_FLOPS = {"fp32": 63e9, "bf16": 85e9}
 GPU_FLOPS = {"fp32": 40e12, "bf16": 100e12}
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (2x forward)
 
-# (train, test) images of the data sets the project prepares, matched on data.path.
+# (train, test) images of the data sets, matched on the last part of data.path.
 DATASET_SIZES = {"fashion-mnist": (60_000, 10_000), "cifar100": (50_000, 10_000), "cifar10": (50_000, 10_000),
                  "imagenet": (1_281_167, 50_000), "mnist": (60_000, 10_000)}
 
@@ -38,13 +42,14 @@ def _shape(m: ModelConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=4096)
-def _counts(arch: str, width: int, steps: int, mlp_ratio: float, patch: int, img: int, chans: int, classes: int,
-            pool: str, step_embed: str) -> tuple[int, int]:
+def _counts(arch: str, width: int, steps: int, mlp_ratio: float, patch: int, img: int, chans: int,
+            classes: int, pool: str, step_embed: str) -> tuple[int, int]:
     d, h = width, int(width * mlp_ratio)
     patches = (img // patch) ** 2
-    tokens = patches + (pool == "token")  # + class token
-    block = 2 * d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + (d * h + h) + (h * d + d)  # norms, qkv, proj, mlp
-    params = (chans * patch * patch * d + d) + (pool == "token") * d + tokens * d + 2 * d + (d * classes + classes)
+    cls = int(pool == "token")
+    tokens = patches + cls
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)  # 2 norms, qkv, proj, mlp
+    params = (chans * patch * patch * d + d) + cls * d + tokens * d + 2 * d + (d * classes + classes)
     params += block * (1 if arch == "bvit" else steps) + (steps * d if step_embed == "learned" else 0)
     # Matmuls only (2 FLOPs per multiply-add), as torch's FlopCounterMode counts them.
     block_flops = 2 * tokens * d * (3 * d + d + 2 * h) + 2 * 2 * tokens * tokens * d  # linears + QK^T and AV
@@ -64,7 +69,7 @@ def model_flops(m: ModelConfig) -> int:
 
 @dataclass(frozen=True)
 class Rate:
-    """Training FLOP/s of one trial on one device kind, and where the number comes from."""
+    """Training FLOP/s of one trial, and where the number comes from."""
 
     flops_per_s: float
     source: str  # "measured" or "assumed"
@@ -74,13 +79,12 @@ class Rate:
 def measure_rate(*, precision: str = "fp32", threads: int = 1, seconds: float = 0.6) -> float:
     """Training FLOP/s of a ViT (width 128, 2 blocks, 28x28, patch 4, batch 32) on this CPU with `threads`.
 
-    Runs for about `seconds` (at least one step: bf16 on a CPU without bf16 instructions is slow).
+    Runs for about `seconds`, at least one step (bf16 on a CPU without bf16 instructions is slow).
     """
     import torch
 
     from bvit.model import build_model
 
-    cfg = ModelConfig(arch="vit", width=128, steps=2, heads=4)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -97,7 +101,7 @@ def measure_rate(*, precision: str = "fp32", threads: int = 1, seconds: float = 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        times = []  # per step; the first (allocations, kernel selection) is dropped when there are more
+        times = []  # per step; the first (allocation, kernel choice) is dropped when there are more
         while not times or (sum(times) < seconds and len(times) < 50):
             start = time.perf_counter()
             step()
@@ -106,7 +110,8 @@ def measure_rate(*, precision: str = "fp32", threads: int = 1, seconds: float = 
         images_per_s = len(timed) * x.shape[0] / sum(timed)
     finally:
         torch.set_num_threads(saved)
-    return images_per_s * TRAIN_FLOPS_PER_FORWARD * model_flops(cfg)
+    flops = model_flops(ModelConfig(arch="vit", width=128, steps=2, heads=4))
+    return images_per_s * TRAIN_FLOPS_PER_FORWARD * flops
 
 
 def _rates(spec: SweepSpec, precisions: set[str], *, bench: bool) -> dict[str, Rate]:
@@ -120,12 +125,13 @@ def _rates(spec: SweepSpec, precisions: set[str], *, bench: bool) -> dict[str, R
     for p in sorted(precisions):
         if bench:
             rate = measure_rate(precision=p, threads=threads)
-            out[p] = Rate(rate, "measured", f"measured {rate / 1e9:.0f} GFLOP/s ({p}, {threads} thread(s)) training "
-                                            "a small ViT here, scaled by each trial's FLOPs")
+            note = (f"measured {rate / 1e9:.0f} GFLOP/s ({p}, {threads} thread(s)) training a small ViT "
+                    "here, scaled by each trial's FLOPs")
+            out[p] = Rate(rate, "measured", note)
         else:
             rate = CPU_CORE_FLOPS[p] * threads
-            out[p] = Rate(rate, "assumed", f"assumed {CPU_CORE_FLOPS[p] / 1e9:.0f} GFLOP/s per CPU core ({p}) x "
-                                           f"{threads} core(s)")
+            note = f"assumed {CPU_CORE_FLOPS[p] / 1e9:.0f} GFLOP/s per CPU core ({p}) x {threads} core(s)"
+            out[p] = Rate(rate, "assumed", note)
     return out
 
 
@@ -146,7 +152,7 @@ class TrialCost:
     flops: int  # forward FLOPs per image
     epochs: int
     train_images: int | None  # per epoch; None: unknown data set size
-    seconds_per_epoch: float | None
+    seconds_per_epoch: float | None  # training and evaluation (every eval_every epochs)
 
     @property
     def seconds(self) -> float | None:
@@ -155,8 +161,9 @@ class TrialCost:
     def to_dict(self) -> dict[str, Any]:
         m = self.trial.config.model
         return {"id": self.trial.id, "arch": m.arch, "width": m.width, "heads": m.heads, "steps": m.steps,
-                "params": self.params, "flops_per_image": self.flops, "gflops_per_image": round(self.flops / 1e9, 4),
-                "epochs": self.epochs, "train_images": self.train_images, "seconds_per_epoch": self.seconds_per_epoch,
+                "params": self.params, "flops_per_image": self.flops,
+                "gflops_per_image": round(self.flops / 1e9, 4), "epochs": self.epochs,
+                "train_images": self.train_images, "seconds_per_epoch": self.seconds_per_epoch,
                 "seconds": self.seconds, "axes": self.trial.axes}
 
 
@@ -171,17 +178,19 @@ class Plan:
     concurrent: int | None  # trials at once (None: unknown, e.g. a cluster without max_concurrent_trials)
 
     def totals(self) -> dict[str, Any]:
-        """Trial count, unique models, training FLOPs, summed trial time and the wall time on `concurrent` slots."""
+        """Trials, distinct models, training FLOPs, summed trial time, and wall time on `concurrent` slots."""
         times = [t.seconds for t in self.trials]
         known = None not in times
         wall = None
         if known and self.concurrent:
-            slots = [0.0] * self.concurrent  # greedy FIFO: each trial starts on the first free slot
+            slots = [0.0] * self.concurrent  # FIFO: each trial starts on the first free slot, in order
             for s in times:
                 heapq.heapreplace(slots, slots[0] + s)
             wall = max(slots, default=0.0)
-        train_flops = sum(TRAIN_FLOPS_PER_FORWARD * t.flops * t.epochs * (t.train_images or 0) for t in self.trials)
-        return {"trials": len(self.trials), "unique_models": len({_shape(t.trial.config.model) for t in self.trials}),
+        train_flops = sum(TRAIN_FLOPS_PER_FORWARD * t.flops * t.epochs * (t.train_images or 0)
+                          for t in self.trials)
+        models = {_shape(t.trial.config.model) for t in self.trials}
+        return {"trials": len(self.trials), "unique_models": len(models),
                 "epochs": sum(t.epochs for t in self.trials), "train_flops": train_flops,
                 "seconds": sum(times) if known else None, "concurrent": self.concurrent, "wall_seconds": wall}
 
@@ -202,7 +211,7 @@ def _concurrent(spec: SweepSpec) -> int | None:
 
 
 def make_plan(*, spec: SweepSpec, smoke: bool = False, bench: bool = True) -> Plan:
-    """Expand `spec` and cost every trial. `bench=False` skips the ~1 s measurement for a fixed stated rate."""
+    """Expand `spec` and cost every trial; `bench=False`: a stated fixed rate, not a ~1 s measurement."""
     trials = expand_trials(spec, smoke=smoke)
     rates = _rates(spec, {t.config.precision for t in trials}, bench=bench)
     max_t = spec.scheduler.max_t if spec.scheduler.type == "asha" else None
@@ -220,7 +229,7 @@ def make_plan(*, spec: SweepSpec, smoke: bool = False, bench: bool = True) -> Pl
     return Plan(spec, smoke, costs, rates, _concurrent(spec))
 
 
-# ---- the human table ------------------------------------------------------------------------------------------
+# ---- the human table ---------------------------------------------------------------------------------------
 
 _SHOWN = ("model.arch", "model.width", "model.heads", "model.steps")
 
@@ -247,13 +256,13 @@ def duration(seconds: float | None) -> str:
 
 
 def print_plan(plan: Plan, *, console: Any, max_rows: int | None = 200) -> None:
-    """The plan as a rich table (at most `max_rows` rows; None: all) and its totals and caveats below it."""
+    """The plan as a rich table (at most `max_rows` rows; None: all), then its totals and caveats."""
     from rich.markup import escape
     from rich.table import Table
 
     spec, totals = plan.spec, plan.totals()
-    title = escape(f"{spec.name}{' (smoke)' if plan.smoke else ''}: {totals['trials']} trials  [{spec.source}]")
-    table = Table(title=title, title_justify="left", header_style="bold")
+    title = f"{spec.name}{' (smoke)' if plan.smoke else ''}: {totals['trials']} trials  [{spec.source}]"
+    table = Table(title=escape(title), title_justify="left", header_style="bold")
     for name in ("trial", "arch", "width", "heads", "steps", "other axes", "params", "GFLOPs/img", "epochs",
                  "s/epoch", "time"):
         table.add_column(name, justify="left" if name in ("trial", "arch", "other axes") else "right")
@@ -262,29 +271,28 @@ def print_plan(plan: Plan, *, console: Any, max_rows: int | None = 200) -> None:
         m = t.trial.config.model
         other = " ".join(f"{k}={v}" for k, v in t.trial.axes.items() if k not in _SHOWN)
         per_epoch = "?" if t.seconds_per_epoch is None else f"{t.seconds_per_epoch:,.1f}"
-        table.add_row(t.trial.id, m.arch, str(m.width), str(m.heads), str(m.steps), escape(other), _count(t.params),
-                      f"{t.flops / 1e9:.3g}", str(t.epochs), per_epoch, duration(t.seconds))
+        table.add_row(t.trial.id, m.arch, str(m.width), str(m.heads), str(m.steps), escape(other),
+                      _count(t.params), f"{t.flops / 1e9:.3g}", str(t.epochs), per_epoch, duration(t.seconds))
     if len(rows) < len(plan.trials):
         table.add_row("...", f"{len(plan.trials) - len(rows):,} more trials (--all shows every row; --json)")
     console.print(table)
 
-    wall = ""
-    if totals["wall_seconds"] is not None:
-        where = "on this machine" if spec.ray_address is None and spec.resources.gpus == 0 else ""
-        wall = f", ~{duration(totals['wall_seconds'])} wall with {totals['concurrent']} trial(s) at once {where}"
-    gpu = ""
+    line = (f"total: {totals['trials']} trials ({totals['unique_models']} distinct models), "
+            f"{totals['epochs']:,} epochs, {_flops(totals['train_flops'])} of training; "
+            f"estimated {duration(totals['seconds'])} of trial time")
     if spec.resources.gpus and totals["seconds"]:
-        gpu = f" ({totals['seconds'] * spec.resources.gpus / 3600:,.0f} GPU-hours)"
-    console.print(f"total: {totals['trials']} trials ({totals['unique_models']} distinct models), {totals['epochs']:,} "
-                  f"epochs, {_flops(totals['train_flops'])} of training; estimated "
-                  f"{duration(totals['seconds'])} of trial time{gpu}{wall}".rstrip(), markup=False, highlight=False)
+        line += f" ({totals['seconds'] * spec.resources.gpus / 3600:,.0f} GPU-hours)"
+    if totals["wall_seconds"] is not None:
+        here = " on this machine" if spec.ray_address is None and spec.resources.gpus == 0 else ""
+        wall = duration(totals["wall_seconds"])
+        line += f", ~{wall} wall with {totals['concurrent']} trial(s) at once{here}"
+    console.print(line, markup=False, highlight=False)
     notes = [r.note for r in plan.rates.values()]
     notes.append("times are estimates: the rate scaled by FLOPs, test-set evaluation included; "
                  "small models run below the rate, so their times are low")
     if spec.scheduler.type == "asha":
         notes.append("ASHA stops trials early: the times assume every trial runs to the end")
-    unknown = sorted({t.trial.config.data.path for t in plan.trials if t.train_images is None})
-    if unknown:
+    if unknown := sorted({t.trial.config.data.path for t in plan.trials if t.train_images is None}):
         notes.append(f"'?': unknown data set size for data.path {', '.join(unknown)}; set data.train_subset")
     for note in notes:
         console.print(f"note: {note}", style="dim", markup=False, highlight=False)

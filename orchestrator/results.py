@@ -96,7 +96,7 @@ def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Pat
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     tmp.replace(out / "trials.csv")
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False))
     command = f"bvit-sweep launch {spec_path}" + (" --smoke" if smoke else "")
     (out / "run.json").write_text(json.dumps({
         "git_sha": git_sha(), "command": command, "sweep_dir": str(sweep_dir), "python": sys.version.split()[0],

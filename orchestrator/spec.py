@@ -30,17 +30,16 @@ from pydantic.functional_validators import field_validator, model_validator
 
 from bvit.config import TrialConfig
 from orchestrator.errors import (
+    InputError,
     InputWarning,
     Loc,
-    UserError,
     did_you_mean,
     error_message,
     field_paths,
     format_loc,
+    problems_from_validation,
     read_yaml,
-    render,
 )
-from orchestrator.errors import problems_from_validation as problems_from
 
 __all__ = [
     "METRICS", "MAX_TRIALS", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking", "Trial",
@@ -49,21 +48,17 @@ __all__ = [
 
 METRICS = {"test_top1": "max", "test_top5": "max", "test_loss": "min", "train_loss": "min"}  # name -> better
 MAX_TRIALS = 100_000
-_MAX_LINES = 30  # distinct problems shown before "... and N more"
 
 Problem = tuple[Loc | str, str]
+Seed = Annotated[int, Field(ge=0)]
 Axes = dict[str, list[Any]]
 
 
-class SpecError(UserError):
-    """An invalid spec: `problems` as (location, message), rendered as `source: location: message` lines."""
+class SpecError(InputError):
+    """An invalid spec: one `file: field: message` line per problem; exit code 2."""
 
     def __init__(self, problems: list[Problem], *, source: str = "<spec>") -> None:
-        self.problems, self.source = problems, source
-        lines = render(problems, source=source)
-        if len(lines) > _MAX_LINES:
-            lines = lines[:_MAX_LINES] + [f"{source}: ... and {len(lines) - _MAX_LINES} more problems"]
-        super().__init__(lines)
+        super().__init__(problems, source=source)
 
     def with_source(self, source: str) -> SpecError:
         return SpecError(self.problems, source=source)
@@ -74,9 +69,11 @@ class _Frozen(BaseModel):
 
 
 class Resources(_Frozen):
-    cpus: float = Field(1.0, gt=0, description="CPUs per trial (fractions allowed); also its torch threads")
-    gpus: float = Field(0.0, ge=0, description="GPUs per trial (fractions share a GPU between trials)")
-    workers: int = Field(1, ge=1, description="data-parallel workers per trial; > 1 runs a Ray Train TorchTrainer")
+    """What Ray reserves for each trial."""
+
+    cpus: float = Field(1.0, gt=0)  # CPUs (fractions allowed)
+    gpus: float = Field(0.0, ge=0)  # GPUs (fractions share one GPU between trials)
+    workers: int = Field(1, ge=1)  # data-parallel workers; > 1 runs the trial as a Ray Train TorchTrainer
 
     @model_validator(mode="after")
     def _one_gpu_per_worker(self) -> Resources:
@@ -87,12 +84,14 @@ class Resources(_Frozen):
 
 
 class Scheduler(_Frozen):
-    type: Literal["fifo", "asha"] = Field("fifo", description="fifo: every trial runs to the end; asha: early stopping")
-    metric: Literal["test_top1", "test_top5", "test_loss", "train_loss"] = Field("test_top1", description="reported metric")
-    mode: Literal["max", "min"] = Field("max", description="whether a larger metric is better (default: the metric's)")
-    grace_period: int = Field(1, ge=1, description="asha: epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(3.0, gt=1, description="asha: keep 1/reduction_factor of trials at each rung")
-    max_t: int | None = Field(None, ge=1, description="asha: epochs of the last rung (None: the trials' epochs)")
+    """Which trials run to the end: all of them (fifo), or the best after each rung (ASHA)."""
+
+    type: Literal["fifo", "asha"] = "fifo"
+    metric: Literal["test_top1", "test_top5", "test_loss", "train_loss"] = "test_top1"  # what ranks trials
+    mode: Literal["max", "min"] = "max"  # default: the metric's own direction (METRICS)
+    grace_period: int = Field(1, ge=1)  # asha: epochs every trial runs before it can be stopped
+    reduction_factor: float = Field(3.0, gt=1)  # asha: 1/reduction_factor of the trials go on at each rung
+    max_t: int | None = Field(None, ge=1)  # asha: epochs of the last rung (None: the trials' epochs)
 
     @model_validator(mode="before")
     @classmethod
@@ -103,10 +102,11 @@ class Scheduler(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> Scheduler:
-        if self.mode != METRICS[self.metric]:
-            raise ValueError(f"{self.metric} is better when {'larger' if METRICS[self.metric] == 'max' else 'smaller'}: "
-                             f"mode must be {METRICS[self.metric]!r}")
-        asha_only = sorted({"grace_period", "reduction_factor", "max_t"} & self.model_fields_set)
+        if self.mode != (better := METRICS[self.metric]):
+            raise ValueError(f"{self.metric} is better when {'larger' if better == 'max' else 'smaller'}: "
+                             f"mode must be {better!r}")
+        asha_only = [f for f in ("grace_period", "reduction_factor", "max_t")
+                     if getattr(self, f) != type(self).model_fields[f].default]
         if self.type == "fifo" and asha_only:
             raise ValueError(f"{', '.join(asha_only)} applies to type 'asha' only")
         if self.max_t is not None and self.grace_period > self.max_t:
@@ -115,32 +115,36 @@ class Scheduler(_Frozen):
 
 
 class Tracking(_Frozen):
-    uri: str | None = Field(None, min_length=1, description="MLflow tracking URI (None: SQLite under the sweep's results)")
-    experiment: str | None = Field(None, min_length=1, description="MLflow experiment (None: the spec's name)")
+    uri: str | None = Field(None, min_length=1)  # MLflow tracking URI (None: SQLite in the results)
+    experiment: str | None = Field(None, min_length=1)  # MLflow experiment (None: the spec's name)
 
 
 class Smoke(_Frozen):
-    base: dict[str, Any] = Field({}, description="partial TrialConfig merged over `base`")
-    axes: Axes = Field({}, description="replaces the values of these axes (adds an axis if new)")
-    zip: list[Axes] | None = Field(None, description="replaces every zip group")
-    seeds: list[Annotated[int, Field(ge=0)]] | None = Field(None, min_length=1, description="replaces `seeds`")
+    """What `--smoke` changes (big_vision's `runlocal`): a few tiny trials of the same sweep."""
+
+    base: dict[str, Any] = {}  # partial TrialConfig merged over `base`
+    axes: Axes = {}  # replaces these axes' values (a new path adds an axis)
+    zip: list[Axes] | None = None  # replaces every zip group
+    seeds: list[Seed] | None = Field(None, min_length=1)  # replaces `seeds`
 
 
 class SweepSpec(_Frozen):
-    name: str = Field(description="the sweep's name: its directory under `storage` and its default experiment")
-    description: str = Field("", description="one paragraph: what the sweep tests")
-    base: dict[str, Any] = Field({}, description="partial TrialConfig merged over its defaults")
-    axes: Axes = Field({}, description="dotted TrialConfig path -> non-empty list of values; the grid is their product")
-    zip: list[Axes] = Field([], description="groups of dotted paths -> equal-length lists that vary together")
-    seeds: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1, description="one trial per seed per grid point")
-    resources: Resources = Field(default_factory=Resources, description="per trial")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the resources allow")
-    scheduler: Scheduler = Field(default_factory=Scheduler, description="trial scheduler")
-    max_failures: int = Field(0, ge=0, description="retries of a failed trial (from its last checkpoint)")
-    tracking: Tracking = Field(default_factory=Tracking, description="MLflow")
-    storage: str = Field("runs", min_length=1, description="Ray Tune storage root (path or URI); the sweep is storage/name")
-    ray_address: str | None = Field(None, min_length=1, description="Ray cluster to join (None: start a local one)")
-    smoke: Smoke = Field(default_factory=Smoke, description="overrides applied by `--smoke`")
+    """A sweep as data: a base trial config, the axes it varies, and how Ray Tune runs the trials."""
+
+    name: str  # the sweep's directory under `storage` and its default MLflow experiment
+    description: str = ""  # one paragraph: what the sweep tests
+    base: dict[str, Any] = {}  # partial TrialConfig merged over its defaults
+    axes: Axes = {}  # dotted TrialConfig path -> values; the grid is their product, in file order
+    zip: list[Axes] = []  # groups of dotted paths -> equal-length lists that vary together
+    seeds: list[Seed] = Field([0], min_length=1)  # one trial per seed per grid point
+    resources: Resources = Field(default_factory=Resources)  # per trial
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the resources allow
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    max_failures: int = Field(0, ge=0)  # retries of a failed trial, from its last checkpoint
+    tracking: Tracking = Field(default_factory=Tracking)
+    storage: str = Field("runs", min_length=1)  # Ray Tune storage (path or URI); the sweep: storage/name
+    ray_address: str | None = Field(None, min_length=1)  # Ray cluster to join (None: start a local one)
+    smoke: Smoke = Field(default_factory=Smoke)  # what `--smoke` changes
 
     _source: str = PrivateAttr("<spec>")
 
@@ -148,7 +152,7 @@ class SweepSpec(_Frozen):
     @classmethod
     def _name_is_a_directory_name(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise ValueError(f"{name!r}: use letters, digits, '.', '_' and '-' (it names the sweep's directory)")
+            raise ValueError(f"{name!r}: use letters, digits, '.', '_', '-' (it names the sweep's directory)")
         return name
 
     @model_validator(mode="after")
@@ -158,7 +162,7 @@ class SweepSpec(_Frozen):
             raise SpecError(problems)
         for smoke, where in ((False, ("axes",)), (True, ("smoke",))):
             if (n := math.prod(len(axis.points) for axis in _axes(self, smoke=smoke))) > MAX_TRIALS:
-                raise SpecError([(where, f"the grid has {n:,} trials, more than {MAX_TRIALS:,}; split the sweep")])
+                raise SpecError([(where, f"the grid has {n:,} trials, more than {MAX_TRIALS:,}; split it")])
         return self
 
     @property
@@ -166,24 +170,14 @@ class SweepSpec(_Frozen):
         """The file this spec was loaded from (`<spec>` when built in code); error lines start with it."""
         return self._source
 
-    @property
-    def experiment(self) -> str:
-        """MLflow experiment name: `tracking.experiment`, else the spec's name."""
-        return self.tracking.experiment or self.name
 
-    @property
-    def sweep_dir(self) -> str:
-        """Where Ray Tune keeps this sweep: `storage/name` (a path or URI)."""
-        return f"{self.storage.rstrip('/')}/{self.name}"
-
-
-# ---- what a dotted path may name -------------------------------------------------------------------------------
+# ---- what a dotted path may name ---------------------------------------------------------------------------
 
 _SECTIONS, LEAVES = field_paths(TrialConfig)
 
 
 def _suggest(path: str, *, nested: bool = False) -> str:
-    """` (did you mean 'model.width'?)`, or the fields a path could name. `nested`: suggest the bare field name."""
+    """` (did you mean 'model.width'?)`, or the fields a path could name. `nested`: suggest a bare name."""
     section, _, leaf = path.rpartition(".")
     if nested:
         return did_you_mean(leaf, _SECTIONS[section].model_fields)
@@ -192,8 +186,9 @@ def _suggest(path: str, *, nested: bool = False) -> str:
         return f" (did you mean {by_leaf[leaf]!r}?)"
     if section and section in _SECTIONS:
         return did_you_mean(leaf, _SECTIONS[section].model_fields, prefix=f"{section}.")
-    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7)
-    return f" (did you mean {by_leaf[close[0]]!r}?)" if close else did_you_mean(section or leaf, TrialConfig.model_fields)
+    if close := difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.7):
+        return f" (did you mean {by_leaf[close[0]]!r}?)"
+    return did_you_mean(section or leaf, TrialConfig.model_fields)
 
 
 def _path_problem(path: str) -> str | None:
@@ -204,7 +199,8 @@ def _path_problem(path: str) -> str | None:
     if not path:
         return "empty path: name a TrialConfig field, e.g. model.width"
     if path in _SECTIONS:
-        return f"{path!r} is a section, not a field: vary one of its fields, e.g. {path}.{next(iter(_SECTIONS[path].model_fields))}"
+        example = next(iter(_SECTIONS[path].model_fields))
+        return f"{path!r} is a section, not a field: vary one of its fields, e.g. {path}.{example}"
     return f"not a TrialConfig field{_suggest(path)}"
 
 
@@ -231,11 +227,15 @@ def _base_problems(tree: Any, *, section: str, loc: Loc) -> list[Problem]:
 
 def _entries(x: Any) -> Axes:
     """The well-typed entries of an axes mapping (the rest already has a type error)."""
-    return {k: v for k, v in x.items() if isinstance(k, str) and isinstance(v, list)} if isinstance(x, dict) else {}
+    if not isinstance(x, dict):
+        return {}
+    return {k: v for k, v in x.items() if isinstance(k, str) and isinstance(v, list)}
 
 
 def _groups(x: Any) -> list[tuple[int, Axes]]:
-    return [(g, _entries(group)) for g, group in enumerate(x) if isinstance(group, dict)] if isinstance(x, list) else []
+    if not isinstance(x, list):
+        return []
+    return [(g, _entries(group)) for g, group in enumerate(x) if isinstance(group, dict)]
 
 
 def _axes_problems(axes: Axes, *, loc: Loc) -> list[Problem]:
@@ -257,7 +257,8 @@ def _zip_problems(groups: list[tuple[int, Axes]], *, loc: Loc) -> list[Problem]:
         lengths = {path: len(values) for path, values in group.items()}
         if len(set(lengths.values())) > 1:
             detail = ", ".join(f"{p}: {n}" for p, n in lengths.items())
-            out.append((loc + (g,), f"the lists of a zip group vary together and need equal lengths, got {detail}"))
+            msg = f"the lists of a zip group vary together and need equal lengths, got {detail}"
+            out.append((loc + (g,), msg))
     return out
 
 
@@ -271,7 +272,10 @@ def _clashes(named: list[tuple[str, Loc]]) -> list[Problem]:
     return out
 
 
-def _named(axes: Axes, groups: list[tuple[int, Axes]], *, axes_loc: Loc, zip_loc: Loc) -> list[tuple[str, Loc]]:
+def _named(
+        axes: Axes, groups: list[tuple[int, Axes]], *, axes_loc: Loc, zip_loc: Loc,
+) -> list[tuple[str, Loc]]:
+    """(path, location) of every varied path, axes first."""
     return [(p, axes_loc + (p,)) for p in axes] + [(p, zip_loc + (g, p)) for g, grp in groups for p in grp]
 
 
@@ -304,7 +308,7 @@ def _structure_problems(data: dict[str, Any]) -> list[Problem]:
     return out
 
 
-# ---- expansion ------------------------------------------------------------------------------------------------
+# ---- expansion ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Trial:
@@ -341,7 +345,8 @@ def _axes(spec: SweepSpec, *, smoke: bool) -> list[_Axis]:
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k in _SECTIONS else v
+        nested = k in _SECTIONS and isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = _merge(out[k], v) if nested else v
     return out
 
 
@@ -388,8 +393,38 @@ def _blame(err: dict[str, Any], sources: dict[str, Loc], varied: set[str]) -> Lo
     return ("base",) + loc
 
 
+class _Resolver:
+    """Validates trial trees, each distinct section (model, data, optim) once: a big grid has few of them."""
+
+    def __init__(self) -> None:
+        self.sections: dict[tuple[str, str], BaseModel | list[dict[str, Any]]] = {}
+
+    def __call__(self, tree: dict[str, Any]) -> TrialConfig | list[dict[str, Any]]:
+        """The TrialConfig, or pydantic's errors (locations from the trial's root)."""
+        parts, errors = dict(tree), []
+        for name in _SECTIONS.keys() - tree.keys() - {""}:
+            tree = {**tree, name: {}}  # defaults, validated once too
+        for name, value in tree.items():
+            if name in _SECTIONS and isinstance(value, dict):
+                key = (name, repr(value))
+                if key not in self.sections:
+                    try:
+                        self.sections[key] = _SECTIONS[name].model_validate(value)
+                    except ValidationError as e:
+                        self.sections[key] = [{**err, "loc": (name, *err["loc"])} for err in e.errors()]
+                parts[name] = self.sections[key]
+                if isinstance(parts[name], list):
+                    errors += parts[name]
+        if errors:
+            return errors
+        try:
+            return TrialConfig.model_validate(parts)
+        except ValidationError as e:
+            return e.errors()
+
+
 def expand_trials(spec: SweepSpec, *, smoke: bool = False) -> list[Trial]:
-    """Every trial of the sweep, validated, in deterministic order; duplicates collapse with an `InputWarning`.
+    """Every trial of the sweep, validated, in deterministic order; duplicates collapse (an `InputWarning`).
 
     Raises `SpecError` naming, for each problem, the axis value or base entry behind it.
     """
@@ -399,8 +434,9 @@ def expand_trials(spec: SweepSpec, *, smoke: bool = False) -> list[Trial]:
         base_sources.update(_leaf_locs(spec.smoke.base, loc=("smoke", "base")))
     axes = _axes(spec, smoke=smoke)
     varied = {p for axis in axes for p in axis.paths}
-    trials: dict[str, Trial] = {}
-    duplicates: list[tuple[Trial, Trial]] = []
+    resolve = _Resolver()
+    trials: dict[str, tuple[Trial, tuple[int, ...]]] = {}
+    duplicates: list[tuple[str, str, str]] = []  # (id, where the repeat comes from, where the first does)
     problems: list[Problem] = []
     for index in itertools.product(*(range(len(axis.points)) for axis in axes)):
         tree, values = dict(base), {}
@@ -408,61 +444,61 @@ def expand_trials(spec: SweepSpec, *, smoke: bool = False) -> list[Trial]:
             for path, value in zip(axis.paths, axis.points[i], strict=True):
                 _assign(tree, path, value)
                 values[path] = value
-        try:
-            config = TrialConfig.model_validate(tree)
-        except ValidationError as e:
+        config = resolve(tree)
+        if isinstance(config, list):
             sources = dict(base_sources)
             for axis, i in zip(axes, index, strict=True):
                 sources.update({p: loc + (i,) for p, loc in zip(axis.paths, axis.locs, strict=True)})
-            problems += [(_blame(err, sources, varied), error_message(err)) for err in e.errors(include_url=False)]
+            problems += [(_blame(err, sources, varied), error_message(err)) for err in config]
             continue
         trial = Trial(config, values, config.trial_id())
-        if (first := trials.get(trial.id)) is not None:
-            duplicates.append((first, trial))
+        if trial.id in trials:
+            first = trials[trial.id][1]
+            differ = [(axis.locs[0] + (i,), axis.locs[0] + (j,))
+                      for axis, i, j in zip(axes, index, first, strict=True) if i != j]
+            duplicates.append((trial.id, " + ".join(format_loc(a) for a, _ in differ),
+                               " + ".join(format_loc(b) for _, b in differ)))
             continue
-        trials[trial.id] = trial
+        trials[trial.id] = (trial, index)
     if problems:
         raise SpecError(problems, source=spec.source)
-    _warn_duplicates(duplicates, source=spec.source)
-    return list(trials.values())
-
-
-def _warn_duplicates(duplicates: list[tuple[Trial, Trial]], *, source: str) -> None:
-    def show(values: dict[str, Any]) -> str:
-        return "{" + ", ".join(f"{k}={v}" for k, v in values.items()) + "}"
-
-    for first, again in duplicates[:5]:
-        warnings.warn(f"{source}: trial {again.id} {show(again.axes)} repeats {show(first.axes)} (the same resolved "
-                      "config); it runs once", InputWarning, stacklevel=3)
+    for trial_id, again, first in duplicates[:5]:
+        warnings.warn(f"{spec.source}: {again} gives the same trial as {first} (id {trial_id}); it runs once",
+                      InputWarning, stacklevel=2)
     if len(duplicates) > 5:
-        ids = sorted({again.id for _, again in duplicates})
-        warnings.warn(f"{source}: {len(duplicates) - 5} more trials repeat earlier ones (ids {', '.join(ids[:10])}"
-                      f"{', ...' if len(ids) > 10 else ''}); each runs once", InputWarning, stacklevel=3)
+        ids = ", ".join(d[0] for d in duplicates[5:10]) + (", ..." if len(duplicates) > 10 else "")
+        warnings.warn(f"{spec.source}: {len(duplicates) - 5} more trials repeat earlier ones (ids {ids}); "
+                      "each runs once", InputWarning, stacklevel=2)
+    return [trial for trial, _ in trials.values()]
 
 
 def expand(spec: SweepSpec, *, smoke: bool = False) -> list[TrialConfig]:
-    """The sweep's trial configs in deterministic order (see `expand_trials`); `smoke=True` applies `spec.smoke`."""
+    """The sweep's trial configs in order (see `expand_trials`); `smoke=True` applies `spec.smoke`."""
     return [t.config for t in expand_trials(spec, smoke=smoke)]
 
 
-# ---- loading --------------------------------------------------------------------------------------------------
+# ---- loading -----------------------------------------------------------------------------------------------
 
 def load_spec(path: str | Path) -> SweepSpec:
-    """Read and check a sweep spec (YAML, loaded safely). Raises `SpecError`: one `file: field: message` per problem.
+    """Read and check a sweep spec (YAML, loaded safely); `SpecError`: a `file: field: message` per problem.
 
-    Checks everything that needs no grid (types, unknown keys, axis paths, zip lengths); `expand` checks trials.
+    Checks all that needs no grid (types, unknown keys, axis paths, zip lengths); `expand` checks the trials.
     """
     source = str(path)
-    data = read_yaml(path)
+    try:
+        data = read_yaml(path)
+    except InputError as e:
+        raise SpecError(e.problems, source=source) from None
     if data is None:
         raise SpecError([((), "the file is empty; a spec needs at least `name:`")], source=source)
     if not isinstance(data, dict):
-        raise SpecError([((), f"a spec is a mapping of fields (name, base, axes, ...), got {type(data).__name__}")],
-                        source=source)
+        got = type(data).__name__
+        raise SpecError([((), f"a spec is a mapping (name, base, axes, ...), got {got}")], source=source)
     try:
         spec = SweepSpec.model_validate(data)
     except ValidationError as e:
-        raise SpecError(problems_from(e, model=SweepSpec) + _structure_problems(data), source=source) from None
+        problems = problems_from_validation(e, model=SweepSpec) + _structure_problems(data)
+        raise SpecError(problems, source=source) from None
     except SpecError as e:
         raise e.with_source(source) from None
     spec._source = source
@@ -480,7 +516,9 @@ class Validation:
     def grid(self) -> str:
         """`seeds 2 x model.arch 2 x (model.width, model.heads) 3`: the factors of the trial count."""
         def name(axis: _Axis) -> str:
-            return "seeds" if axis.paths == ("seed",) else ", ".join(axis.paths).join("()" if len(axis.paths) > 1 else ("", ""))
+            if axis.paths == ("seed",):
+                return "seeds"
+            return axis.paths[0] if len(axis.paths) == 1 else f"({', '.join(axis.paths)})"
 
         return " x ".join(f"{name(axis)} {len(axis.points)}" for axis in _axes(self.spec, smoke=False))
 

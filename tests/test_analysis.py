@@ -25,7 +25,7 @@ from bvit.analysis import (
 from bvit.config import TrialConfig
 from bvit.model import build_model
 from bvit.train import CHECKPOINT_NAME, evaluate, train
-from orchestrator.analysis_cmd import analyze_command, log_analysis
+from orchestrator.analysis_cmd import _trial_id_of, analyze_command, log_analysis, resolve_checkpoint
 
 T, D = 3, 32
 CFG = TrialConfig.model_validate({"model": {"width": D, "steps": T, "heads": 2}})
@@ -231,6 +231,19 @@ def test_analyze_command_bad_input_gives_one_line_and_exit_2(tmp_path):
     assert "looks like a trial id; pass the trial's checkpoint" in r.stderr
     r = CliRunner().invoke(_cli(), ["analyze", str(tmp_path)])
     assert r.exit_code == 2 and f"{tmp_path}: no checkpoint.pt here" in r.stderr
+
+
+def test_checkpoint_arguments_resolve_like_a_tune_trial_directory(tmp_path):
+    trial = tmp_path / "run_trial_0"
+    for n in (1, 2):
+        (trial / f"checkpoint_00000{n}").mkdir(parents=True)
+        (trial / f"checkpoint_00000{n}" / CHECKPOINT_NAME).write_bytes(b"")
+    (trial / "params.json").write_text(json.dumps({"run": {"trial_id": "0123456789"}}))
+    newest = trial / "checkpoint_000002" / CHECKPOINT_NAME
+    assert resolve_checkpoint(str(trial)) == newest
+    assert resolve_checkpoint(str(newest.parent)) == newest == resolve_checkpoint(str(newest))
+    assert _trial_id_of(newest, "from-config") == "0123456789"
+    assert _trial_id_of(tmp_path / "elsewhere" / CHECKPOINT_NAME, "from-config") == "from-config"
 
 
 def test_analysis_is_logged_to_the_trials_mlflow_run(trained, tmp_path):

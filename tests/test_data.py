@@ -1,12 +1,17 @@
 """Data layer: Fashion-MNIST and image folders to FFCV and back, verification, deterministic loaders, CLI."""
+import functools
 import gzip
+import importlib.util
 import os
 import shutil
+import socket
 import struct
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -25,6 +30,7 @@ from orchestrator.data_cmd import app
 runner = CliRunner()
 
 
+@functools.cache
 def idx(split: str, what: str) -> np.ndarray:
     stem = {"train": "train", "test": "t10k"}[split]
     kind = {"images": "images-idx3", "labels": "labels-idx1"}[what]
@@ -91,9 +97,12 @@ def test_truncated_beton_is_refused_naming_the_file_then_rebuilt(fmnist_copy):
         load_metadata(fmnist_copy)
     with pytest.raises(DataError, match=r"train\.beton: truncated"):
         make_loaders(cfg(fmnist_copy), img_size=28, seed=0)
+    verify = runner.invoke(app, ["verify", str(fmnist_copy)])
+    assert verify.exit_code == 1 and "train.beton: truncated" in verify.output
     result = prepare_fashion_mnist(out=fmnist_copy)
     assert result["status"] == "written" and "truncated" in result["reason"]
     assert load_metadata(fmnist_copy)["train_count"] == 60_000
+    assert "ok -- fashion-mnist, 60,000 train / 10,000 test" in runner.invoke(app, ["verify", str(fmnist_copy)]).output
 
 
 def test_modified_or_swapped_beton_is_refused(fmnist_copy):
@@ -236,6 +245,20 @@ def test_eval_sees_every_test_image_once_in_order(fmnist_dir):
     assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1  # normalised
 
 
+def test_loaders_leave_torch_thread_count_alone(fmnist_dir):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loaders = make_loaders(cfg(fmnist_dir, train_subset=512, num_workers=1), img_size=28, seed=0)
+        for _ in loaders.train(0):
+            pass
+        for _ in loaders.eval():
+            pass
+        assert torch.get_num_threads() == 2  # FFCV alone would have set it to num_workers=1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_config_mismatches_are_clear_errors(fmnist_dir):
     with pytest.raises(DataError, match=r"images are 28x28 px but model\.img_size=32"):
         make_loaders(cfg(fmnist_dir), img_size=32, seed=0)
@@ -253,6 +276,34 @@ def test_epoch_order_shards_like_distributed_sampler():
     assert sorted(np.concatenate(shards).tolist()) == sorted(indices.tolist() + whole[:2].tolist())  # 2 wrapped
     np.testing.assert_array_equal(shards[1], epoch_order(indices, seed=1, epoch=4, rank=1, world=3))
     assert not np.array_equal(epoch_order(indices, seed=0, epoch=1), epoch_order(indices, seed=1, epoch=0))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _shard_worker(rank: int, world: int, port: int, path: str, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    loaders = make_loaders(cfg(path, train_subset=1000, batch_size=100, augment="none"), img_size=28, seed=5,
+                           distributed=True)
+    labels = torch.cat([y for _, y in loaders.train(2)])
+    n_eval = sum(len(y) for _, y in loaders.eval())
+    torch.save({"labels": labels, "steps": loaders.steps_per_epoch, "eval": n_eval}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_ranks_read_disjoint_shards_of_the_epoch(fmnist_dir, tmp_path):
+    mp.spawn(_shard_worker, args=(2, _free_port(), str(fmnist_dir), str(tmp_path / "r")), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"r.{r}") for r in range(2))
+    assert r0["steps"] == r1["steps"] == 5 and r0["eval"] == r1["eval"] == 10_000
+    order = epoch_order(np.arange(1000), seed=5, epoch=2)
+    labels = idx("train", "labels")
+    np.testing.assert_array_equal(r0["labels"].numpy(), labels[order[0::2]])
+    np.testing.assert_array_equal(r1["labels"].numpy(), labels[order[1::2]])
 
 
 def test_pad_crop_flip_yields_a_shifted_or_mirrored_window():
@@ -373,3 +424,18 @@ def test_image_folder_layout_errors(folder, tmp_path):
     (folder / "val" / "zebra").mkdir(parents=True)
     with pytest.raises(DataError, match=r"val/zebra: class not present under"):
         prepare_image_folder(src=folder, out=tmp_path / "o", workers=1)
+
+
+# ---- benchmark --------------------------------------------------------------------------------------------
+
+def test_loader_benchmark_prints_both_rates_and_ratio(fmnist_dir, capsys):
+    spec = importlib.util.spec_from_file_location("bench_loader", os.path.join(os.path.dirname(__file__), "..",
+                                                                              "bench", "loader.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rates = bench.main(["--data", str(fmnist_dir), "--max-items", "1024", "--workers", "1", "--model-steps", "1",
+                        "--batch-size", "64"])
+    out = capsys.readouterr().out
+    assert "FFCV (bvit.data)" in out and "torch DataLoader + torchvision.transforms.v2" in out
+    assert f"{rates['ratio']:.1f} x" in out and "bViT default training" in out
+    assert rates["ffcv"] > 0 and rates["dataloader"] > 0 and rates["model"] > 0
