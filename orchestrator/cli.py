@@ -73,3 +73,19 @@ def plan(
         if not console.is_terminal:  # piped: no terminal width to fit, keep rows on one line
             console = Console(width=200)
         print_plan(result, console=console, max_rows=None if all_rows else 200)
+
+
+# ---- running and reading sweeps (orchestrator/commands.py), data, analysis --------------------------------
+def _register() -> None:
+    from orchestrator import commands
+    from orchestrator.analysis_cmd import analyze_command, finetune_command
+    from orchestrator.data_cmd import app as data_app
+
+    for fn in (commands.train, commands.launch, commands.status, commands.frontier, commands.sync, commands.ui):
+        app.command(name=fn.__name__)(reports_errors(fn))
+    app.command(name="analyze")(reports_errors(analyze_command))
+    app.command(name="finetune")(reports_errors(finetune_command))
+    app.add_typer(data_app, name="data")
+
+
+_register()

@@ -42,7 +42,7 @@ def launch(
         tracking_uri: TrackingUri = None,
         json_out: JsonOut = False,
 ) -> None:
-    """Run a sweep on Ray Tune (local by default), track it in MLflow, write results/<sweep>/."""
+    """Run a sweep on Ray Tune (local by default), track it in MLflow, write results/SWEEP/."""
     from orchestrator.launch import launch as run
 
     result = run(spec_path=spec, address=address, storage=storage, smoke=smoke, resume=resume, force=force,
@@ -73,7 +73,7 @@ def status(sweep: SweepArg, json_out: JsonOut = False) -> None:
 
 
 def frontier(sweep: SweepArg, tracking_uri: TrackingUri = None, json_out: JsonOut = False) -> None:
-    """Accuracy-parameter frontier and recovered fraction; writes results/<sweep>/frontier.* and logs them."""
+    """Accuracy-parameter frontier and recovered fraction; writes results/SWEEP/frontier.* and logs them."""
     from rich.console import Console
     from rich.table import Table
 

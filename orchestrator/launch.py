@@ -22,7 +22,7 @@ from ray import tune
 from bvit.config import TrialConfig
 from orchestrator.errors import UserError
 from orchestrator.progress import ProgressTable
-from orchestrator.results import collect_trials, finalize, write_results
+from orchestrator.results import collect_trials, finalize, git_sha, write_results
 from orchestrator.spec import SweepSpec, expand, load_spec
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
 from orchestrator.trainable import run_trial
@@ -173,6 +173,7 @@ def launch(
             raise UserError([f"{spec_path}: the spec changed since the sweep started; refusing to resume "
                              "(pass --force to resume anyway):", *("  " + c for c in changes)])
 
+    sha = git_sha()  # the code the trials run, recorded before anything changes
     data_paths = prepare_data(trials, cwd=Path.cwd())
     _connect(address, spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +213,7 @@ def launch(
     table = collect_trials(sweep_dir, spec=spec, trials=trials)
     interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
     write_results(table, spec=spec, spec_path=Path(spec_path), results_dir=results_dir, smoke=smoke,
-                  sweep_dir=sweep_dir)
+                  sweep_dir=sweep_dir, sha=sha)
     finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
              complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)

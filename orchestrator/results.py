@@ -84,7 +84,7 @@ def git_sha(cwd: Path | None = None) -> str:
 
 
 def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Path, results_dir: Path,
-                  smoke: bool, sweep_dir: Path) -> Path:
+                  smoke: bool, sweep_dir: Path, sha: str | None = None) -> Path:
     """results/<name>[-smoke]/: trials.csv, spec.yaml (resolved), run.json (SHA, command, sweep dir)."""
     out = results_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +99,7 @@ def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Pat
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False))
     command = f"bvit-sweep launch {spec_path}" + (" --smoke" if smoke else "")
     (out / "run.json").write_text(json.dumps({
-        "git_sha": git_sha(), "command": command, "sweep_dir": str(sweep_dir), "python": sys.version.split()[0],
+        "git_sha": sha or git_sha(), "command": command, "sweep_dir": str(sweep_dir), "python": sys.version.split()[0],
         "trials": len(rows), "terminated": sum(r["status"] == "TERMINATED" for r in rows),
     }, indent=1))
     return out
