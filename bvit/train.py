@@ -264,7 +264,7 @@ def train(
             "epoch": epoch,
             "train_loss": totals[0].item() / max(totals[1].item(), 1.0),
             **{k: last_eval[k] for k in ("test_top1", "test_top5", "test_loss") if k in last_eval},
-            "best_test_top1": best,
+            **({"best_test_top1": best} if math.isfinite(best) else {}),
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": totals[1].item() / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
@@ -284,7 +284,7 @@ def train(
             report(dict(record))
 
     final = dict(history[-1]) if history else {}
-    final.update(best_test_top1=best if history else None, history=history, trial_id=cfg.trial_id())
+    final.update(best_test_top1=best if math.isfinite(best) else None, history=history, trial_id=cfg.trial_id())
     return final
 
 

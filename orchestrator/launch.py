@@ -157,6 +157,11 @@ def launch(
     """Run (or resume) every trial of the sweep; write results/<name>/trials.csv; return the trial table."""
     spec = load_spec(spec_path)
     trials = expand(spec, smoke=smoke)
+    if spec.scheduler.type == "asha" and spec.scheduler.metric.startswith("test_"):
+        late = sorted({t.eval_every for t in trials if t.eval_every != 1})
+        if late:
+            raise UserError([f"{spec_path}: scheduler.type: asha compares {spec.scheduler.metric} every epoch, "
+                             f"but eval_every={late[0]} scores the test set less often; set eval_every: 1"])
     sweep_dir = sweep_dir_for(spec, storage, smoke=smoke)
     name = sweep_dir.name
     snapshot = _snapshot(spec, smoke, trials)
@@ -195,7 +200,10 @@ def launch(
             trainable,
             param_space={"run": tune.grid_search(runs)},
             tune_config=tune.TuneConfig(
-                metric=spec.scheduler.metric, mode=spec.scheduler.mode, scheduler=_scheduler(spec, trials),
+                # A metric only for ASHA: FIFO trials may score the test set only at the end (eval_every).
+                metric=spec.scheduler.metric if spec.scheduler.type == "asha" else None,
+                mode=spec.scheduler.mode if spec.scheduler.type == "asha" else None,
+                scheduler=_scheduler(spec, trials),
                 max_concurrent_trials=spec.max_concurrent_trials,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
             ),

@@ -57,7 +57,7 @@ class ProgressTable(tune.Callback):
         Console(highlight=False).print(
             f"[{row['trial_id']}] {row['arch']:4s} width {row['width']:<4} steps {row['steps']:<3} seed {row['seed']} "
             f"epoch {row['epochs']}: loss {result.get('train_loss', float('nan')):.3f} "
-            f"top-1 {result.get('test_top1', float('nan')):.2f} (best {row['best_test_top1']:.2f}) "
+            f"top-1 {result.get('test_top1', float('nan')):.2f} (best {result.get('best_test_top1', float('nan')):.2f}) "
             f"{result.get('images_per_s', 0):.0f} img/s on {row['node']}")
         self._maybe_table(trials)
 
