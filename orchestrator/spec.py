@@ -17,7 +17,9 @@ that needs no grid; `expand` resolves and validates every trial and names the ax
 from __future__ import annotations
 
 import difflib
+import hashlib
 import itertools
+import json
 import math
 import re
 import warnings
@@ -393,34 +395,64 @@ def _blame(err: dict[str, Any], sources: dict[str, Loc], varied: set[str]) -> Lo
     return ("base",) + loc
 
 
+_json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # as TrialConfig.trial_id serialises
+_FIELDS = {name: _json(name) for name in sorted(TrialConfig.model_fields)}  # field -> its JSON key, sorted
+_TOP_SECTIONS = [s for s in _SECTIONS if s and "." not in s]  # model, data, optim
+
+
 class _Resolver:
-    """Validates trial trees, each distinct section (model, data, optim) once: a big grid has few of them."""
+    """Trial trees to (TrialConfig, id), each distinct section (model, data, optim) validated and serialised
+    once: a 10,000-trial grid has a few dozen of them, and this is most of `plan`'s time."""
 
     def __init__(self) -> None:
-        self.sections: dict[tuple[str, str], BaseModel | list[dict[str, Any]]] = {}
+        self.sections: dict[tuple[str, str], tuple[BaseModel, str] | list[dict[str, Any]]] = {}
+        self.scalars: dict[tuple[type, Any], str] = {}  # top-level field value -> its JSON
+        self.fast_ids: bool | None = None  # None: not yet checked against TrialConfig.trial_id
 
-    def __call__(self, tree: dict[str, Any]) -> TrialConfig | list[dict[str, Any]]:
-        """The TrialConfig, or pydantic's errors (locations from the trial's root)."""
-        parts, errors = dict(tree), []
-        for name in _SECTIONS.keys() - tree.keys() - {""}:
-            tree = {**tree, name: {}}  # defaults, validated once too
-        for name, value in tree.items():
-            if name in _SECTIONS and isinstance(value, dict):
-                key = (name, repr(value))
-                if key not in self.sections:
-                    try:
-                        self.sections[key] = _SECTIONS[name].model_validate(value)
-                    except ValidationError as e:
-                        self.sections[key] = [{**err, "loc": (name, *err["loc"])} for err in e.errors()]
-                parts[name] = self.sections[key]
-                if isinstance(parts[name], list):
-                    errors += parts[name]
+    def __call__(self, tree: dict[str, Any]) -> tuple[TrialConfig, str] | list[dict[str, Any]]:
+        """The config and its id, or pydantic's errors (locations from the trial's root)."""
+        parts: dict[str, Any] = {}
+        fragments: dict[str, str] = {}  # section -> its JSON, as trial_id serialises it
+        errors: list[dict[str, Any]] = []
+        for name, value in {**{s: {} for s in _TOP_SECTIONS}, **tree}.items():
+            if not (name in _TOP_SECTIONS and isinstance(value, dict)):
+                parts[name] = value
+                continue
+            key = (name, repr(value))
+            if key not in self.sections:
+                try:
+                    section = _SECTIONS[name].model_validate(value)
+                    self.sections[key] = (section, _json(section.model_dump(mode="json")))
+                except ValidationError as e:
+                    self.sections[key] = [{**err, "loc": (name, *err["loc"])} for err in e.errors()]
+            if isinstance(entry := self.sections[key], list):
+                errors += entry
+            else:
+                parts[name], fragments[name] = entry
         if errors:
             return errors
         try:
-            return TrialConfig.model_validate(parts)
+            config = TrialConfig.model_validate(parts)
         except ValidationError as e:
             return e.errors()
+        return config, self._id(config, fragments)
+
+    def _id(self, config: TrialConfig, fragments: dict[str, str]) -> str:
+        """`config.trial_id()`, hashed from the cached section JSON; checked against it on the first trial."""
+        if self.fast_ids is False:
+            return config.trial_id()
+        blob = ",".join(f"{key}:{fragments[k] if k in fragments else self._scalar(getattr(config, k))}"
+                        for k, key in _FIELDS.items())
+        fast = hashlib.sha256(f"{{{blob}}}".encode()).hexdigest()[:10]
+        if self.fast_ids is None:
+            self.fast_ids = fast == config.trial_id()
+        return fast if self.fast_ids else config.trial_id()
+
+    def _scalar(self, value: Any) -> str:
+        key = (type(value), value)  # the type too: True == 1, but their JSON differs
+        if key not in self.scalars:
+            self.scalars[key] = _json(value)
+        return self.scalars[key]
 
 
 def expand_trials(spec: SweepSpec, *, smoke: bool = False) -> list[Trial]:
@@ -444,14 +476,15 @@ def expand_trials(spec: SweepSpec, *, smoke: bool = False) -> list[Trial]:
             for path, value in zip(axis.paths, axis.points[i], strict=True):
                 _assign(tree, path, value)
                 values[path] = value
-        config = resolve(tree)
-        if isinstance(config, list):
+        resolved = resolve(tree)
+        if isinstance(resolved, list):
             sources = dict(base_sources)
             for axis, i in zip(axes, index, strict=True):
                 sources.update({p: loc + (i,) for p, loc in zip(axis.paths, axis.locs, strict=True)})
-            problems += [(_blame(err, sources, varied), error_message(err)) for err in config]
+            problems += [(_blame(err, sources, varied), error_message(err)) for err in resolved]
             continue
-        trial = Trial(config, values, config.trial_id())
+        config, trial_id = resolved
+        trial = Trial(config, values, trial_id)
         if trial.id in trials:
             first = trials[trial.id][1]
             differ = [(axis.locs[0] + (i,), axis.locs[0] + (j,))

@@ -108,6 +108,12 @@ def test_ids_are_stable_across_loads_and_differ_across_seeds(tmp_path):
     assert [t.id for t in expand_trials(load_spec(write(tmp_path, spec)))] == ids[0]
 
 
+def test_ids_follow_trial_id_even_if_its_definition_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(TrialConfig, "trial_id", lambda self: f"s{self.seed}-w{self.model.width}")
+    trials = expand_trials(load_spec(write(tmp_path, {"name": "f", "axes": {"model.width": [32, 64]}})))
+    assert [t.id for t in trials] == ["s0-w32", "s0-w64"]
+
+
 def test_duplicates_collapse_with_a_warning_naming_the_id(tmp_path):
     path = write(tmp_path, {"name": "d", "axes": {"model.width": [64, 128, 64]}})
     expected = r'axes\["model.width"\]\[2\] gives the same trial as axes\["model.width"\]\[0\]'
@@ -261,3 +267,4 @@ def test_plan_of_a_10000_trial_grid_finishes(tmp_path):
     plan = make_plan(spec=load_spec(path), bench=False)
     assert plan.totals()["trials"] == 10_000 and plan.totals()["unique_models"] == 100
     assert len({t.trial.id for t in plan.trials}) == 10_000
+    assert all(t.trial.id == t.trial.config.trial_id() for t in plan.trials[::97])  # the fast ids are the ids
