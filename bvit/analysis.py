@@ -20,7 +20,9 @@ Definitions (state t is h_t, t = 0 the embedding, T the last step; shapes (B, N,
     attention renormalised over patches), the expected Euclidean distance in patches on the grid.
   * CKA: linear CKA (Kornblith et al., 2019) between every pair of states, each token of each image a
     row (B * N rows, D features), accumulated exactly over the analysed images.
-  * pruning: test top-1 with only step k skipped (`skip_steps={k}`), for every k.
+  * pruning: test top-1 with only step k skipped (`skip_steps={k}`), for every k. Without step
+    embeddings a bViT's steps are interchangeable -- skipping any one is running T-1 steps, so every
+    k gives anytime(T-1); it tells steps apart for a ViT, `step_embed='learned'` or per-step LoRA.
   * anytime: test top-1 using the first k steps, k = 1..T, then `extra_steps` beyond T (a bViT only).
 """
 from __future__ import annotations

@@ -25,6 +25,7 @@ __all__ = ["analyze_command", "finetune_command", "prepare_transfer_command", "r
            "log_analysis"]
 
 _TRIAL_ID = re.compile(r"^[0-9a-f]{10}$")
+TAG_TRIAL = "bvit.trial_id"  # orchestrator.tracking.TAG_TRIAL, not imported from there: that module imports Ray
 
 
 def resolve_checkpoint(target: str) -> Path:
@@ -109,8 +110,6 @@ def log_analysis(results: dict[str, dict[str, Any]], *, out: Path, uri: str) -> 
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.tracking import TAG_TRIAL
-
     client = MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     files = [out / "analysis.json", *sorted(out.glob("*.png"))]
@@ -168,7 +167,7 @@ def analyze_command(
         best = max(r["pruning"], key=lambda p: p["drop"])
         anytime = ", ".join(f"{p['steps']}:{p['test_top1']:.1f}" for p in r["anytime"])
         typer.echo(f"{label}: top-1 {r['full']['test_top1']:.2f} %; skipping step {best['skipped'] + 1} costs most "
-                   f"({best['drop']:+.2f} points); anytime top-1 by steps {anytime}")
+                   f"({best['drop']:.2f} points); top-1 by steps used {anytime}")
     typer.echo(f"wrote {out / 'analysis.json'} and {', '.join(p.name for p in sorted(out.glob('*.png')))}")
 
 

@@ -27,6 +27,15 @@ from bvit.model import build_model
 from bvit.train import CHECKPOINT_NAME, evaluate, train
 from orchestrator.analysis_cmd import _trial_id_of, analyze_command, log_analysis, resolve_checkpoint
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: on 2 shared cores, 2 intra-op threads ran a train step 8x slower than 1 (spin contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 T, D = 3, 32
 CFG = TrialConfig.model_validate({"model": {"width": D, "steps": T, "heads": 2}})
 CPU = torch.device("cpu")
@@ -66,6 +75,21 @@ def test_skipping_no_step_equals_the_normal_forward():
     with _vit_blocks(vit, [0, 2]):
         assert torch.equal(vit(X), reference(X))
     assert len(vit.blocks) == T  # restored
+
+
+def test_bvit_steps_are_interchangeable_without_step_embeddings_but_not_with_them():
+    model = tiny()
+    curves = depth_curves(model, loader(), cfg=CFG, device=CPU, extra_steps=0)
+    shorter = {k: v for k, v in curves["anytime"][T - 2].items() if k not in ("steps", "extrapolated")}
+    for row in curves["pruning"]:
+        assert {k: v for k, v in row.items() if k not in ("skipped", "drop")} == shorter
+    torch.manual_seed(0)
+    embedded = build_model(arch="bvit", width=D, steps=T, heads=2, patch_size=4, img_size=28, in_chans=1,
+                           num_classes=10, step_embed="learned").eval()
+    with torch.no_grad():
+        embedded.step_embed.normal_(std=1.0)
+    losses = [row["test_loss"] for row in depth_curves(embedded, loader(), cfg=CFG, device=CPU)["pruning"]]
+    assert len(set(losses)) == T
 
 
 def test_states_are_the_models_own_hidden_states():
