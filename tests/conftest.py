@@ -14,3 +14,14 @@ def fmnist_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fashion-mnist")
     prepare_fashion_mnist(out=out)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the launcher and tracking tests (start-up costs seconds; trials reuse workers)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

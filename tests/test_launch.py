@@ -19,11 +19,9 @@ from orchestrator.launch import launch
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    if ray.is_initialized():
-        ray.shutdown()
+    return tmp_path
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -123,10 +121,14 @@ def test_trial_with_two_workers_trains_data_parallel(workdir, fmnist_dir):
 
 
 @pytest.mark.slow
-def test_two_node_cluster_runs_trials_on_both_and_survives_losing_one(workdir, fmnist_dir):
+def test_two_node_cluster_runs_trials_on_both_and_survives_losing_one(tmp_path, monkeypatch, fmnist_dir):
     import threading
 
     from ray.cluster_utils import Cluster
+
+    ray.shutdown()  # this test runs its own 2-node cluster
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     worker = cluster.add_node(num_cpus=1)
@@ -172,4 +174,4 @@ def test_missing_data_that_cannot_be_prepared_is_a_clear_error(workdir, fmnist_d
     with pytest.raises(UserError) as e:
         launch(spec_path=spec, verbose=False)
     assert str(workdir / "imagenet") in e.value.lines[0]
-    assert not ray.is_initialized()  # failed before any compute was spent
+    assert not (workdir / "runs" / "nodata").exists()  # failed before any compute was spent

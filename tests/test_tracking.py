@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 from _sweep_helpers import write_spec
 from mlflow.tracking import MlflowClient
 
@@ -60,11 +59,9 @@ def server(tmp_path):
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, ray_local):
     monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    if ray.is_initialized():
-        ray.shutdown()
+    return tmp_path
 
 
 def runs_of(uri: str, experiment: str):
