@@ -58,7 +58,8 @@ def test_width_sweep_is_the_fashion_mnist_grid_with_divisible_heads():
     trials = expand_trials(load_spec(Path("sweeps/width.yaml")))
     assert {t.config.data.path for t in trials} == {"data/fashion-mnist"}
     assert {t.config.model.arch for t in trials} == {"bvit", "vit"}
-    assert {t.config.model.width // t.config.model.heads for t in trials} == {16}
+    assert all(t.config.model.width % t.config.model.heads == 0 for t in trials)
+    assert {t.config.model.width // t.config.model.heads for t in trials} == {8, 16}  # head dims in the header
     assert len({t.config.model.width for t in trials}) >= 3
     assert len({t.config.model.steps for t in trials}) >= 2
 
