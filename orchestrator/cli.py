@@ -78,13 +78,14 @@ def plan(
 # ---- running and reading sweeps (orchestrator/commands.py), data, analysis --------------------------------
 def _register() -> None:
     from orchestrator import commands
-    from orchestrator.analysis_cmd import analyze_command, finetune_command
+    from orchestrator.analysis_cmd import analyze_command, finetune_command, prepare_transfer_command
     from orchestrator.data_cmd import app as data_app
 
     for fn in (commands.train, commands.launch, commands.status, commands.frontier, commands.sync, commands.ui):
         app.command(name=fn.__name__)(reports_errors(fn))
     app.command(name="analyze")(reports_errors(analyze_command))
     app.command(name="finetune")(reports_errors(finetune_command))
+    data_app.command("transfer")(prepare_transfer_command)
     app.add_typer(data_app, name="data")
 
 

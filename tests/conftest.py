@@ -16,6 +16,17 @@ def fmnist_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One torch thread in the test process: on a busy 2-core machine two threads thrash (~8x slower steps)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the launcher and tracking tests (start-up costs seconds; trials reuse workers)."""
