@@ -29,7 +29,10 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
     from rich.console import Console
 
     from orchestrator.progress import render_table
-    Console().print(render_table(rows, title=title))
+    console = Console()
+    if not console.is_terminal:  # piped or logged: keep whole ids and numbers on one line
+        console = Console(width=160)
+    console.print(render_table(rows, title=title))
 
 
 def launch(

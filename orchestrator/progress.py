@@ -81,4 +81,7 @@ class ProgressTable(tune.Callback):
         for t in trials:
             self._row(t)
         done = sum(t.status == "TERMINATED" for t in trials)
-        Console().print(render_table(list(self._rows.values()), title=f"{done}/{self.total} trials finished"))
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=160)
+        console.print(render_table(list(self._rows.values()), title=f"{done}/{self.total} trials finished"))
