@@ -105,6 +105,7 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
         a2.axhline(0.0, color="grey", linewidth=1, linestyle="--")
         a2.set(xscale="log", xlabel="width", ylabel="ViT − bViT (points)", title="gap")
         for a in (a1, a2):
+            a.minorticks_off()
             a.set_xticks(sorted(rec["width"].unique()), labels=[str(w) for w in sorted(rec["width"].unique())])
             a.grid(alpha=.3)
             a.legend()
