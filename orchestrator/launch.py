@@ -114,7 +114,7 @@ def _runs(spec: SweepSpec, trials: list[TrialConfig], data_paths: dict[str, str]
 def _trainable(spec: SweepSpec):
     r = spec.resources
     if r.workers > 1:  # the Tune trial only drives a TorchTrainer; its workers hold the resources
-        return tune.with_resources(run_trial, {"cpu": 0})
+        return tune.with_resources(run_trial, {"cpu": 0.01})  # Ray refuses an empty bundle
     return tune.with_resources(run_trial, {"cpu": r.cpus, "gpu": r.gpus})
 
 
