@@ -43,7 +43,7 @@ from bvit.model import BViT, build_model
 from bvit.train import CHECKPOINT_NAME, evaluate
 
 __all__ = [
-    "load_trained", "build_from_config", "linear_cka", "attention_entropy", "mean_attention_distance", "attention_probs",
+    "load_trained", "checkpoint_config", "build_from_config", "linear_cka", "attention_entropy", "mean_attention_distance", "attention_probs",
     "state_statistics", "depth_curves", "analyze", "plot_analyses",
 ]
 
@@ -57,8 +57,7 @@ def build_from_config(m: ModelConfig) -> nn.Module:
     )
 
 
-def load_trained(checkpoint: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TrialConfig]:
-    """The trained model (eval mode) and its `TrialConfig` from a `checkpoint.pt` (or the directory holding it)."""
+def _read_checkpoint(checkpoint: str | Path, map_location: str | torch.device) -> tuple[Path, dict, TrialConfig]:
     path = Path(checkpoint).expanduser()
     if path.is_dir():
         path = path / CHECKPOINT_NAME
@@ -77,6 +76,18 @@ def load_trained(checkpoint: str | Path, *, map_location: str | torch.device = "
         lines = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
                           for err in e.errors())
         raise ValueError(f"{path}: the checkpoint's config is not valid here ({lines})") from e
+    return path, ckpt, cfg
+
+
+def checkpoint_config(checkpoint: str | Path) -> tuple[Path, TrialConfig]:
+    """(the checkpoint.pt file, its `TrialConfig`), checked as `load_trained` checks it, without building a model."""
+    path, _, cfg = _read_checkpoint(checkpoint, "cpu")
+    return path, cfg
+
+
+def load_trained(checkpoint: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TrialConfig]:
+    """The trained model (eval mode) and its `TrialConfig` from a `checkpoint.pt` (or the directory holding it)."""
+    path, ckpt, cfg = _read_checkpoint(checkpoint, map_location)
     model = build_from_config(cfg.model)
     try:
         model.load_state_dict(ckpt["model"])

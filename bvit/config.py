@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrialConfig"]
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
+
+FinetuneMethod = Literal["full", "linear", "bitfit", "lora-shared", "lora-step"]
 
 
 class _Frozen(BaseModel):
@@ -76,6 +78,30 @@ class OptimConfig(_Frozen):
         return self
 
 
+class FinetuneConfig(_Frozen):
+    """Fine-tune a pretrained model instead of training from scratch (see `bvit.finetune`).
+
+    A trial with this section adapts `checkpoint`'s model to the trial's data (a fresh head for its
+    classes) by `method`, under the trial's optim, seed and precision; so `finetune.method` and
+    `finetune.rank` can be sweep axes. The architecture comes from the checkpoint.
+    """
+
+    checkpoint: str = Field(description="pretrained checkpoint.pt, or the directory holding it")
+    method: FinetuneMethod = Field(
+        "lora-shared", description="what trains: full, linear (head), bitfit (biases+norms), lora-shared, lora-step")
+    rank: int = Field(8, ge=1, description="LoRA rank (lora-* methods; others ignore it)")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: updates are scaled by alpha / rank")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_only(cls, data: Any) -> Any:
+        """rank and alpha mean nothing without LoRA: reset them, so `method x rank` grids hold each non-LoRA
+        trial once (one id) instead of once per rank."""
+        if isinstance(data, dict) and not str(data.get("method", "lora-shared")).startswith("lora"):
+            return {k: v for k, v in data.items() if k not in ("rank", "alpha")}
+        return data
+
+
 class TrialConfig(_Frozen):
     model: ModelConfig = Field(default_factory=ModelConfig, description="architecture")
     data: DataConfig = Field(default_factory=DataConfig, description="prepared data and loading")
@@ -84,10 +110,15 @@ class TrialConfig(_Frozen):
     compile: bool = Field(False, description="torch.compile the model")
     seed: int = Field(0, ge=0, description="seeds torch, numpy, python and the data order")
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always after the last)")
+    finetune: FinetuneConfig | None = Field(None, description="fine-tune a pretrained checkpoint instead (None: train from scratch)")
+
+    def _dump(self) -> dict[str, Any]:
+        """The config as JSON data; an unset `finetune` is left out (ids of from-scratch trials never change)."""
+        return self.model_dump(mode="json", exclude={"finetune"} if self.finetune is None else None)
 
     def trial_id(self) -> str:
         """Stable 10-hex-digit id of the resolved config: the same trial gets the same id in every run."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        blob = json.dumps(self._dump(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def flat(self) -> dict[str, Any]:
@@ -101,5 +132,5 @@ class TrialConfig(_Frozen):
             else:
                 out[prefix] = value
 
-        walk("", self.model_dump(mode="json"))
+        walk("", self._dump())
         return out

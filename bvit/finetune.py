@@ -9,8 +9,9 @@ with warm-up, label smoothing, clipping) and loaders, so a fine-tuning run reads
 LoRA methods are also evaluated after merging the adapters (`merged_test_top1`), the form used for
 inference.
 
-As a sweep axis, a trial carries a `FinetuneConfig` (checkpoint, method, rank, alpha) next to its data
-and optim sections; `finetune_trial(cfg, ft)` runs it with the trial's data, optim, seed and precision.
+As a sweep axis, a trial carries a `finetune` section (`bvit.config.FinetuneConfig`: checkpoint, method,
+rank, alpha) next to its data and optim sections; `bvit.train.train(cfg)` then runs `finetune_trial(cfg)`
+with the trial's data, optim, seed and precision.
 """
 from __future__ import annotations
 
@@ -19,16 +20,15 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
 
 from bvit.analysis import build_from_config, load_trained
-from bvit.config import DataConfig, OptimConfig, TrialConfig
+from bvit.config import DataConfig, FinetuneConfig, OptimConfig, TrialConfig
 from bvit.data import load_metadata, make_loaders
-from bvit.model import count_params
+from bvit.model import count_flops, count_params
 from bvit.peft import METHODS, Method, apply_peft, lora_modules, merge_lora
 from bvit.train import TrainingError, build_optimizer, evaluate, train_step
 
@@ -36,18 +36,6 @@ __all__ = ["FinetuneConfig", "finetune", "finetune_trial", "finetune_model", "lo
 
 FINETUNED_NAME = "finetuned.pt"
 Report = Callable[[dict[str, Any]], None]
-
-
-class FinetuneConfig(BaseModel):
-    """What to fine-tune and how: a trial section, so `finetune.method` and `finetune.rank` can be sweep axes."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    checkpoint: str = Field(description="pretrained checkpoint.pt (or the directory holding it)")
-    method: Literal["full", "linear", "bitfit", "lora-shared", "lora-step"] = Field(
-        "lora-shared", description="which parameters train: " + ", ".join(METHODS))
-    rank: int = Field(8, ge=1, description="LoRA rank (lora-* methods)")
-    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: updates are scaled by alpha / rank")
 
 
 def _device() -> torch.device:
@@ -80,6 +68,7 @@ def finetune_model(
                             "downstream data at the pretraining resolution and channels")
     apply_peft(model, method=method, num_classes=meta["num_classes"], rank=rank, alpha=alpha)
     trainable, total = count_params(model, trainable_only=True), count_params(model)
+    flops = count_flops(model, h, c)
     model.to(device)
 
     loaders = make_loaders(cfg.data, img_size=h, seed=cfg.seed, device=device)
@@ -100,9 +89,14 @@ def finetune_model(
             seen += images.shape[0]
         metrics = evaluate(model, loaders.eval(), cfg=cfg, device=device)
         best = max(best, metrics["test_top1"])
+        seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), **metrics, "best_test_top1": best,
-                  "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": time.perf_counter() - t0,
-                  "trainable_params": trainable}
+                  "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds, "images_per_s": seen / seconds,
+                  "params": total, "trainable_params": trainable, "flops_per_image": flops}
+        if epoch == cfg.optim.epochs and method.startswith("lora"):  # the inference form: adapters merged
+            merged = merge_lora(copy.deepcopy(model))
+            record["merged_test_top1"] = evaluate(merged, loaders.eval(), cfg=cfg, device=device)["test_top1"]
+            record["merged_params"] = count_params(merged)
         history.append(record)
         if report is not None:
             report(dict(record))
@@ -111,9 +105,6 @@ def finetune_model(
               "trainable_fraction": trainable / total, "num_classes": meta["num_classes"], "history": history}
     if method.startswith("lora"):
         result["rank"], result["alpha"] = rank, alpha
-        merged = merge_lora(copy.deepcopy(model))
-        result["merged_test_top1"] = evaluate(merged, loaders.eval(), cfg=cfg, device=device)["test_top1"]
-        result["merged_params"] = count_params(merged)
     return result
 
 
@@ -168,16 +159,22 @@ def finetune(
     return result
 
 
-def finetune_trial(cfg: TrialConfig, ft: FinetuneConfig, *, report: Report | None = None) -> dict[str, Any]:
-    """One sweep trial: fine-tune `ft.checkpoint` by `ft.method` on `cfg.data` with `cfg.optim` and `cfg.seed`.
+def finetune_trial(cfg: TrialConfig, ft: FinetuneConfig | None = None, *,
+                   report: Report | None = None) -> dict[str, Any]:
+    """One sweep trial: fine-tune `ft.checkpoint` (default: `cfg.finetune`) by its method on `cfg.data`,
+    with `cfg.optim`, `cfg.seed` and `cfg.precision`.
 
-    The architecture comes from the checkpoint (the trial's `model` section is not used).
+    The architecture comes from the checkpoint (the trial's `model` section is not used). A fine-tuning
+    trial writes no checkpoint: it is short, and a retried one starts again from the pretrained weights.
     """
+    ft = ft or cfg.finetune
+    if ft is None:
+        raise ValueError("finetune_trial needs a FinetuneConfig: set the trial's `finetune` section")
     model, pretrained = load_trained(ft.checkpoint)
     run_cfg = pretrained.model_copy(update={"data": cfg.data, "optim": cfg.optim, "seed": cfg.seed,
                                             "precision": cfg.precision, "compile": False})
     result = finetune_model(model, run_cfg, method=ft.method, rank=ft.rank, alpha=ft.alpha, report=report)
-    return {**result, "pretrained_trial_id": pretrained.trial_id()}
+    return {**result, "trial_id": cfg.trial_id(), "pretrained_trial_id": pretrained.trial_id()}
 
 
 def load_finetuned(path: str | Path, *, merge: bool = False) -> tuple[nn.Module, dict[str, Any]]:

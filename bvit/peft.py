@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import get_args
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bvit.config import FinetuneMethod
 from bvit.model import BViT
 
 __all__ = [
@@ -38,8 +39,8 @@ __all__ = [
     "lora_modules", "LORA_TARGETS",
 ]
 
-Method = Literal["full", "linear", "bitfit", "lora-shared", "lora-step"]
-METHODS: tuple[str, ...] = ("full", "linear", "bitfit", "lora-shared", "lora-step")
+Method = FinetuneMethod  # one list of methods, shared with the trial config's `finetune.method`
+METHODS: tuple[str, ...] = get_args(Method)
 LORA_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 

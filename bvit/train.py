@@ -188,7 +188,16 @@ def train(
         checkpoint_dir: Path | str | None = None,
         progress: bool = False,
 ) -> dict[str, Any]:
-    """Train and evaluate one trial; returns the final metrics plus `best_test_top1` and `history`."""
+    """Train and evaluate one trial; returns the final metrics plus `best_test_top1` and `history`.
+
+    A trial with a `finetune` section fine-tunes its pretrained checkpoint instead (`bvit.finetune`,
+    one process, no checkpoint written).
+    """
+    if cfg.finetune is not None:
+        if _dist_info()[1] > 1:
+            raise TrainingError("fine-tuning trials run in one process; set resources.workers: 1")
+        from bvit.finetune import finetune_trial  # bvit.finetune builds on this module
+        return finetune_trial(cfg, report=report)
     rank, world = _dist_info()
     device = _device()
     if device.type == "cuda":

@@ -30,13 +30,17 @@ from bvit.datasets import (
     channel_stats,
     file_digest,
     finish_preparation,
+    prepare_fashion_mnist,
     read_idx,
     start_preparation,
     up_to_date,
     write_beton,
 )
 
-__all__ = ["TASKS", "prepare_task", "prepare_fashion_mnist_split", "prepare_digits", "digits_arrays"]
+__all__ = [
+    "TASKS", "prepare_task", "prepare_known", "preparable", "prepare_fashion_mnist_split", "prepare_digits",
+    "digits_arrays",
+]
 
 TASKS: dict[str, str] = {
     "fmnist-a": "Fashion-MNIST classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat): the pretraining half",
@@ -171,3 +175,28 @@ def prepare_task(name: str, *, out: Path | str, source: Path | str | None = None
     if name == "digits":
         return prepare_digits(out=out, force=force)
     raise DataError(f"unknown downstream task {name!r}; choose one of {', '.join(TASKS)}")
+
+
+def preparable(path: Path | str) -> str | None:
+    """What `prepare_known(path)` would build there, judged by the directory's name; None if nothing.
+
+    `.../fashion-mnist` (or any name containing it) is Fashion-MNIST; `.../fmnist-a`, `.../fmnist-b` and
+    `.../digits` are the `TASKS`. A directory that already has a `meta.json` is never rebuilt by name.
+    """
+    path = Path(path)
+    if (path / "meta.json").exists():
+        return None
+    if "fashion-mnist" in path.name:
+        return "fashion-mnist"
+    return path.name if path.name in TASKS else None
+
+
+def prepare_known(path: Path | str) -> dict[str, Any]:
+    """Prepare the data set `preparable(path)` names into `path` (from local files only); DataError if none."""
+    name = preparable(path)
+    if name is None:
+        raise DataError(f"{path}: not a data set this project can prepare by name (fashion-mnist, "
+                        f"{', '.join(TASKS)}); prepare it with `bvit-sweep data prepare`")
+    if name == "fashion-mnist":
+        return prepare_fashion_mnist(out=path)
+    return prepare_task(name, out=path)

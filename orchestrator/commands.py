@@ -86,9 +86,12 @@ def frontier(sweep: SweepArg, tracking_uri: TrackingUri = None, json_out: JsonOu
     if json_out:
         _echo_json(out)
         return
-    table = Table(title=f"frontier ({out['dir']})")
+    table = Table(title=f"{out['kind']} ({out['dir']})")
     cols = ["arch", "width", "steps", "params", "seeds", "top1_mean", "top1_std", "on_frontier",
             "recovered_fraction", "gap_points"]
+    if out["kind"] == "transfer":
+        cols = ["method", "rank", "trainable_params", "trainable_fraction", "seeds", "top1_mean", "top1_std",
+                "merged_top1_mean"]
     for c in cols:
         table.add_column(c)
     for cell in out["cells"]:
@@ -130,7 +133,9 @@ def resolve_train_config(spec_path: Path | None, overrides: list[str]):
     if spec_path is not None:
         from orchestrator.spec import load_spec
         tree = json.loads(json.dumps(load_spec(spec_path).base))
-    valid = set(TrialConfig().flat())
+    from orchestrator.errors import field_paths
+
+    valid = set(field_paths(TrialConfig)[1])  # every leaf, optional sections (finetune.*) included
     problems = []
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -167,12 +172,12 @@ def train(
     from bvit.datasets import DataError
     from bvit.train import TrainingError, history_json
     from bvit.train import train as run
+    from bvit.transfer import preparable, prepare_known
 
     cfg = resolve_train_config(spec, set_ or [])
-    if not Path(cfg.data.path).exists() and "fashion-mnist" in Path(cfg.data.path).name:
-        from bvit.datasets import prepare_fashion_mnist
-        typer.echo(f"preparing Fashion-MNIST into {cfg.data.path}", err=True)
-        prepare_fashion_mnist(out=cfg.data.path)
+    if not Path(cfg.data.path).exists() and (name := preparable(cfg.data.path)) is not None:
+        typer.echo(f"preparing {name} into {cfg.data.path}", err=True)
+        prepare_known(cfg.data.path)
 
     def report(m: dict[str, Any]) -> None:
         if not json_out:
@@ -185,9 +190,14 @@ def train(
         result = run(cfg, report=report, checkpoint_dir=checkpoint_dir, progress=not json_out)
     except (DataError, TrainingError) as e:
         raise UserError([str(e)], code=1) from None
+    except (FileNotFoundError, ValueError) as e:  # an unreadable finetune.checkpoint
+        if cfg.finetune is None:
+            raise
+        raise UserError([f"finetune.checkpoint: {e}"]) from None
     if json_out:
         typer.echo(history_json(result))
     else:
+        tuned = f" ({result['trainable_params']:,} trained by {cfg.finetune.method})" if cfg.finetune else ""
         typer.echo(f"trial {result['trial_id']}: final test top-1 {result['test_top1']:.2f} "
-                   f"(best {result['best_test_top1']:.2f}), {result['params']:,} parameters, "
+                   f"(best {result['best_test_top1']:.2f}), {result['params']:,} parameters{tuned}, "
                    f"{result['flops_per_image'] / 1e6:.1f} MFLOPs per image")

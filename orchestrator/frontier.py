@@ -6,6 +6,10 @@ For each (arch, width, steps) cell, seeds are averaged. Outputs:
     the recovered fraction (bViT top-1 / ViT top-1 at the same width and steps) and gap in points.
   * frontier.png (top-1 vs parameters, log x), steps.png (per width: top-1 vs steps, both arms),
     recovered.png (recovered fraction and gap vs width, one line per step count).
+
+A fine-tuning sweep (trials with a `finetune` section) gets the transfer table instead: per (pretrained
+model, method, rank) cell, trainable parameters and mean/std test top-1 (and merged-LoRA top-1), in
+transfer.csv and transfer.png (top-1 vs trainable parameters).
 """
 from __future__ import annotations
 
@@ -15,19 +19,14 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["frontier_table", "write_frontier", "METRIC"]
+__all__ = ["frontier_table", "write_frontier", "transfer_table", "write_transfer", "summarize", "METRIC"]
 
 METRIC = "final_test_top1"
 
 
 def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
     """Per-cell summary with Pareto flags and recovered fractions (finished trials only)."""
-    df = pd.DataFrame(rows)
-    if df.empty or metric not in df:
-        raise ValueError(f"no finished trials with {metric!r} to build a frontier from")
-    df = df[(df["status"] == "TERMINATED") & df[metric].notna()] if "status" in df else df[df[metric].notna()]
-    if df.empty:
-        raise ValueError("no TERMINATED trial has a test accuracy yet; run or resume the sweep first")
+    df = _finished(rows, metric)
     df = df.assign(**{metric: pd.to_numeric(df[metric]), "params": pd.to_numeric(df["params"]),
                       "flops_per_image": pd.to_numeric(df["flops_per_image"])})
     cells = (df.groupby(["arch", "width", "steps"], as_index=False)
@@ -114,3 +113,69 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
         fig.savefig(paths["recovered.png"], dpi=120)
         plt.close(fig)
     return paths
+
+
+def _finished(rows: list[dict[str, Any]] | pd.DataFrame, metric: str) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    if df.empty or metric not in df:
+        raise ValueError(f"no finished trials with {metric!r} to build a table from")
+    df = df[(df["status"] == "TERMINATED") & df[metric].notna()] if "status" in df else df[df[metric].notna()]
+    if df.empty:
+        raise ValueError("no TERMINATED trial has a test accuracy yet; run or resume the sweep first")
+    return df
+
+
+def transfer_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
+    """Per (arch, width, steps, method, rank) cell of a fine-tuning sweep: trainable parameters and
+    mean/std test top-1 over seeds (and the merged-LoRA top-1), fewest trainable parameters first."""
+    df = _finished(rows, metric)
+    if "method" not in df:
+        raise ValueError("not a fine-tuning sweep: no trial has a finetune section")
+    df = df.assign(rank=[str(int(r)) if pd.notna(r) and r != "" else "-" for r in df["rank"]],  # '-': no LoRA
+                   merged_test_top1=pd.to_numeric(df.get("merged_test_top1"), errors="coerce"))
+    cells = (df.groupby(["arch", "width", "steps", "method", "rank"], as_index=False)
+             .agg(trainable_params=("trainable_params", "first"), params=("params", "first"),
+                  top1_mean=(metric, "mean"), top1_std=(metric, "std"),
+                  merged_top1_mean=("merged_test_top1", "mean"), seeds=(metric, "size")))
+    cells["top1_std"] = cells["top1_std"].fillna(0.0)
+    cells["trainable_fraction"] = cells["trainable_params"] / cells["params"]
+    return cells.sort_values(["trainable_params", "method", "rank"]).reset_index(drop=True)
+
+
+def write_transfer(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> dict[str, Path]:
+    """Write transfer.csv and transfer.png (top-1 vs trainable parameters) into `out_dir`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"transfer.csv": out_dir / "transfer.csv", "transfer.png": out_dir / "transfer.png"}
+    cells.to_csv(paths["transfer.csv"], index=False, float_format="%.4f")
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method, g in cells.groupby("method", sort=False):
+        ax.errorbar(g["trainable_params"], g["top1_mean"], yerr=g["top1_std"], marker="o", linestyle="none",
+                    label=method)
+        for _, c in g.iterrows():
+            if c["rank"] != "-":
+                ax.annotate(f"r{c['rank']}", (c["trainable_params"], c["top1_mean"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="test top-1 (%)",
+           title=title or "fine-tuning: accuracy vs trainable parameters")
+    ax.grid(alpha=.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths["transfer.png"], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def summarize(rows: list[dict[str, Any]], out_dir: Path, *, title: str = "") -> tuple[str, pd.DataFrame, dict[str, Path]]:
+    """The sweep's summary table and files: ('transfer', ...) for a fine-tuning sweep, else ('frontier', ...).
+
+    Raises ValueError when no trial has finished yet.
+    """
+    if any("method" in r for r in rows):
+        cells = transfer_table(rows)
+        return "transfer", cells, write_transfer(cells, out_dir, title=title)
+    cells = frontier_table(rows)
+    return "frontier", cells, write_frontier(cells, out_dir, title=title)

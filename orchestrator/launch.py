@@ -22,7 +22,7 @@ from ray import tune
 from bvit.config import TrialConfig
 from orchestrator.errors import UserError
 from orchestrator.progress import ProgressTable
-from orchestrator.results import collect_trials, finalize, git_sha, write_results
+from orchestrator.results import best_checkpoint, collect_trials, finalize, git_sha, write_results
 from orchestrator.spec import SweepSpec, expand, load_spec
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
 from orchestrator.trainable import run_trial
@@ -59,11 +59,13 @@ def _trial_name(trial) -> str:
 
 
 def prepare_data(trials: list[TrialConfig], *, cwd: Path) -> dict[str, str]:
-    """Make sure every data dir the trials read exists and verifies; prepare Fashion-MNIST if absent.
+    """Make sure every data dir the trials read exists and verifies; prepare it if it is one this project
+    builds from local files (Fashion-MNIST, the fmnist-a/b split, digits: `bvit.transfer.preparable`).
 
     Returns {spec path -> absolute path}. Runs once on the launching machine, before any trial.
     """
-    from bvit.datasets import DataError, load_metadata, prepare_fashion_mnist
+    from bvit.datasets import DataError, load_metadata
+    from bvit.transfer import preparable, prepare_known
 
     resolved: dict[str, str] = {}
     for path in sorted({t.data.path for t in trials}):
@@ -71,15 +73,68 @@ def prepare_data(trials: list[TrialConfig], *, cwd: Path) -> dict[str, str]:
         try:
             load_metadata(absolute)
         except DataError as missing:
-            if "fashion-mnist" not in absolute.name or (absolute / "meta.json").exists():
+            if (name := preparable(absolute)) is None:
                 raise UserError([str(missing)]) from missing
-            print(f"preparing Fashion-MNIST into {absolute} (once, before the trials start)")
+            print(f"preparing {name} into {absolute} (once, before the trials start)")
             try:
-                prepare_fashion_mnist(out=absolute)
+                prepare_known(absolute)
             except DataError as e:
                 raise UserError([str(e)]) from e
         resolved[path] = str(absolute.resolve())
     return resolved
+
+
+def _best_of_sweep(sweep_dir: Path) -> Path:
+    """The last checkpoint of a sweep's best finished trial (highest final test top-1)."""
+    best = best_checkpoint(sweep_dir, collect_trials(sweep_dir))
+    if best is None:
+        raise FileNotFoundError(f"{sweep_dir}: the sweep has no finished trial with a checkpoint yet")
+    print(f"finetune.checkpoint {sweep_dir}: the sweep's best trial {best[0]} ({best[1]})")
+    return best[1]
+
+
+def resolve_pretrained(trials: list[TrialConfig], data_paths: dict[str, str], *, cwd: Path,
+                       source: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """For fine-tuning trials: {spec checkpoint path -> (absolute checkpoint.pt, its model section)}.
+
+    `finetune.checkpoint` names a checkpoint.pt, a directory holding one (`bvit-sweep train --checkpoint-dir`),
+    or a sweep directory (`<storage>/<name>`): then the last checkpoint of its best finished trial.
+
+    Checks, before any trial starts, that each checkpoint exists and that the data it is fine-tuned on has
+    the image size and channels it was pretrained at.
+    """
+    from bvit.analysis import checkpoint_config
+    from bvit.datasets import load_metadata
+
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    problems: list[str] = []
+    for cfg in trials:
+        ft = cfg.finetune
+        if ft is None:
+            continue
+        if ft.checkpoint not in out:
+            path = Path(ft.checkpoint) if Path(ft.checkpoint).is_absolute() else cwd / ft.checkpoint
+            try:
+                path = _best_of_sweep(path) if (path / SNAPSHOT).exists() else path
+                file, pretrained = checkpoint_config(path)
+            except (FileNotFoundError, ValueError) as e:
+                problems.append(f"{source}: finetune.checkpoint: {e}; pretrain one first: "
+                                "`bvit-sweep launch SPEC` (then finetune.checkpoint: <storage>/<name>, the sweep's "
+                                "best trial) or `bvit-sweep train SPEC --checkpoint-dir DIR` (then DIR)")
+                out[ft.checkpoint] = ("", {})
+                continue
+            out[ft.checkpoint] = (str(file.resolve()), pretrained.model.model_dump(mode="json"))
+        file, model = out[ft.checkpoint]
+        if not file:
+            continue
+        c, h, w = load_metadata(data_paths[cfg.data.path])["image_shape"]
+        if (c, h, w) != (model["in_chans"], model["img_size"], model["img_size"]):
+            problems.append(f"{source}: data.path {cfg.data.path} holds {c}x{h}x{w} images but "
+                            f"{ft.checkpoint} was pretrained on {model['in_chans']}x{model['img_size']}x"
+                            f"{model['img_size']}; fine-tune on data prepared at that size")
+    if problems:
+        raise UserError(list(dict.fromkeys(problems)))
+    return out
 
 
 def _connect(address: str | None, spec: SweepSpec) -> str:
@@ -93,12 +148,26 @@ def _connect(address: str | None, spec: SweepSpec) -> str:
     return "local"
 
 
+def _resolved(cfg: TrialConfig, data_paths: dict[str, str],
+              pretrained: dict[str, tuple[str, dict[str, Any]]]) -> TrialConfig:
+    """What the trial runs: absolute paths; a fine-tuning trial's model is its checkpoint's (new head)."""
+    update: dict[str, Any] = {"data": cfg.data.model_copy(update={"path": data_paths[cfg.data.path]})}
+    if cfg.finetune is not None:
+        from bvit.datasets import load_metadata
+
+        file, model = pretrained[cfg.finetune.checkpoint]
+        classes = load_metadata(data_paths[cfg.data.path])["num_classes"]
+        update["finetune"] = cfg.finetune.model_copy(update={"checkpoint": file})
+        update["model"] = type(cfg.model).model_validate({**model, "num_classes": classes})
+    return cfg.model_copy(update=update)
+
+
 def _runs(spec: SweepSpec, trials: list[TrialConfig], data_paths: dict[str, str], sweep_dir: Path,
-          fault: dict | None) -> list[dict[str, Any]]:
+          fault: dict | None, pretrained: dict[str, tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
     r = spec.resources
     runs = []
     for cfg in trials:
-        resolved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": data_paths[cfg.data.path]})})
+        resolved = _resolved(cfg, data_paths, pretrained)
         runs.append({
             "trial_id": cfg.trial_id(),
             "trial": resolved.model_dump(mode="json"),
@@ -179,7 +248,10 @@ def launch(
                              "(pass --force to resume anyway):", *("  " + c for c in changes)])
 
     sha = git_sha()  # the code the trials run, recorded before anything changes
+    if spec.resources.workers > 1 and any(t.finetune is not None for t in trials):
+        raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
     data_paths = prepare_data(trials, cwd=Path.cwd())
+    pretrained = resolve_pretrained(trials, data_paths, cwd=Path.cwd(), source=str(spec_path))
     _connect(address, spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume or force:
@@ -195,7 +267,7 @@ def launch(
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
     else:
-        runs = _runs(spec, trials, data_paths, sweep_dir, _fault)
+        runs = _runs(spec, trials, data_paths, sweep_dir, _fault, pretrained)
         tuner = tune.Tuner(
             trainable,
             param_space={"run": tune.grid_search(runs)},

@@ -58,6 +58,10 @@ def collect_trials(sweep_dir: Path, *, spec: SweepSpec | None = None,
             "epochs": last.get("epoch", 0), "wall_s": last.get("time_total_s"), "node": last.get("node_ip"),
             "retries": max(int(last.get("retries", 0)), trial.num_failures), "error": "",
         }
+        if cfg.finetune is not None:  # a fine-tuning trial: how it adapted the pretrained model
+            ft = cfg.finetune
+            row.update(method=ft.method, rank=ft.rank if ft.method.startswith("lora") else None,
+                       trainable_params=last.get("trainable_params"), merged_test_top1=last.get("merged_test_top1"))
         if df is not None and not df.empty and "test_top1" in df:
             best = df.loc[df["test_top1"].idxmax()]
             row["best_test_top1"], row["best_epoch"] = float(best["test_top1"]), int(best["epoch"])
@@ -122,16 +126,15 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     MLflow problems are reported, never raised: Ray's results stay the source of truth and
     `bvit-sweep sync` repeats this step later.
     """
-    from orchestrator.frontier import frontier_table, write_frontier
+    from orchestrator.frontier import summarize
     from orchestrator.tracking import SweepTracker, sync_sweep
 
     out: dict[str, Any] = {"frontier": None, "synced": None}
     paths: dict[str, Path] = {}
     cells = None
     try:
-        cells = frontier_table(table)
-        paths = write_frontier(cells, results_dir, title=sweep)
-        out["frontier"] = str(paths["frontier.csv"])
+        _, cells, paths = summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
+        out["frontier"] = str(next(iter(paths.values())))
     except ValueError as e:
         if verbose:
             print(f"no frontier yet: {e}")

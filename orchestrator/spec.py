@@ -397,7 +397,8 @@ def _blame(err: dict[str, Any], sources: dict[str, Loc], varied: set[str]) -> Lo
 
 _json = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode  # as TrialConfig.trial_id serialises
 _FIELDS = {name: _json(name) for name in sorted(TrialConfig.model_fields)}  # field -> its JSON key, sorted
-_TOP_SECTIONS = [s for s in _SECTIONS if s and "." not in s]  # model, data, optim
+_TOP_SECTIONS = [s for s in _SECTIONS if s and "." not in s]  # model, data, optim, finetune
+_DEFAULT_SECTIONS = [s for s in _TOP_SECTIONS if TrialConfig.model_fields[s].default_factory is not None]
 
 
 class _Resolver:
@@ -414,7 +415,7 @@ class _Resolver:
         parts: dict[str, Any] = {}
         fragments: dict[str, str] = {}  # section -> its JSON, as trial_id serialises it
         errors: list[dict[str, Any]] = []
-        for name, value in {**{s: {} for s in _TOP_SECTIONS}, **tree}.items():
+        for name, value in {**{s: {} for s in _DEFAULT_SECTIONS}, **tree}.items():
             if not (name in _TOP_SECTIONS and isinstance(value, dict)):
                 parts[name] = value
                 continue
@@ -442,7 +443,7 @@ class _Resolver:
         if self.fast_ids is False:
             return config.trial_id()
         blob = ",".join(f"{key}:{fragments[k] if k in fragments else self._scalar(getattr(config, k))}"
-                        for k, key in _FIELDS.items())
+                        for k, key in _FIELDS.items() if not (k == "finetune" and config.finetune is None))
         fast = hashlib.sha256(f"{{{blob}}}".encode()).hexdigest()[:10]
         if self.fast_ids is None:
             self.fast_ids = fast == config.trial_id()

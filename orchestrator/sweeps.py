@@ -58,21 +58,22 @@ def sweep_status(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Recompute frontier.csv and plots into results/<sweep>/ and log them to the parent MLflow run."""
-    from orchestrator.frontier import frontier_table
+    """Recompute frontier.csv and plots (transfer.* for a fine-tuning sweep) into results/<sweep>/ and log
+    them to the parent MLflow run."""
+    from orchestrator.frontier import summarize
     from orchestrator.results import finalize
     from orchestrator.tracking import resolve_tracking
 
     table = sweep_status(sweep)
     try:
-        cells = frontier_table(table)
+        kind, cells, _ = summarize(table, sweep.results_dir, title=sweep.name)
     except ValueError as e:
         raise UserError([f"{sweep.dir}: {e}"], code=1) from e
     uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
     finalize(sweep_dir=sweep.dir, results_dir=sweep.results_dir, table=table, uri=uri, experiment=experiment,
              sweep=sweep.name, artifact_root=str(sweep.results_dir / "mlflow" / "artifacts"),
              complete=all(r["status"] in ("TERMINATED", "ERROR") for r in table), verbose=False)
-    return {"cells": cells.to_dict("records"), "dir": str(sweep.results_dir)}
+    return {"kind": kind, "cells": cells.to_dict("records"), "dir": str(sweep.results_dir)}
 
 
 def sweep_sync(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, int]:

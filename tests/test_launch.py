@@ -82,6 +82,52 @@ def test_changed_spec_is_refused_on_resume_unless_forced(workdir, fmnist_dir):
     assert any("optim" in line and "1 -> 2" in line for line in e.value.lines[1:])
 
 
+def test_finetune_method_is_a_sweep_axis_over_a_pretraining_sweeps_best_trial(workdir, fmnist_dir):
+    from bvit.analysis import load_trained
+    from bvit.model import count_params
+    from bvit.peft import apply_peft
+
+    pre = write_spec(workdir / "pre.yaml", fmnist_dir, name="pre", epochs=1, axes={"model.arch": ["bvit"]})
+    assert launch(spec_path=pre, verbose=False).ok
+    spec = {
+        "name": "ft",
+        "base": {"finetune": {"checkpoint": "runs/pre"},  # a sweep dir: its best trial's last checkpoint
+                 "data": {"path": str(fmnist_dir), "train_subset": 512, "batch_size": 128, "num_workers": 1,
+                          "augment": "none"},
+                 "optim": {"epochs": 1, "warmup_epochs": 0.2}},
+        "zip": [{"finetune.method": ["linear", "lora-step"], "finetune.rank": [8, 2]}],
+        "resources": {"cpus": 1},
+    }
+    (workdir / "ft.yaml").write_text(yaml.safe_dump(spec))
+    result = launch(spec_path=workdir / "ft.yaml", verbose=False)
+    assert result.ok
+    rows = read_csv(workdir / "results" / "ft" / "trials.csv")
+    assert [(r["status"], r["method"], r["rank"]) for r in rows] == [("TERMINATED", "linear", ""),
+                                                                     ("TERMINATED", "lora-step", "2")]
+    (ckpt,) = sorted((workdir / "runs" / "pre").glob("*/checkpoint_000000/checkpoint.pt"))
+    pretrained, cfg = load_trained(ckpt)
+    for r in rows:  # the model is the checkpoint's (width 32, 2 steps), not the trial config's defaults
+        assert (r["arch"], r["width"], r["steps"]) == ("bvit", "32", "2")
+        rank = int(r["rank"] or 8)
+        model = apply_peft(load_trained(ckpt)[0], method=r["method"], num_classes=10, rank=rank)
+        assert int(r["trainable_params"]) == count_params(model, trainable_only=True)
+        assert int(r["params"]) == count_params(model)
+    assert rows[0]["merged_test_top1"] == "" and float(rows[1]["merged_test_top1"]) > 10
+    transfer = read_csv(workdir / "results" / "ft" / "transfer.csv")
+    assert [t["method"] for t in transfer] == ["linear", "lora-step"]  # fewest trainable parameters first
+    assert (workdir / "results" / "ft" / "transfer.png").exists()
+
+    spec["name"], spec["base"]["finetune"]["checkpoint"] = "ft2", "runs/missing"
+    (workdir / "ft2.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(UserError) as e:
+        launch(spec_path=workdir / "ft2.yaml", verbose=False)
+    assert e.value.lines == [f"{workdir / 'ft2.yaml'}: finetune.checkpoint: {workdir / 'runs' / 'missing'}: no such "
+                             f"checkpoint; pass a trial's checkpoint.pt or its directory; pretrain one first: "
+                             "`bvit-sweep launch SPEC` (then finetune.checkpoint: <storage>/<name>, the sweep's best "
+                             "trial) or `bvit-sweep train SPEC --checkpoint-dir DIR` (then DIR)"]
+    assert not (workdir / "runs" / "ft2").exists()  # refused before anything started
+
+
 @pytest.mark.slow
 def test_sigkilled_launcher_resumes_without_rerunning_finished_trials(workdir, fmnist_dir):
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="kill", epochs=2,

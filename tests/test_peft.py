@@ -259,18 +259,50 @@ def test_finetune_command_prepares_named_task_and_prints_json(pretrained, tmp_pa
 
 
 def test_finetune_config_is_a_validated_sweep_section(pretrained, digits_dir):
-    ft = FinetuneConfig(checkpoint=str(pretrained), method="lora-step", rank=2)
     with pytest.raises(ValidationError, match="rank"):
         FinetuneConfig(checkpoint="x", rank=0)
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         FinetuneConfig(checkpoint="x", ranks=4)
-    cfg = TrialConfig.model_validate({"data": {"path": str(digits_dir), "batch_size": 128, "num_workers": 1,
-                                               "augment": "none"},
-                                      "optim": {"epochs": 1, "warmup_epochs": 0.5}})
+    with pytest.raises(ValidationError, match="'prefix'"):
+        TrialConfig.model_validate({"finetune": {"checkpoint": "x", "method": "prefix"}})
+    # rank means nothing without LoRA: a method x rank grid holds each non-LoRA trial once
+    assert FinetuneConfig(checkpoint="x", method="linear", rank=2) == FinetuneConfig(checkpoint="x", method="linear")
+    assert FinetuneConfig(checkpoint="x", method="lora-step", rank=2).rank == 2
+    # a from-scratch trial's id and flat view do not mention the (unset) finetune section
+    plain = TrialConfig()
+    assert "finetune" not in json.dumps(plain.flat()) and plain.finetune is None
+    tuned = plain.model_copy(update={"finetune": FinetuneConfig(checkpoint="x")})
+    assert tuned.trial_id() != plain.trial_id() and tuned.flat()["finetune.method"] == "lora-shared"
+
+    cfg = TrialConfig.model_validate({
+        "data": {"path": str(digits_dir), "batch_size": 128, "num_workers": 1, "augment": "none"},
+        "optim": {"epochs": 1, "warmup_epochs": 0.5},
+        "finetune": {"checkpoint": str(pretrained), "method": "lora-step", "rank": 2}})
     seen = []
-    result = finetune_trial(cfg, ft, report=seen.append)
-    assert [r["epoch"] for r in seen] == [1]
-    assert result["trainable_params"] == T * 16 * 2 * D + D * 10 + 10
+    result = train(cfg, report=seen.append)  # the one entry point of every trial dispatches to fine-tuning
+    expected = T * 16 * 2 * D + D * 10 + 10
+    assert [r["epoch"] for r in seen] == [1] and seen[0]["trainable_params"] == expected
+    assert abs(seen[0]["merged_test_top1"] - seen[0]["test_top1"]) <= 100 / 450  # merged at the last epoch
+    assert result["trainable_params"] == expected and result["trial_id"] == cfg.trial_id()
+    assert result["params"] == count_params(apply_peft(tiny(), method="lora-step", num_classes=10, rank=2))
+    assert finetune_trial(cfg)["test_top1"] == result["test_top1"]  # deterministic by seed
+
+
+def test_train_command_fine_tunes_with_set_and_explains_a_missing_checkpoint(pretrained, digits_dir, tmp_path):
+    from orchestrator.cli import app
+
+    common = ["train", "--set", f"data.path={digits_dir}", "--set", "data.num_workers=1", "--set", "optim.epochs=1",
+              "--set", "optim.warmup_epochs=0.5", "--set", "data.augment=none"]
+    r = CliRunner().invoke(app, [*common, "--set", f"finetune.checkpoint={pretrained}", "--set",
+                                 "finetune.method=bitfit", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    assert doc["method"] == "bitfit" and doc["trainable_params"] == count_params(
+        apply_peft(tiny(), method="bitfit", num_classes=10), trainable_only=True)
+    r = CliRunner().invoke(app, [*common, "--set", f"finetune.checkpoint={tmp_path / 'none'}"])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"finetune.checkpoint: {tmp_path / 'none'}: no such checkpoint; "
+                                f"pass a trial's {CHECKPOINT_NAME} or its directory")
 
 
 @pytest.mark.slow

@@ -269,3 +269,13 @@ def test_plan_of_a_10000_trial_grid_finishes(tmp_path):
     assert plan.totals()["trials"] == 10_000 and plan.totals()["unique_models"] == 100
     assert len({t.trial.id for t in plan.trials}) == 10_000
     assert all(t.trial.id == t.trial.config.trial_id() for t in plan.trials[::97])  # the fast ids are the ids
+
+
+def test_committed_results_name_the_trials_their_spec_expands_to():
+    """results/width/ came from sweeps/width.yaml: the same trial ids (an id change would orphan the results
+    and break `launch --resume` of every existing sweep)."""
+    import csv
+
+    with open("results/width/trials.csv") as f:
+        committed = [row["trial_id"] for row in csv.DictReader(f)]
+    assert committed == [t.id for t in expand_trials(load_spec(Path("sweeps/width.yaml")))]
