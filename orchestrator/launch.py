@@ -24,12 +24,12 @@ from orchestrator.errors import UserError
 from orchestrator.progress import ProgressTable
 from orchestrator.results import best_checkpoint, collect_trials, finalize, git_sha, write_results
 from orchestrator.spec import SweepSpec, expand, load_spec
+from orchestrator.sweeps import SNAPSHOT, sweep_dir_for
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
 from orchestrator.trainable import run_trial
 
 __all__ = ["launch", "LaunchResult", "sweep_dir_for"]
 
-SNAPSHOT = "bvit_sweep.json"
 
 
 @dataclass
@@ -42,16 +42,6 @@ class LaunchResult:
     @property
     def ok(self) -> bool:
         return not self.interrupted and all(t["status"] == "TERMINATED" for t in self.trials)
-
-
-def sweep_name(spec: SweepSpec, smoke: bool) -> str:
-    """A smoke run is its own sweep (<name>-smoke), so it never collides with the real one."""
-    return spec.name + ("-smoke" if smoke else "")
-
-
-def sweep_dir_for(spec: SweepSpec, storage: str | None = None, *, smoke: bool = False) -> Path:
-    """Where Ray Tune keeps this sweep's state: <storage>/<name> (storage from the CLI, else the spec)."""
-    return Path(storage or spec.storage).expanduser().resolve() / sweep_name(spec, smoke)
 
 
 def _trial_name(trial) -> str:

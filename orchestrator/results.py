@@ -30,7 +30,8 @@ def _axis_columns(spec: SweepSpec | None, trials: list[TrialConfig] | None) -> l
     if not trials:
         return []
     flats = [t.flat() for t in trials]
-    return [k for k in flats[0] if len({json.dumps(f[k]) for f in flats}) > 1 and k != "seed"]
+    varied = [k for k in flats[0] if len({json.dumps(f.get(k)) for f in flats}) > 1 and k != "seed"]
+    return [k for k in varied if k not in ("finetune.method", "finetune.rank")]  # as `method`, `rank` columns
 
 
 def collect_trials(sweep_dir: Path, *, spec: SweepSpec | None = None,

@@ -16,9 +16,19 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 
-__all__ = ["Sweep", "resolve_sweep", "sweep_status", "sweep_frontier", "sweep_sync", "ui_command_line"]
+__all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "sweep_status", "sweep_frontier", "sweep_sync", "ui_command_line"]
 
-SNAPSHOT = "bvit_sweep.json"
+SNAPSHOT = "bvit_sweep.json"  # in the sweep directory: the spec it was launched with, for status and resume
+
+
+def sweep_name(spec: SweepSpec, smoke: bool) -> str:
+    """A smoke run is its own sweep (<name>-smoke), so it never collides with the real one."""
+    return spec.name + ("-smoke" if smoke else "")
+
+
+def sweep_dir_for(spec: SweepSpec, storage: str | None = None, *, smoke: bool = False) -> Path:
+    """Where Ray Tune keeps this sweep's state: <storage>/<name> (storage from the CLI, else the spec)."""
+    return Path(storage or spec.storage).expanduser().resolve() / sweep_name(spec, smoke)
 
 
 @dataclass
@@ -39,7 +49,7 @@ def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool
     p = Path(arg).expanduser()
     if p.suffix in (".yaml", ".yml"):
         spec = load_spec(p)
-        d = Path(spec.storage).expanduser().resolve() / (spec.name + ("-smoke" if smoke else ""))
+        d = sweep_dir_for(spec, smoke=smoke)
     elif p.is_dir():
         d = p.resolve()
     else:

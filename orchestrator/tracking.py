@@ -24,12 +24,11 @@ __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "re
 
 TAG_SWEEP, TAG_TRIAL, TAG_ROLE = "bvit.sweep", "bvit.trial_id", "bvit.role"
 EPOCH_METRICS = ("train_loss", "test_top1", "test_top5", "test_loss", "best_test_top1", "lr", "images_per_s",
-                 "epoch_seconds", "retries")
+                 "epoch_seconds", "retries", "merged_test_top1")
 
-# Fail fast when the server is away: the sweep must not stall on HTTP retries.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# Fail fast when the server is away: the sweep must not stall on HTTP retries (a user's own settings win).
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -51,6 +50,8 @@ class SweepTracker:
     def __init__(self, *, uri: str, experiment: str, sweep: str, artifact_root: Path | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        for key, value in FAIL_FAST_HTTP.items():  # read by MLflow at each request
+            os.environ.setdefault(key, value)
         self.uri, self.sweep = uri, sweep
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)

@@ -59,6 +59,23 @@ def test_sweep_completes_with_trials_csv_and_mlflow_runs(workdir, fmnist_dir):
         launch(spec_path=spec, verbose=False)
 
 
+def test_shipped_smoke_sweep_completes_every_trial(workdir, fmnist_dir):
+    """`bvit-sweep launch sweeps/smoke.yaml` as shipped (its data path resolved under the working directory)."""
+    spec = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
+    (workdir / "data").mkdir()
+    (workdir / "data" / "fashion-mnist").symlink_to(fmnist_dir)  # the prepared copy: skip re-preparing
+    result = launch(spec_path=spec, verbose=False)
+    rows = read_csv(workdir / "results" / "smoke" / "trials.csv")
+    assert result.ok and len(rows) == 4  # the header's "trials: 4"
+    assert sorted((r["arch"], r["steps"]) for r in rows) == [("bvit", "1"), ("bvit", "2"), ("vit", "1"), ("vit", "2")]
+    for r in rows:
+        assert r["status"] == "TERMINATED" and r["epochs"] == "2" and r["error"] == ""
+        assert float(r["final_test_top1"]) > 10.0  # the header's hypothesis: above chance
+        assert all(r[c] != "" for c in ("trial_id", "params", "flops_per_image", "best_test_top1", "wall_s", "node"))
+    bvit = {r["steps"]: int(r["params"]) for r in rows if r["arch"] == "bvit"}
+    assert bvit["1"] == bvit["2"]  # one shared block whatever the step count
+
+
 def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir):
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="crash", epochs=3, axes={"model.arch": ["bvit"]},
                       max_failures=1)
