@@ -16,6 +16,7 @@ from _sweep_helpers import write_spec
 
 from orchestrator.errors import UserError
 from orchestrator.launch import launch
+from orchestrator.results import collect_trials
 
 
 @pytest.fixture
@@ -153,22 +154,32 @@ def test_sigkilled_launcher_resumes_without_rerunning_finished_trials(workdir, f
     yaml_spec["base"]["model"]["heads"] = 2
     spec.write_text(yaml.safe_dump(yaml_spec))
     code = f"from orchestrator.launch import launch; launch(spec_path={str(spec)!r}, verbose=False)"
+    log = open(workdir / "launcher.log", "w")  # noqa: SIM115  (read back when the launcher fails)
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     sweep = workdir / "runs" / "kill"
+
+    def terminated() -> set[str]:  # as Tune's own saved state says (what --resume reads)
+        try:
+            return {r["trial_id"] for r in collect_trials(sweep) if r["status"] == "TERMINATED"}
+        except Exception:  # no state written yet
+            return set()
+
     deadline = time.time() + 300
-    finished = []
+    finished: set[str] = set()
     while time.time() < deadline and not finished:
         time.sleep(1)
-        finished = [p for p in sweep.glob("*/result.json")
-                    if any(json.loads(x).get("done") for x in p.read_text().splitlines())]
-    assert finished, "no trial finished within 5 minutes"
+        finished = terminated()
+    assert finished, "no trial finished within 5 minutes:\n" + (workdir / "launcher.log").read_text()[-3000:]
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    before = {p.parent.name: p.read_text() for p in finished}
+    finished = terminated()  # the state as the launcher left it
+    assert len(finished) < 4, "the sweep ended before the kill; nothing left to resume"
+    before = {name: (sweep / name / "result.json").read_text() for name in finished}
     time.sleep(2)
     result = launch(spec_path=spec, resume=True, verbose=False)
     assert result.ok and len(result.trials) == 4
+    assert all(r["epochs"] == 2 for r in result.trials)
     for name, text in before.items():
         assert (sweep / name / "result.json").read_text() == text, f"finished trial {name} ran again"
 
