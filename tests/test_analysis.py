@@ -27,15 +27,6 @@ from bvit.model import build_model
 from bvit.train import CHECKPOINT_NAME, evaluate, train
 from orchestrator.analysis_cmd import _trial_id_of, analyze_command, log_analysis, resolve_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: on 2 shared cores, 2 intra-op threads ran a train step 8x slower than 1 (spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 T, D = 3, 32
 CFG = TrialConfig.model_validate({"model": {"width": D, "steps": T, "heads": 2}})
 CPU = torch.device("cpu")

@@ -2,6 +2,8 @@
 import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -309,3 +311,13 @@ def test_malformed_specs_exit_2_with_a_field_path_message(fuzz_dir, case):
     text, where = case
     path = write(fuzz_dir, text)
     assert_invalid(invoke("validate", path), path, where)
+
+
+def test_cli_starts_without_torch_and_bvit_names_load_on_use():
+    """`bvit-sweep validate/plan/--help` must not pay for torch + timm (seconds on a small CPU)."""
+    code = ("import sys, orchestrator.cli, orchestrator.spec, bvit.config; "
+            "assert 'torch' not in sys.modules and 'timm' not in sys.modules, 'eager torch import'; "
+            "import bvit, timm; assert 'bvit_base_patch16_224' not in timm.list_models('bvit*'); "
+            "bvit.BViT; assert 'bvit_base_patch16_224' in timm.list_models('bvit*'); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.stdout.strip() == "ok", r.stderr[-2000:]

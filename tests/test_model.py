@@ -6,7 +6,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-import bvit  # noqa: F401  (registers bvit_* with timm)
+import bvit.model  # noqa: F401  (registers bvit_* with timm)
 from bvit.model import BViT, build_model, count_flops, count_params
 
 SMALL = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, num_heads=4)

@@ -20,15 +20,6 @@ from bvit.train import CHECKPOINT_NAME, train
 from bvit.transfer import digits_arrays, prepare_fashion_mnist_split, prepare_task
 from orchestrator.analysis_cmd import finetune_command
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: on 2 shared cores, 2 intra-op threads ran a train step 8x slower than 1 (spin contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 D, T, K, R, PATCHES = 32, 3, 5, 4, 49  # width, steps, downstream classes, LoRA rank, 7x7 patches of 4 px
 
 
