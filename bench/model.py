@@ -66,16 +66,21 @@ def _activation_bytes(model, x, y) -> int:
     return total
 
 
-def _step_time(model, x, y, iters: int) -> float:
+def _step_times(model, x, y, iters: int) -> tuple[float, float]:
+    """Median fwd+bwd seconds (plain, per-step checkpointing), the two interleaved iteration by iteration
+    so that a busy machine slows both alike; one warm-up iteration each."""
     model.train()
-    times = []
-    for _ in range(iters + 1):
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(2 * (iters + 1)):
+        ckpt = bool(i % 2)
+        model.set_grad_checkpointing(ckpt)
         t0 = time.perf_counter()
         F.cross_entropy(model(x), y).backward()
-        times.append(time.perf_counter() - t0)
+        if i >= 2:
+            times[ckpt].append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
-    times.sort()
-    return times[len(times) // 2]
+    model.set_grad_checkpointing(False)
+    return tuple(sorted(t)[len(t) // 2] for t in (times[False], times[True]))
 
 
 def _state_bytes(model) -> int:
@@ -113,11 +118,10 @@ def run(width: int = 128, steps: int = 4, heads: int = 8, batch: int = 128, thre
     out.append(f"| block parameters (the recurrent part) | {block_b:,} | {block_v:,} | {block_b / block_v:.4f} | "
                f"exactly 1/T = {1 / steps:.4f} |")
     peak_plain = _activation_bytes(bvit, x, y)
-    t_plain = _step_time(bvit, x, y, iters)
     bvit.set_grad_checkpointing(True)
     peak_ckpt = _activation_bytes(bvit, x, y)
-    t_ckpt = _step_time(bvit, x, y, iters)
     bvit.set_grad_checkpointing(False)
+    t_plain, t_ckpt = _step_times(bvit, x, y, iters)
     out.append(f"| bViT activation bytes kept for backward: checkpointing / plain | {peak_ckpt:,} | {peak_plain:,} | "
                f"{peak_ckpt / peak_plain:.3f} | <= 0.40 |")
     out.append(f"| bViT fwd+bwd seconds: checkpointing / plain | {t_ckpt:.4f} | {t_plain:.4f} | "

@@ -11,8 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
+__all__ = ["CHECKPOINT_NAME", "ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
 
+CHECKPOINT_NAME = "checkpoint.pt"  # what `bvit.train.train` writes into its checkpoint_dir each epoch
 FinetuneMethod = Literal["full", "linear", "bitfit", "lora-shared", "lora-step"]
 
 

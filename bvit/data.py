@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +174,12 @@ class Loaders:
     """Train and eval loaders over one prepared directory; see the module docstring for what they yield."""
 
     def __init__(self, *, meta: dict[str, Any], cfg: DataConfig, img_size: int, seed: int, device: torch.device,
-                 rank: int, world: int, train_loader: Any, eval_loader: Any, train_indices: np.ndarray):
+                 rank: int, world: int, train_loader: Any, eval_loader: Callable[[], Any], train_indices: np.ndarray):
         self.meta, self.cfg, self.img_size, self.seed = meta, cfg, img_size, seed
         self.device, self.rank, self.world = device, rank, world
-        self._train, self._eval, self._train_indices = train_loader, eval_loader, train_indices
+        # The eval loader is built on first use: compiling its pipeline costs seconds that would otherwise
+        # delay the first optimizer step.
+        self._train, self._make_eval, self._eval, self._train_indices = train_loader, eval_loader, None, train_indices
         self.steps_per_epoch = math.ceil(len(train_indices) / world) // cfg.batch_size
         self.eval_steps = math.ceil(meta["test_count"] / cfg.eval_batch_size)
         self.train_items = self.steps_per_epoch * cfg.batch_size  # per rank and epoch, after drop-last
@@ -198,6 +200,9 @@ class Loaders:
     def eval(self) -> _Batches:
         """Every test image once, in file order, centre-cropped and normalised; labels (B,) int64."""
         order = np.arange(self.meta["test_count"], dtype=np.uint64)
+        if self._eval is None:
+            with keep_torch_threads():
+                self._eval = self._make_eval()
         batches = self._eval.start(order, batch_size=self.cfg.eval_batch_size, drop_last=False)
         return _Batches(self._eval_batches(batches), self.eval_steps)
 
@@ -285,8 +290,8 @@ def _make_loaders(cfg: DataConfig, *, img_size: int, seed: int, device: torch.de
     common = dict(num_workers=min(cfg.num_workers, numba.config.NUMBA_NUM_THREADS), kind=meta["kind"], device=device)
     train_loader = _loader(*_file_id(cfg.path, "train"), crop_ratio=1.0,
                            decode_size=round(img_size / EVAL_CROP_RATIO) if rrc else img_size, **common)
-    eval_loader = _loader(*_file_id(cfg.path, "test"), decode_size=img_size,
-                          crop_ratio=EVAL_CROP_RATIO if rrc else 1.0, **common)
+    eval_loader = functools.partial(_loader, *_file_id(cfg.path, "test"), decode_size=img_size,
+                                    crop_ratio=EVAL_CROP_RATIO if rrc else 1.0, **common)
     return Loaders(meta=meta, cfg=cfg, img_size=img_size, seed=seed, device=device, rank=rank, world=world,
                    train_loader=train_loader, eval_loader=eval_loader, train_indices=indices)
 

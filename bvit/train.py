@@ -33,13 +33,12 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
-from bvit.config import TrialConfig
+from bvit.config import CHECKPOINT_NAME, TrialConfig
 from bvit.data import load_metadata, make_loaders
 from bvit.model import build_model, count_flops, count_params
 
 __all__ = ["train", "TrainingError", "build_optimizer", "train_step", "evaluate", "CHECKPOINT_NAME"]
 
-CHECKPOINT_NAME = "checkpoint.pt"
 Report = Callable[[dict[str, Any]], None]
 
 

@@ -22,8 +22,10 @@ from typing import Any
 import ray
 from ray import tune
 
-from bvit.config import TrialConfig
-from bvit.train import CHECKPOINT_NAME, train
+from bvit.config import CHECKPOINT_NAME, TrialConfig
+
+# bvit.train (torch, timm, FFCV) is imported inside the trial processes only: the launching process
+# starts Ray seconds sooner.
 
 __all__ = ["run_trial", "FaultInjected"]
 
@@ -65,6 +67,8 @@ def _restore_into(local_dir: Path, checkpoint) -> int:
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable for one trial (single process, or data-parallel when workers > 1)."""
+    from bvit.train import train
+
     config = config["run"]  # the launcher's grid: one entry per trial
     cfg = TrialConfig.model_validate(config["trial"])
     if int(config.get("workers", 1)) > 1:
@@ -90,6 +94,8 @@ def run_trial(config: dict[str, Any]) -> None:
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: one rank of a data-parallel trial (torch.distributed is set up by TorchTrainer)."""
     import ray.train
+
+    from bvit.train import train
 
     cfg = TrialConfig.model_validate(loop_config["trial"])
     rank = ray.train.get_context().get_world_rank()
