@@ -24,27 +24,28 @@ def _models(width: int, steps: int, heads: int):
     return build_model(arch="bvit", **kw), build_model(arch="vit", **kw)
 
 
-def _rate(model, x, y, *, train: bool, precision: str, iters: int) -> float:
-    """Images/s, median of `iters` timed iterations after 2 warm-up ones."""
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else torch.no_grad
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train(train)
-    times = []
+def _rates(models, x, y, *, train: bool, precision: str, iters: int) -> list[float]:
+    """Images/s of each model, median of `iters` timed iterations after 2 warm-up ones; the models take
+    turns iteration by iteration, so that a busy machine slows them alike and the ratio stays fair."""
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
+    times: list[list[float]] = [[] for _ in models]
     for i in range(iters + 2):
-        t0 = time.perf_counter()
-        if train:
+        for model, opt, t in zip(models, opts, times, strict=True):
+            model.train(train)
+            t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = F.cross_entropy(model(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        else:
-            with torch.no_grad(), (ctx() if precision == "bf16" else torch.autocast("cpu", enabled=False)):
-                model(x)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return x.shape[0] / times[len(times) // 2]
+                if train:
+                    loss = F.cross_entropy(model(x).float(), y)
+                else:
+                    with torch.no_grad():
+                        model(x)
+            if train:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if i >= 2:
+                t.append(time.perf_counter() - t0)
+    return [x.shape[0] / sorted(t)[len(t) // 2] for t in times]
 
 
 def _activation_bytes(model, x, y) -> int:
@@ -104,8 +105,7 @@ def run(width: int = 128, steps: int = 4, heads: int = 8, batch: int = 128, thre
            "| measure | bViT | ViT | bViT/ViT | goal |", "|---|---|---|---|---|"]
     for precision in ("fp32", "bf16"):
         for train in (True, False):
-            rb = _rate(bvit, x, y, train=train, precision=precision, iters=iters)
-            rv = _rate(vit, x, y, train=train, precision=precision, iters=iters)
+            rb, rv = _rates([bvit, vit], x, y, train=train, precision=precision, iters=iters)
             goal = ">= 1.00" if train else ""
             out.append(f"| {'train' if train else 'inference'} img/s, {precision} | {rb:,.0f} | {rv:,.0f} | "
                        f"{rb / rv:.3f} | {goal} |")
