@@ -26,13 +26,13 @@ import torch
 import torch.nn as nn
 
 from bvit.analysis import build_from_config, load_trained
-from bvit.config import DataConfig, FinetuneConfig, OptimConfig, TrialConfig
+from bvit.config import DataConfig, OptimConfig, TrialConfig
 from bvit.data import load_metadata, make_loaders
 from bvit.model import count_flops, count_params
 from bvit.peft import METHODS, Method, apply_peft, lora_modules, merge_lora
 from bvit.train import TrainingError, build_optimizer, evaluate, train_step
 
-__all__ = ["FinetuneConfig", "finetune", "finetune_trial", "finetune_model", "load_finetuned", "FINETUNED_NAME"]
+__all__ = ["finetune", "finetune_trial", "finetune_model", "load_finetuned", "FINETUNED_NAME"]
 
 FINETUNED_NAME = "finetuned.pt"
 Report = Callable[[dict[str, Any]], None]
@@ -159,17 +159,16 @@ def finetune(
     return result
 
 
-def finetune_trial(cfg: TrialConfig, ft: FinetuneConfig | None = None, *,
-                   report: Report | None = None) -> dict[str, Any]:
-    """One sweep trial: fine-tune `ft.checkpoint` (default: `cfg.finetune`) by its method on `cfg.data`,
-    with `cfg.optim`, `cfg.seed` and `cfg.precision`.
+def finetune_trial(cfg: TrialConfig, *, report: Report | None = None) -> dict[str, Any]:
+    """One sweep trial: fine-tune `cfg.finetune.checkpoint` by its method on `cfg.data`, with `cfg.optim`,
+    `cfg.seed` and `cfg.precision`.
 
     The architecture comes from the checkpoint (the trial's `model` section is not used). A fine-tuning
     trial writes no checkpoint: it is short, and a retried one starts again from the pretrained weights.
     """
-    ft = ft or cfg.finetune
+    ft = cfg.finetune
     if ft is None:
-        raise ValueError("finetune_trial needs a FinetuneConfig: set the trial's `finetune` section")
+        raise ValueError("finetune_trial needs the trial's `finetune` section (checkpoint, method, ...)")
     model, pretrained = load_trained(ft.checkpoint)
     run_cfg = pretrained.model_copy(update={"data": cfg.data, "optim": cfg.optim, "seed": cfg.seed,
                                             "precision": cfg.precision, "compile": False})

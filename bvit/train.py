@@ -192,12 +192,12 @@ def train(
     A trial with a `finetune` section fine-tunes its pretrained checkpoint instead (`bvit.finetune`,
     one process, no checkpoint written).
     """
+    rank, world = _dist_info()
     if cfg.finetune is not None:
-        if _dist_info()[1] > 1:
+        if world > 1:
             raise TrainingError("fine-tuning trials run in one process; set resources.workers: 1")
         from bvit.finetune import finetune_trial  # bvit.finetune builds on this module
         return finetune_trial(cfg, report=report)
-    rank, world = _dist_info()
     device = _device()
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from bvit.config import TrialConfig
+from bvit.config import ModelConfig, TrialConfig
 from orchestrator.errors import UserError
 from orchestrator.progress import ProgressTable
 from orchestrator.results import best_checkpoint, collect_trials, finalize, git_sha, write_results
@@ -84,46 +84,47 @@ def _best_of_sweep(sweep_dir: Path) -> Path:
 
 
 def resolve_pretrained(trials: list[TrialConfig], data_paths: dict[str, str], *, cwd: Path,
-                       source: str) -> dict[str, tuple[str, dict[str, Any]]]:
-    """For fine-tuning trials: {spec checkpoint path -> (absolute checkpoint.pt, its model section)}.
+                       source: str) -> dict[tuple[str, str], tuple[str, ModelConfig]]:
+    """For fine-tuning trials: {(spec checkpoint, spec data path) -> (absolute checkpoint.pt, the model the
+    trial runs: the checkpoint's, with a head for the data's classes)}.
 
     `finetune.checkpoint` names a checkpoint.pt, a directory holding one (`bvit-sweep train --checkpoint-dir`),
     or a sweep directory (`<storage>/<name>`): then the last checkpoint of its best finished trial.
 
     Checks, before any trial starts, that each checkpoint exists and that the data it is fine-tuned on has
-    the image size and channels it was pretrained at.
+    the image size and channels it was pretrained at. Each checkpoint and data set is read once.
     """
     from bvit.analysis import checkpoint_config
     from bvit.datasets import load_metadata
 
-    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    checkpoints: dict[str, tuple[Path, ModelConfig] | None] = {}
+    out: dict[tuple[str, str], tuple[str, ModelConfig]] = {}
     problems: list[str] = []
-    for cfg in trials:
-        ft = cfg.finetune
-        if ft is None:
-            continue
-        if ft.checkpoint not in out:
-            path = Path(ft.checkpoint) if Path(ft.checkpoint).is_absolute() else cwd / ft.checkpoint
+    for ckpt, data in sorted({(t.finetune.checkpoint, t.data.path) for t in trials if t.finetune is not None}):
+        if ckpt not in checkpoints:
+            path = Path(ckpt) if Path(ckpt).is_absolute() else cwd / ckpt
             try:
                 path = _best_of_sweep(path) if (path / SNAPSHOT).exists() else path
                 file, pretrained = checkpoint_config(path)
+                checkpoints[ckpt] = (file.resolve(), pretrained.model)
             except (FileNotFoundError, ValueError) as e:
+                checkpoints[ckpt] = None
                 problems.append(f"{source}: finetune.checkpoint: {e}; pretrain one first: "
                                 "`bvit-sweep launch SPEC` (then finetune.checkpoint: <storage>/<name>, the sweep's "
                                 "best trial) or `bvit-sweep train SPEC --checkpoint-dir DIR` (then DIR)")
-                out[ft.checkpoint] = ("", {})
-                continue
-            out[ft.checkpoint] = (str(file.resolve()), pretrained.model.model_dump(mode="json"))
-        file, model = out[ft.checkpoint]
-        if not file:
+        if checkpoints[ckpt] is None:
             continue
-        c, h, w = load_metadata(data_paths[cfg.data.path])["image_shape"]
-        if (c, h, w) != (model["in_chans"], model["img_size"], model["img_size"]):
-            problems.append(f"{source}: data.path {cfg.data.path} holds {c}x{h}x{w} images but "
-                            f"{ft.checkpoint} was pretrained on {model['in_chans']}x{model['img_size']}x"
-                            f"{model['img_size']}; fine-tune on data prepared at that size")
+        file, model = checkpoints[ckpt]
+        meta = load_metadata(data_paths[data])
+        if tuple(meta["image_shape"]) != (model.in_chans, model.img_size, model.img_size):
+            c, h, w = meta["image_shape"]
+            problems.append(f"{source}: data.path {data} holds {c}x{h}x{w} images but {ckpt} was pretrained on "
+                            f"{model.in_chans}x{model.img_size}x{model.img_size}; fine-tune on data prepared at "
+                            "that size")
+            continue
+        out[(ckpt, data)] = (str(file), model.model_copy(update={"num_classes": meta["num_classes"]}))
     if problems:
-        raise UserError(list(dict.fromkeys(problems)))
+        raise UserError(problems)
     return out
 
 
@@ -139,21 +140,17 @@ def _connect(address: str | None, spec: SweepSpec) -> str:
 
 
 def _resolved(cfg: TrialConfig, data_paths: dict[str, str],
-              pretrained: dict[str, tuple[str, dict[str, Any]]]) -> TrialConfig:
+              pretrained: dict[tuple[str, str], tuple[str, ModelConfig]]) -> TrialConfig:
     """What the trial runs: absolute paths; a fine-tuning trial's model is its checkpoint's (new head)."""
     update: dict[str, Any] = {"data": cfg.data.model_copy(update={"path": data_paths[cfg.data.path]})}
     if cfg.finetune is not None:
-        from bvit.datasets import load_metadata
-
-        file, model = pretrained[cfg.finetune.checkpoint]
-        classes = load_metadata(data_paths[cfg.data.path])["num_classes"]
+        file, update["model"] = pretrained[(cfg.finetune.checkpoint, cfg.data.path)]
         update["finetune"] = cfg.finetune.model_copy(update={"checkpoint": file})
-        update["model"] = type(cfg.model).model_validate({**model, "num_classes": classes})
     return cfg.model_copy(update=update)
 
 
 def _runs(spec: SweepSpec, trials: list[TrialConfig], data_paths: dict[str, str], sweep_dir: Path,
-          fault: dict | None, pretrained: dict[str, tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+          fault: dict | None, pretrained: dict[tuple[str, str], tuple[str, ModelConfig]]) -> list[dict[str, Any]]:
     r = spec.resources
     runs = []
     for cfg in trials:

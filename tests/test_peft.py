@@ -10,10 +10,10 @@ from pydantic import ValidationError
 from timm.models.vision_transformer import Block
 from typer.testing import CliRunner
 
-from bvit.config import DataConfig, TrialConfig
+from bvit.config import DataConfig, FinetuneConfig, TrialConfig
 from bvit.data import make_loaders
 from bvit.datasets import DEBIAN_FASHION_MNIST, DataError, load_metadata, read_idx
-from bvit.finetune import FinetuneConfig, finetune, finetune_trial, load_finetuned
+from bvit.finetune import finetune, finetune_trial, load_finetuned
 from bvit.model import BViT, build_model, count_params
 from bvit.peft import METHODS, LoRALinear, StepBlocks, StepIndexedBViT, apply_peft, lora_modules, merge_lora
 from bvit.train import CHECKPOINT_NAME, train
