@@ -38,6 +38,7 @@ import torch.nn as nn
 from pydantic import ValidationError
 from timm.layers import Attention
 
+from bvit.checkpoint import read_checkpoint
 from bvit.config import ModelConfig, TrialConfig
 from bvit.model import BViT, build_model
 from bvit.train import CHECKPOINT_NAME, evaluate
@@ -63,10 +64,7 @@ def _read_checkpoint(checkpoint: str | Path, map_location: str | torch.device) -
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint; pass a trial's {CHECKPOINT_NAME} or its directory")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    ckpt = read_checkpoint(path, map_location=map_location)  # data only: a hostile pickle is refused
     missing = [k for k in ("model", "config") if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise ValueError(f"{path}: not a bvit-sweep training checkpoint (no {' or '.join(repr(k) for k in missing)})")

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from bvit.analysis import build_from_config, load_trained
+from bvit.checkpoint import read_checkpoint
 from bvit.config import DataConfig, OptimConfig, TrialConfig
 from bvit.data import load_metadata, make_loaders
 from bvit.model import count_flops, count_params
@@ -183,7 +184,7 @@ def load_finetuned(path: str | Path, *, merge: bool = False) -> tuple[nn.Module,
         path = path / FINETUNED_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no fine-tuned checkpoint; `finetune(out=DIR)` writes DIR/{FINETUNED_NAME}")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = read_checkpoint(path)
     if not isinstance(saved, dict) or "peft" not in saved:
         raise ValueError(f"{path}: not written by bvit.finetune (no 'peft' record)")
     cfg = TrialConfig.model_validate(saved["config"])

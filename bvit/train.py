@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
+from bvit.checkpoint import CheckpointError, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bvit.config import CHECKPOINT_NAME, TrialConfig
 from bvit.data import load_metadata, make_loaders
 from bvit.model import build_model, count_flops, count_params
@@ -50,21 +51,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _dist_info() -> tuple[int, int]:
@@ -141,26 +127,18 @@ def evaluate(model: nn.Module, loader, *, cfg: TrialConfig, device: torch.device
     return {"test_top1": 100.0 * correct1 / n, "test_top5": 100.0 * correct5 / n, "test_loss": loss_sum / n}
 
 
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic: write a temp file in the same directory, fsync, then rename over the old checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(checkpoint_dir: Path | str) -> dict[str, Any] | None:
-    """The checkpoint in `checkpoint_dir`, or None when there is none."""
+    """The checkpoint in `checkpoint_dir` (read as data only), or None when there is none."""
     path = Path(checkpoint_dir) / CHECKPOINT_NAME
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file must not be trained over silently
-        raise TrainingError(f"{path}: cannot read checkpoint ({e}); delete it to start this trial afresh") from e
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:  # a truncated, foreign or hostile file must not be trained over silently
+        raise CheckpointError(f"{e}; delete it to start this trial afresh") from None
+    if not isinstance(ckpt, dict) or not {"model", "optimizer", "config", "epoch"} <= ckpt.keys():
+        raise CheckpointError(f"{path}: not a bvit-sweep training checkpoint; delete it to start this trial afresh")
+    return ckpt
 
 
 def _check_resumable(ckpt: dict[str, Any], cfg: TrialConfig, path: Path) -> None:
@@ -234,7 +212,7 @@ def train(
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"], device)
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
         best = max((r["test_top1"] for r in history), default=-math.inf)
 
@@ -281,9 +259,9 @@ def train(
         }
         history.append(record)
         if ckpt_path is not None and rank == 0:
-            _save_checkpoint(ckpt_path, {
+            save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch,
+                "scheduler": scheduler.state_dict(), "rng": rng_state(device), "epoch": epoch,
                 "history": history, "config": cfg.model_dump(mode="json"),
             })
         if world > 1:

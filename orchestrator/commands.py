@@ -169,6 +169,7 @@ def train(
         json_out: JsonOut = False,
 ) -> None:
     """Train one trial without Ray (base config + overrides), with a progress bar."""
+    from bvit.checkpoint import CheckpointError
     from bvit.datasets import DataError
     from bvit.train import TrainingError, history_json
     from bvit.train import train as run
@@ -188,6 +189,8 @@ def train(
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     try:
         result = run(cfg, report=report, checkpoint_dir=checkpoint_dir, progress=not json_out)
+    except CheckpointError as e:  # bad input: a damaged, foreign or hostile checkpoint file
+        raise UserError([str(e)]) from None
     except (DataError, TrainingError) as e:
         raise UserError([str(e)], code=1) from None
     except (FileNotFoundError, ValueError) as e:  # an unreadable finetune.checkpoint

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bvit.checkpoint import CheckpointError
 from bvit.config import TrialConfig
 from bvit.model import build_model, count_flops, count_params
 from bvit.train import CHECKPOINT_NAME, TrainingError, build_optimizer, train, train_step
@@ -98,7 +99,7 @@ def test_checkpoint_from_another_config_is_refused(fmnist_dir, tmp_path):
 
 def test_truncated_checkpoint_is_a_clear_error(fmnist_dir, tmp_path):
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(TrainingError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint.*delete it to start this trial afresh"):
         train(tiny(fmnist_dir, **{"optim.epochs": 1}), checkpoint_dir=tmp_path)
 
 
