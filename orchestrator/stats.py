@@ -1,0 +1,122 @@
+"""Uncertainty for every number a sweep compares: cell means, bViT-ViT gaps, recovered fractions, the width slope.
+
+    cell = describe([61.2, 59.8, 60.4])                  # mean, sd, n, 95 % Student-t interval
+    cmp = compare(bvit=[...], vit=[...])                 # gap (ViT - bViT), recovered fraction, Welch test
+    slope = width_slope(cells)                           # recovered fraction vs log2(width), with its CI
+
+Definitions (95 % by default; seeds are the replicates, each trial one observation):
+  * cell: mean, sample sd, n and the Student-t interval mean +- t(n-1) sd / sqrt(n).
+  * gap: mean(ViT) - mean(bViT) in points, Welch's unequal-variance t interval and two-sided p-value
+    (scipy.stats.ttest_ind(equal_var=False)).
+  * recovered fraction: mean(bViT) / mean(ViT). Its interval is built on the log scale, where the ratio
+    of two independent means is a difference: var(log R) ~ sd_b^2/(n_b m_b^2) + sd_v^2/(n_v m_v^2) (delta
+    method), with Welch-Satterthwaite degrees of freedom; exp() brings it back, so it stays positive.
+  * width slope: least squares of each cell's recovered fraction on log2(width), with one intercept
+    per step count (step counts compared within themselves), Student-t interval on the slope.
+A difference whose interval includes 0 (a ratio whose interval includes 1) is "inconclusive" -- said in
+words in every table, plot and README that shows it.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import stats as st
+
+__all__ = ["LEVEL", "MIN_SEEDS", "describe", "compare", "width_slope", "verdict"]
+
+LEVEL = 0.95
+MIN_SEEDS = 3  # below this a comparison's interval is too wide to mean much (plan warns)
+
+
+def _clean(values: Sequence[float]) -> np.ndarray:
+    x = np.asarray([v for v in values if v is not None and not math.isnan(float(v))], dtype=np.float64)
+    return x
+
+
+def describe(values: Sequence[float], *, level: float = LEVEL) -> dict[str, Any]:
+    """mean, sd, n and the Student-t interval of the mean (None where n < 2 leaves it undefined)."""
+    x = _clean(values)
+    n = int(x.size)
+    if n == 0:
+        return {"mean": None, "sd": None, "n": 0, "ci_low": None, "ci_high": None}
+    mean = float(x.mean())
+    if n < 2:
+        return {"mean": mean, "sd": None, "n": 1, "ci_low": None, "ci_high": None}
+    sd = float(x.std(ddof=1))
+    half = float(st.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    return {"mean": mean, "sd": sd, "n": n, "ci_low": mean - half, "ci_high": mean + half}
+
+
+def verdict(low: float | None, high: float | None, *, null: float = 0.0, above: str, below: str) -> str:
+    """`above` / `below` when the interval excludes `null` on that side, else 'inconclusive'."""
+    if low is None or high is None:
+        return "inconclusive (too few seeds for an interval)"
+    if low > null:
+        return above
+    if high < null:
+        return below
+    return f"inconclusive (interval includes {null:g})"
+
+
+def compare(*, bvit: Sequence[float], vit: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
+    """The bViT-vs-ViT comparison of one (width, steps) cell: gap and recovered fraction with intervals."""
+    b, v = _clean(bvit), _clean(vit)
+    out: dict[str, Any] = {"n_bvit": int(b.size), "n_vit": int(v.size), "gap": None, "gap_ci_low": None,
+                           "gap_ci_high": None, "welch_p": None, "recovered": None, "recovered_ci_low": None,
+                           "recovered_ci_high": None}
+    if b.size == 0 or v.size == 0:
+        out["verdict"] = "inconclusive (an arm has no finished trial)"
+        return out
+    mb, mv = float(b.mean()), float(v.mean())
+    out["gap"] = mv - mb
+    out["recovered"] = mb / mv if mv else None
+    if b.size >= 2 and v.size >= 2 and (b.std(ddof=1) > 0 or v.std(ddof=1) > 0):
+        res = st.ttest_ind(v, b, equal_var=False)
+        ci = res.confidence_interval(level)
+        out.update(gap_ci_low=float(ci.low), gap_ci_high=float(ci.high), welch_p=float(res.pvalue))
+        if mb > 0 and mv > 0:
+            a_b = b.var(ddof=1) / (b.size * mb * mb)
+            a_v = v.var(ddof=1) / (v.size * mv * mv)
+            df = (a_b + a_v) ** 2 / (a_b ** 2 / (b.size - 1) + a_v ** 2 / (v.size - 1))
+            half = float(st.t.ppf(0.5 + level / 2, df)) * math.sqrt(a_b + a_v)
+            log_r = math.log(mb / mv)
+            out.update(recovered_ci_low=math.exp(log_r - half), recovered_ci_high=math.exp(log_r + half))
+    elif b.size >= 2 and v.size >= 2:  # no spread at all: the difference is exact
+        out.update(gap_ci_low=out["gap"], gap_ci_high=out["gap"], welch_p=0.0 if out["gap"] else 1.0,
+                   recovered_ci_low=out["recovered"], recovered_ci_high=out["recovered"])
+    out["verdict"] = verdict(out["gap_ci_low"], out["gap_ci_high"], above="ViT ahead", below="bViT ahead")
+    return out
+
+
+def width_slope(cells: Sequence[dict[str, Any]], *, level: float = LEVEL) -> dict[str, Any]:
+    """Slope of the recovered fraction per doubling of width, one intercept per step count.
+
+    `cells`: dicts with `width`, `steps`, `recovered` (cells without a recovered fraction are left out).
+    The paper's claim (wider bViTs recover more) is a positive slope.
+    """
+    rows = [(float(c["width"]), int(c["steps"]), float(c["recovered"])) for c in cells
+            if c.get("recovered") is not None and not math.isnan(float(c["recovered"]))]
+    steps = sorted({s for _, s, _ in rows})
+    widths = sorted({w for w, _, _ in rows})
+    out: dict[str, Any] = {"slope": None, "ci_low": None, "ci_high": None, "df": 0, "cells": len(rows),
+                           "widths": [int(w) for w in widths], "steps": steps}
+    if len(widths) < 2:
+        out["verdict"] = "inconclusive (fewer than two widths)"
+        return out
+    x = np.array([[math.log2(w)] + [1.0 if s == k else 0.0 for k in steps] for w, s, _ in rows])  # (cells, 1+S)
+    y = np.array([r for _, _, r in rows])
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    df = len(rows) - x.shape[1]
+    out.update(slope=float(coef[0]), df=df)
+    if df >= 1:
+        resid = y - x @ coef
+        sigma2 = float(resid @ resid) / df
+        se = math.sqrt(sigma2 * float(np.linalg.inv(x.T @ x)[0, 0]))
+        half = float(st.t.ppf(0.5 + level / 2, df)) * se
+        out.update(ci_low=out["slope"] - half, ci_high=out["slope"] + half)
+    out["verdict"] = verdict(out["ci_low"], out["ci_high"], above="supported: wider bViTs recover more",
+                             below="contradicted: wider bViTs recover less")
+    return out
