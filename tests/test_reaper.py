@@ -1,0 +1,115 @@
+"""Nothing the launcher starts outlives it: a SIGKILLed launcher's Ray processes are cleaned up; the sweep lock."""
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from orchestrator.errors import UserError
+from orchestrator.lock import lock_path, sweep_lock
+
+LAUNCHER = textwrap.dedent("""
+    import subprocess, sys, time
+    import ray
+    from orchestrator.reaper import Reaper
+    reaper = Reaper.start()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+    print("ready", flush=True)
+    if sys.argv[1] == "clean":
+        ray.shutdown()
+        reaper.stop()
+        print("stopped", flush=True)
+    time.sleep(600)
+""")
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[str]:
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    out = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.name()}")
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_sigkilled_launcher_leaves_no_ray_process_behind(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "kill"], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(3)  # the raylet's agents start a moment after ray.init returns
+        started = _descendants(proc.pid)
+        names = {p.name() for p in started}
+        assert any("Agent" in n for n in names), names  # what used to outlive the launcher
+        watchers = [p for p in started if "orchestrator.reaper" in " ".join(p.cmdline())]
+        assert len(watchers) == 1
+        ray_procs = [p for p in started if p not in watchers]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert _wait_gone(ray_procs, timeout=20) == []
+    assert _wait_gone(watchers, timeout=10) == []
+
+
+def test_a_clean_stop_kills_nothing():
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "clean"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert proc.stdout.readline().strip() == "stopped"
+        assert not any("orchestrator.reaper" in " ".join(p.cmdline()) for p in _descendants(proc.pid))
+        assert proc.poll() is None  # the launcher itself carries on
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _hold(path: str, ready, release) -> None:
+    from pathlib import Path
+
+    with sweep_lock(Path(path)):
+        ready.set()
+        release.wait(30)
+
+
+def test_a_second_launcher_of_the_same_sweep_is_refused_until_the_first_ends(tmp_path):
+    sweep = tmp_path / "runs" / "width"
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(sweep), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(UserError) as e, sweep_lock(sweep):
+            pass
+        assert e.value.code == 2
+        assert e.value.lines[0].startswith(f"{sweep}: another launcher is running this sweep (pid {holder.pid} on ")
+    finally:
+        release.set()
+        holder.join(30)
+    with sweep_lock(sweep):  # released when its holder ended
+        assert lock_path(sweep).exists()
+
+
+def test_the_lock_is_released_when_its_holder_is_sigkilled(tmp_path):
+    sweep = tmp_path / "runs" / "s"
+    ctx = multiprocessing.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold, args=(str(sweep), ready, release))
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
+    with sweep_lock(sweep):
+        pass
