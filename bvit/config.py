@@ -18,7 +18,7 @@ FinetuneMethod = Literal["full", "linear", "bitfit", "lora-shared", "lora-step"]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # lr: .inf is not a number to train with
 
 
 class ModelConfig(_Frozen):

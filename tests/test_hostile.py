@@ -124,3 +124,12 @@ def test_checkpoints_the_project_writes_are_pure_data(tmp_path):
     set_rng_state(loaded["rng"])
     again = (torch.rand(3), __import__("numpy").random.rand(3).tolist(), __import__("random").random())
     assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_a_learning_rate_that_is_not_a_finite_number_is_refused(tmp_path, value):
+    spec = tmp_path / "lr.yaml"
+    spec.write_text(f"name: lr\nbase:\n  optim:\n    lr: {value}\n")
+    r = CliRunner().invoke(app, ["validate", str(spec)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "optim.lr: Input should be a finite number" in r.output, r.output
