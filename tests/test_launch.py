@@ -14,15 +14,10 @@ import ray
 import yaml
 from _sweep_helpers import write_spec
 
+from bvit.checkpoint import read_checkpoint
 from orchestrator.errors import UserError
 from orchestrator.launch import launch
 from orchestrator.results import collect_trials
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, ray_local):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -43,6 +38,9 @@ def test_sweep_completes_with_trials_csv_and_mlflow_runs(workdir, fmnist_dir):
         assert r["epochs"] == "2" and float(r["best_test_top1"]) > 10 and int(r["params"]) > 0 and r["node"]
     assert (workdir / "results" / "tiny" / "frontier.csv").exists()
     run = json.loads((workdir / "results" / "tiny" / "run.json").read_text())
+    # one trial id everywhere: the results table (Ray's trial name) and each trial's own checkpoint
+    saved = {read_checkpoint(p)["trial_id"] for p in (workdir / "runs" / "tiny").glob("*/checkpoint_*/checkpoint.pt")}
+    assert saved == {r["trial_id"] for r in rows}
     assert run["command"] == f"bvit-sweep launch {spec}" and run["terminated"] == 2
 
     client = MlflowClient(f"sqlite:///{workdir / 'results' / 'tiny' / 'mlflow' / 'mlflow.db'}")
@@ -101,8 +99,8 @@ def test_changed_spec_is_refused_on_resume_unless_forced(workdir, fmnist_dir):
 
 
 def test_finetune_method_is_a_sweep_axis_over_a_pretraining_sweeps_best_trial(workdir, fmnist_dir):
-    from bvit.analysis import load_trained
-    from bvit.model import count_params
+    from bvit.checkpoint import load_trained
+    from bvit.models.factory import count_params
     from bvit.peft import apply_peft
 
     pre = write_spec(workdir / "pre.yaml", fmnist_dir, name="pre", epochs=1, axes={"model.arch": ["bvit"]})
