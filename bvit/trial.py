@@ -41,7 +41,16 @@ from bvit.checkpoint import (
 from bvit.config import CHECKPOINT_NAME, FINETUNED_NAME, DataConfig, FinetuneConfig, OptimConfig, TrialConfig
 from bvit.data.format import load_metadata
 from bvit.data.loaders import make_loaders
-from bvit.engine import Report, TrainingError, build_optimizer, default_device, dist_info, evaluate, fit, seed_everything
+from bvit.engine import (
+    Report,
+    TrainingError,
+    build_optimizer,
+    default_device,
+    dist_info,
+    evaluate,
+    fit,
+    seed_everything,
+)
 from bvit.models.factory import build_from_config, count_flops, count_params
 from bvit.peft import METHODS, Method, apply_peft, merge_lora
 

@@ -228,7 +228,8 @@ def test_analyze_command_on_a_trained_checkpoint(trained, tmp_path, monkeypatch)
     assert {p.name for p in out.glob("*.png")} == {"anytime.png", "attention.png", "cka.png", "step_skip.png",
                                                    "states.png"}
     assert [p["steps"] for p in result["anytime"]] == [1, 2, 3, 4, 5]
-    assert result["anytime"][T - 1]["test_top1"] == result["full"]["test_top1"] > 10.0  # above chance (10 %)
+    assert result["anytime"][T - 1]["test_top1"] == result["full"]["test_top1"]
+    assert result["full"]["test_top1"] > 15.0  # learned: chance on 500 images stays under 12.7 % (95 %)
     assert "not logged to MLflow" in r.stderr
 
 

@@ -18,7 +18,7 @@ from bvit.data.format import DataError, load_metadata
 from bvit.data.loaders import make_loaders
 from bvit.models.factory import count_params
 from bvit.peft import METHODS, LoRALinear, StepBlocks, StepIndexedBViT, apply_peft, lora_modules, merge_lora
-from bvit.trial import finetune, run_trial
+from bvit.trial import finetune, finetune_config, run_trial
 from orchestrator.analysis_cmd import finetune_command
 
 D, T, K, R, PATCHES = 32, 3, 5, 4, 49  # width, steps, downstream classes, LoRA rank, 7x7 patches of 4 px
@@ -271,6 +271,17 @@ def test_finetune_config_is_a_validated_sweep_section(tiny, pretrained, digits_d
     assert result["trainable_params"] == expected and result["trial_id"] == cfg.trial_id()
     assert result["params"] == count_params(apply_peft(tiny(), method="lora-step", num_classes=10, rank=2))
     assert run_trial(cfg)["test_top1"] == result["test_top1"]  # deterministic by seed
+
+
+def test_finetune_command_and_a_finetune_trial_have_one_source_of_defaults(pretrained, digits_dir):
+    import inspect
+
+    as_trial = TrialConfig.model_validate({"finetune": {"checkpoint": str(pretrained), "method": "lora-step"},
+                                           "data": {"path": str(digits_dir)}})
+    assert finetune_config(checkpoint=pretrained, method="lora-step", data=digits_dir) == as_trial
+    options = inspect.signature(finetune_command).parameters
+    assert {n: options[n].default for n in ("rank", "alpha", "epochs", "lr", "weight_decay", "batch_size")} == dict.fromkeys(
+        ("rank", "alpha", "epochs", "lr", "weight_decay", "batch_size"))  # unset: the trial config's defaults
 
 
 def test_train_command_fine_tunes_with_set_and_explains_a_missing_checkpoint(tiny, pretrained, digits_dir, tmp_path):

@@ -89,7 +89,7 @@ def test_trial_id_is_stored_in_the_checkpoint_and_returned(fmnist_dir, tmp_path)
 
 def test_bf16_autocast_runs_on_cpu_and_vit_arm_trains(fmnist_dir):
     r = run_trial(tiny_cfg(fmnist_dir, **{"optim.epochs": 1, "model.arch": "vit"}).model_copy(update={"precision": "bf16"}))
-    assert math.isfinite(r["train_loss"]) and r["test_top1"] > 10.0
+    assert math.isfinite(r["train_loss"]) and r["test_top1"] > 15.0  # learned: chance on 10,000 test images stays under 10.6 % (95 %); seen 17-21 %
 
 
 def test_diverging_loss_stops_with_epoch_and_step(fmnist_dir):
