@@ -169,7 +169,7 @@ def test_analyze_bvit_and_vit_json_and_plots(tiny, tmp_path):
     assert len(results["bvit"]["anytime"]) == T + 2 and len(results["vit"]["anytime"]) == T
     assert len(results["vit"]["step_skip"]) == T and len(results["vit"]["attention_entropy"]) == T
     paths = plot_analyses(results, out=tmp_path)
-    assert sorted(p.name for p in paths) == ["anytime.png", "attention.png", "cka.png", "step_skip.png", "states.png"]
+    assert sorted(p.name for p in paths) == ["anytime.png", "attention.png", "cka.png", "states.png", "step_skip.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
 
