@@ -168,7 +168,7 @@ def digits_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(tiny, tmp_path_factory):
-    """A (randomly initialised) bViT checkpoint in train.py's format, standing in for a pretrained one."""
+    """A (randomly initialised) bViT checkpoint in a training checkpoint's format (bvit.checkpoint), standing in for a pretrained one."""
     cfg = TrialConfig.model_validate({"model": {"width": D, "steps": T, "heads": 2}, "data": {"num_workers": 1}})
     out = tmp_path_factory.mktemp("pretrained")
     save_checkpoint(out / CHECKPOINT_NAME, {"model": tiny().state_dict(), "config": cfg.model_dump(mode="json")})
