@@ -318,7 +318,7 @@ def test_transfer_from_fashion_mnist_a_to_b_every_method(tmp_path):
     pre = run_trial(cfg, checkpoint_dir=tmp_path / "pre")
     assert pre["test_top1"] > 70.0
     results = {m: finetune(checkpoint=tmp_path / "pre", method=m, data=tmp_path / "b", epochs=2, lr=3e-3,
-                           train_subset=5_000, rank=4) for m in METHODS}
+                           train_subset=5_000, rank=4, batch_size=128, weight_decay=0.0) for m in METHODS}
     for method, r in results.items():
         assert r["test_top1"] > 45.0, (method, r["test_top1"])
     assert results["lora-shared"]["test_top1"] > results["linear"]["test_top1"] + 10
