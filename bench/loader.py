@@ -1,4 +1,4 @@
-"""FFCV (bvit.data) vs torch DataLoader + torchvision, same data, batch, augmentation and workers.
+"""FFCV (bvit.data.loaders) vs torch DataLoader + torchvision, same data, batch, augmentation and workers.
 
     python bench/loader.py [--data data/fashion-mnist] [--batch-size 256] [--workers 2] [--max-items N]
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from bvit.config import DataConfig, ModelConfig
-from bvit.data import make_loaders
-from bvit.datasets import prepare_fashion_mnist, read_idx
+from bvit.data.fashion_mnist import prepare_fashion_mnist, read_idx
+from bvit.data.loaders import make_loaders
 
 
 def _timed(batches, device: torch.device, max_items: int | None) -> float:
@@ -76,7 +76,7 @@ def ffcv_rate(*, data: Path, batch_size: int, workers: int, device: torch.device
 
 def model_rate(*, batch_size: int, device: torch.device, steps: int) -> float:
     """Training images/s of the default bViT (forward, backward, AdamW step) on random inputs."""
-    from bvit.model import build_model
+    from bvit.models.factory import build_model
 
     m = ModelConfig()
     model = build_model(arch=m.arch, width=m.width, steps=m.steps, heads=m.heads, patch_size=m.patch_size,

@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from bvit.model import build_model, count_params
+from bvit.models.factory import build_model, count_params
 
 
 def _models(width: int, steps: int, heads: int):

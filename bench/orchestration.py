@@ -50,13 +50,13 @@ import json, sys, time
 t0 = float(sys.argv[2])
 import torch
 torch.set_num_threads(1)  # as one trial gets inside the sweep (cpus: 1)
-from bvit.train import train
+from bvit.trial import run_trial
 from orchestrator.spec import expand, load_spec
 first, times = None, []
 for cfg in expand(load_spec(sys.argv[1])):
     s = time.perf_counter()
     seen = []
-    train(cfg, report=lambda m: seen.append((time.time(), m["epoch_seconds"])))
+    run_trial(cfg, report=lambda m: seen.append((time.time(), m["epoch_seconds"])))
     times.append(time.perf_counter() - s)
     if first is None:
         first = seen[0][0] - seen[0][1] - t0
@@ -84,7 +84,7 @@ def _run(code: str, *args: str) -> dict:
 
 def run(trials: int = 16, data: str = "data/fashion-mnist") -> list[str]:
     sys.path.insert(0, str(ROOT))
-    from bvit.datasets import prepare_fashion_mnist
+    from bvit.data.fashion_mnist import prepare_fashion_mnist
 
     data_dir = Path(data).resolve()
     prepare_fashion_mnist(out=data_dir)

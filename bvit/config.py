@@ -11,9 +11,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["CHECKPOINT_NAME", "ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
+__all__ = ["CHECKPOINT_NAME", "FINETUNED_NAME", "ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
 
-CHECKPOINT_NAME = "checkpoint.pt"  # what `bvit.train.train` writes into its checkpoint_dir each epoch
+CHECKPOINT_NAME = "checkpoint.pt"  # what `bvit.trial.run_trial` writes into its checkpoint_dir each epoch
+FINETUNED_NAME = "finetuned.pt"  # what `bvit.trial.finetune(out=DIR)` writes into DIR
 FinetuneMethod = Literal["full", "linear", "bitfit", "lora-shared", "lora-step"]
 
 
@@ -80,7 +81,7 @@ class OptimConfig(_Frozen):
 
 
 class FinetuneConfig(_Frozen):
-    """Fine-tune a pretrained model instead of training from scratch (see `bvit.finetune`).
+    """Fine-tune a pretrained model instead of training from scratch (see `bvit.trial`).
 
     A trial with this section adapts `checkpoint`'s model to the trial's data (a fresh head for its
     classes) by `method`, under the trial's optim, seed and precision; so `finetune.method` and

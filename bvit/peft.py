@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bvit.config import FinetuneMethod
-from bvit.model import BViT
+from bvit.models.bvit import BViT
 
 __all__ = [
     "METHODS", "Method", "LoRALinear", "StepBlocks", "StepIndexedBViT", "apply_peft", "merge_lora",

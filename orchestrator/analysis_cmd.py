@@ -1,4 +1,4 @@
-"""`bvit-sweep analyze` and `bvit-sweep finetune` (thin; the work is in bvit.analysis and bvit.finetune).
+"""`bvit-sweep analyze` and `bvit-sweep finetune` (thin; the work is in bvit.analysis and bvit.trial).
 
     bvit-sweep analyze runs/width/<trial>/checkpoint_000009 runs/width/<vit-trial>/checkpoint_000009 --out analysis/
     bvit-sweep finetune ckpt/checkpoint.pt --method lora-shared --rank 8 --data data/fmnist-b
@@ -6,7 +6,7 @@
 `analyze` writes `analysis.json` ({label: result}) and five PNGs (every model side by side) into --out,
 and logs them to each trial's MLflow run (tag `bvit.trial_id`) when --tracking-uri (or
 MLFLOW_TRACKING_URI) names a store holding one. `finetune` prepares a missing --data directory named
-after a downstream task (fmnist-a, fmnist-b, digits; see bvit.transfer) before training.
+after a downstream task (fmnist-a, fmnist-b, digits; see bvit.data.downstream) before training.
 """
 from __future__ import annotations
 
@@ -71,8 +71,11 @@ def run_analysis(*, targets: list[str], out: Path, data: Path | None = None, max
     """Analyse every checkpoint in `targets`; write `out/analysis.json` and the plots. Returns {label: result}."""
     import torch
 
-    from bvit.analysis import analyze, load_trained, plot_analyses
-    from bvit.data import DataError, make_loaders
+    from bvit.analysis.measure import analyze
+    from bvit.analysis.plots import plot_analyses
+    from bvit.checkpoint import load_trained
+    from bvit.data.format import DataError
+    from bvit.data.loaders import make_loaders
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results: dict[str, dict[str, Any]] = {}
@@ -125,7 +128,7 @@ def log_analysis(results: dict[str, dict[str, Any]], *, out: Path, uri: str) -> 
         for f in files:
             client.log_artifact(rid, str(f), artifact_path="analysis")
         metrics = [Metric("analysis_anytime_top1", p["test_top1"], 0, p["steps"]) for p in r["anytime"]]
-        metrics += [Metric("analysis_skip_top1", p["test_top1"], 0, p["skipped"] + 1) for p in r["pruning"]]
+        metrics += [Metric("analysis_skip_top1", p["test_top1"], 0, p["skipped"] + 1) for p in r["step_skip"]]
         client.log_batch(rid, metrics=metrics)
         notes.append(f"{label}: logged to MLflow run {rid}")
     return notes
@@ -152,7 +155,7 @@ def analyze_command(
                                    "to each trial's run when one exists.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print the analysis as one JSON document.")] = False,
 ) -> None:
-    """Per step: state norms, relative updates, attention entropy and distance, CKA, pruning, anytime top-1."""
+    """Per step: state norms, relative updates, attention entropy and distance, CKA, whole-step skip, anytime top-1."""
     results = run_analysis(targets=targets, out=out, data=data, max_images=max_images, stats_images=stats_images,
                            extra_steps=extra_steps)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -164,7 +167,7 @@ def analyze_command(
         typer.echo(json.dumps(results))
         return
     for label, r in results.items():
-        best = max(r["pruning"], key=lambda p: p["drop"])
+        best = max(r["step_skip"], key=lambda p: p["drop"])
         anytime = ", ".join(f"{p['steps']}:{p['test_top1']:.1f}" for p in r["anytime"])
         typer.echo(f"{label}: top-1 {r['full']['test_top1']:.2f} %; skipping step {best['skipped'] + 1} costs most "
                    f"({best['drop']:.2f} points); top-1 by steps used {anytime}")
@@ -185,12 +188,17 @@ def finetune_command(
         data: Annotated[Path, typer.Option(
             "--data", show_default=False, help="Prepared downstream data; a missing directory named fmnist-a, "
                                                "fmnist-b or digits is prepared first.")],
-        rank: Annotated[int, typer.Option("--rank", min=1, help="LoRA rank.")] = 8,
-        alpha: Annotated[float, typer.Option("--alpha", min=0.0, help="LoRA scale: updates x alpha / rank.")] = 16.0,
-        epochs: Annotated[int, typer.Option("--epochs", min=1)] = 5,
-        lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak AdamW learning rate.")] = 1e-3,
-        weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 0.0,
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+        rank: Annotated[int | None, typer.Option(
+            "--rank", min=1, help="LoRA rank [default: finetune.rank's].")] = None,
+        alpha: Annotated[float | None, typer.Option(
+            "--alpha", min=0.0, help="LoRA scale: updates x alpha / rank [default: finetune.alpha's].")] = None,
+        epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="[default: optim.epochs's]")] = None,
+        lr: Annotated[float | None, typer.Option(
+            "--lr", min=0.0, help="Peak AdamW learning rate [default: optim.lr's].")] = None,
+        weight_decay: Annotated[float | None, typer.Option(
+            "--weight-decay", min=0.0, help="[default: optim.weight_decay's]")] = None,
+        batch_size: Annotated[int | None, typer.Option(
+            "--batch-size", min=1, help="[default: data.batch_size's]")] = None,
         train_subset: Annotated[int | None, typer.Option(
             "--train-subset", min=1, help="Fine-tune on the first N training images only.")] = None,
         seed: Annotated[int, typer.Option("--seed", min=0)] = 0,
@@ -198,13 +206,16 @@ def finetune_command(
             "--out", help="Save the adapted weights and the result to OUT/finetuned.pt.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")] = False,
 ) -> None:
-    """Fine-tune a pretrained model on a downstream task; report trainable parameters and test top-1."""
+    """Fine-tune a pretrained model on a downstream task; report trainable parameters and test top-1.
+
+    Unset options take the defaults a `finetune:` trial of a sweep has (the trial config's fields).
+    """
     from pydantic import ValidationError
 
-    from bvit.data import DataError
-    from bvit.finetune import finetune
-    from bvit.train import TrainingError
-    from bvit.transfer import TASKS, prepare_task
+    from bvit.data.downstream import TASKS, prepare_task
+    from bvit.data.format import DataError
+    from bvit.engine import TrainingError
+    from bvit.trial import finetune
 
     try:
         if not data.exists() and data.name in TASKS:
@@ -213,7 +224,7 @@ def finetune_command(
         result = finetune(
             checkpoint=checkpoint, method=method, data=data, rank=rank, alpha=alpha, epochs=epochs, lr=lr,
             weight_decay=weight_decay, batch_size=batch_size, train_subset=train_subset, seed=seed, out=out,
-            report=lambda r: typer.echo(f"epoch {r['epoch']}/{epochs}: train loss {r['train_loss']:.4f}, "
+            report=lambda r: typer.echo(f"epoch {r['epoch']}: train loss {r['train_loss']:.4f}, "
                                         f"test top-1 {r['test_top1']:.2f} %", err=True))
     except ValidationError as e:
         raise UserError(render(problems_from_validation(e), source="finetune")) from e
@@ -236,8 +247,8 @@ def prepare_transfer_command(
         force: Annotated[bool, typer.Option("--force", help="Rewrite even when up to date.")] = False,
 ) -> None:
     """A downstream (transfer) task as a prepared data directory."""
-    from bvit.data import DataError
-    from bvit.transfer import prepare_task
+    from bvit.data.downstream import prepare_task
+    from bvit.data.format import DataError
 
     try:
         meta = prepare_task(task, out=out, force=force)

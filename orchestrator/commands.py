@@ -1,7 +1,7 @@
 """The run-time commands: launch, status, frontier, sync, ui, train. Registered on the app in cli.py.
 
 Each is a thin Typer signature that hands off to a keyword-only function in launch.py / sweeps.py /
-bvit.train; errors surface as `UserError` lines (see errors.py).
+bvit.trial; errors surface as `UserError` lines (see errors.py).
 """
 from __future__ import annotations
 
@@ -170,10 +170,11 @@ def train(
 ) -> None:
     """Train one trial without Ray (base config + overrides), with a progress bar."""
     from bvit.checkpoint import CheckpointError
-    from bvit.datasets import DataError
-    from bvit.train import TrainingError, history_json
-    from bvit.train import train as run
-    from bvit.transfer import preparable, prepare_known
+    from bvit.data.format import DataError
+    from bvit.data.registry import preparable, prepare_known
+    from bvit.engine import TrainingError
+    from bvit.trial import history_json
+    from bvit.trial import run_trial as run
 
     cfg = resolve_train_config(spec, set_ or [])
     if not Path(cfg.data.path).exists() and (name := preparable(cfg.data.path)) is not None:

@@ -1,4 +1,4 @@
-"""`bvit-sweep data ...`: prepare FFCV data sets and check prepared ones (thin; the work is in bvit.datasets)."""
+"""`bvit-sweep data ...`: prepare FFCV data sets and check prepared ones (thin; the work is in bvit.data)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,9 @@ from typing import Annotated, Any
 
 import typer
 
-from bvit.datasets import DataError, load_metadata, prepare_fashion_mnist, prepare_image_folder
+from bvit.data.fashion_mnist import prepare_fashion_mnist
+from bvit.data.format import DataError, load_metadata
+from bvit.data.image_folder import prepare_image_folder
 
 app = typer.Typer(help="Prepare and check FFCV data sets.", no_args_is_help=True, add_completion=False)
 prepare_app = typer.Typer(help="Write train.beton, test.beton and meta.json into --out.", no_args_is_help=True)

@@ -50,12 +50,12 @@ def _trial_name(trial) -> str:
 
 def prepare_data(trials: list[TrialConfig], *, cwd: Path) -> dict[str, str]:
     """Make sure every data dir the trials read exists and verifies; prepare it if it is one this project
-    builds from local files (Fashion-MNIST, the fmnist-a/b split, digits: `bvit.transfer.preparable`).
+    builds from local files (Fashion-MNIST, the fmnist-a/b split, digits: `bvit.data.registry.preparable`).
 
     Returns {spec path -> absolute path}. Runs once on the launching machine, before any trial.
     """
-    from bvit.datasets import DataError, load_metadata
-    from bvit.transfer import preparable, prepare_known
+    from bvit.data.format import DataError, load_metadata
+    from bvit.data.registry import preparable, prepare_known
 
     resolved: dict[str, str] = {}
     for path in sorted({t.data.path for t in trials}):
@@ -94,8 +94,8 @@ def resolve_pretrained(trials: list[TrialConfig], data_paths: dict[str, str], *,
     Checks, before any trial starts, that each checkpoint exists and that the data it is fine-tuned on has
     the image size and channels it was pretrained at. Each checkpoint and data set is read once.
     """
-    from bvit.analysis import checkpoint_config
-    from bvit.datasets import load_metadata
+    from bvit.checkpoint import checkpoint_config
+    from bvit.data.format import load_metadata
 
     checkpoints: dict[str, tuple[Path, ModelConfig] | None] = {}
     out: dict[tuple[str, str], tuple[str, ModelConfig]] = {}

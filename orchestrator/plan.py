@@ -1,6 +1,6 @@
 """What a sweep costs before any compute is spent: exact parameters and FLOPs, estimated time per trial.
 
-Parameters and FLOPs come from closed-form counts of the models `bvit.model.build_model` builds (tested equal
+Parameters and FLOPs come from closed-form counts of the models `bvit.models.build_model` builds (tested equal
 to `count_params` / `count_flops`), cached per model shape, so a 10,000-trial grid plans in about a second.
 Time is an estimate: the training FLOP rate of one small model measured on this machine (or, with
 `bench=False` or for GPUs, a stated fixed rate), scaled by each trial's FLOPs.
@@ -63,7 +63,7 @@ def model_params(m: ModelConfig) -> int:
 
 
 def model_flops(m: ModelConfig) -> int:
-    """Forward FLOPs for one image, equal to `bvit.model.count_flops` of the built model."""
+    """Forward FLOPs for one image, equal to `bvit.models.count_flops` of the built model."""
     return _counts(*_shape(m))[1]
 
 
@@ -83,7 +83,7 @@ def measure_rate(*, precision: str = "fp32", threads: int = 1, seconds: float = 
     """
     import torch
 
-    from bvit.model import build_model
+    from bvit.models.factory import build_model
 
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: one sweep trial = one call of `bvit.train.train`.
+"""The Ray Tune trainable: one sweep trial = one call of `bvit.trial.run_trial`.
 
 `run_trial(config)` is a module-level function trainable. `config` holds the resolved trial config
 (`config["trial"]`, validated again here) and its id. Each epoch `train` writes `checkpoint.pt` into a
@@ -24,7 +24,7 @@ from ray import tune
 
 from bvit.config import CHECKPOINT_NAME, TrialConfig
 
-# bvit.train (torch, timm, FFCV) is imported inside the trial processes only: the launching process
+# bvit.trial (torch, timm, FFCV) is imported inside the trial processes only: the launching process
 # starts Ray seconds sooner.
 
 __all__ = ["run_trial", "FaultInjected"]
@@ -67,7 +67,7 @@ def _restore_into(local_dir: Path, checkpoint) -> int:
 
 def run_trial(config: dict[str, Any]) -> None:
     """Tune function trainable for one trial (single process, or data-parallel when workers > 1)."""
-    from bvit.train import train
+    from bvit.trial import run_trial as run
 
     config = config["run"]  # the launcher's grid: one entry per trial
     cfg = TrialConfig.model_validate(config["trial"])
@@ -88,14 +88,14 @@ def run_trial(config: dict[str, Any]) -> None:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
             _maybe_crash(config, trial_id, metrics["epoch"])
 
-        train(cfg, report=report, checkpoint_dir=local)
+        run(cfg, trial_id=trial_id, report=report, checkpoint_dir=local)
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: one rank of a data-parallel trial (torch.distributed is set up by TorchTrainer)."""
     import ray.train
 
-    from bvit.train import train
+    from bvit.trial import run_trial as run
 
     cfg = TrialConfig.model_validate(loop_config["trial"])
     rank = ray.train.get_context().get_world_rank()
@@ -110,7 +110,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 _maybe_crash(loop_config, loop_config["trial_id"], metrics["epoch"])
 
-        train(cfg, report=report, checkpoint_dir=local)
+        run(cfg, trial_id=loop_config["trial_id"], report=report, checkpoint_dir=local)
 
 
 def _run_data_parallel(config: dict[str, Any], cfg: TrialConfig) -> None:

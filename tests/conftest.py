@@ -1,9 +1,14 @@
-"""Shared fixtures: the real Fashion-MNIST (Debian package dataset-fashion-mnist), prepared once per session."""
+"""Shared fixtures: the real Fashion-MNIST (Debian package dataset-fashion-mnist), prepared once per session;
+a tiny model; a free loopback port; a working directory next to an embedded Ray."""
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from bvit.datasets import DEBIAN_FASHION_MNIST, prepare_fashion_mnist
+from bvit.data.fashion_mnist import DEBIAN_FASHION_MNIST, prepare_fashion_mnist
+
+TINY_WIDTH, TINY_STEPS, TINY_HEADS = 32, 3, 2  # the `tiny` model: 28x28 grey, patch 4, 10 classes
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +41,33 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Callable[..., "torch.nn.Module"]:  # noqa: F821
+    """`tiny(arch="bvit", **kw)`: a seeded width-32, 3-step (or depth-3) model for 28x28 grey images, eval mode."""
+    import torch
+
+    from bvit.models.factory import build_model
+
+    def make(arch: str = "bvit", **kw) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_model(arch=arch, width=TINY_WIDTH, steps=TINY_STEPS, heads=TINY_HEADS, patch_size=4,
+                           img_size=28, in_chans=1, num_classes=10, **kw).eval()
+
+    return make
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for gloo rendezvous, an MLflow server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, ray_local) -> Path:
+    """A fresh working directory (the cwd for the test) with the session's embedded Ray running."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -9,7 +9,7 @@ import typer
 from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
-from bvit.analysis import (
+from bvit.analysis.measure import (
     _states,
     _vit_blocks,
     analyze,
@@ -17,25 +17,19 @@ from bvit.analysis import (
     attention_probs,
     depth_curves,
     linear_cka,
-    load_trained,
     mean_attention_distance,
-    plot_analyses,
     state_statistics,
 )
-from bvit.config import TrialConfig
-from bvit.model import build_model
-from bvit.train import CHECKPOINT_NAME, evaluate, train
+from bvit.analysis.plots import plot_analyses
+from bvit.checkpoint import load_trained, save_checkpoint
+from bvit.config import CHECKPOINT_NAME, TrialConfig
+from bvit.engine import evaluate
+from bvit.trial import run_trial
 from orchestrator.analysis_cmd import _trial_id_of, analyze_command, log_analysis, resolve_checkpoint
 
 T, D = 3, 32
 CFG = TrialConfig.model_validate({"model": {"width": D, "steps": T, "heads": 2}})
 CPU = torch.device("cpu")
-
-
-def tiny(arch: str = "bvit") -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(arch=arch, width=D, steps=T, heads=2, patch_size=4, img_size=28, in_chans=1,
-                       num_classes=10).eval()
 
 
 def loader(n: int = 40, batch: int = 16) -> DataLoader:
@@ -47,13 +41,13 @@ def loader(n: int = 40, batch: int = 16) -> DataLoader:
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
 
 
-def test_skipping_no_step_equals_the_normal_forward():
+def test_skipping_no_step_equals_the_normal_forward(tiny):
     model = tiny()
     curves = depth_curves(model, loader(), cfg=CFG, device=CPU, extra_steps=2)
     assert curves["full"] == evaluate(model, loader(), cfg=CFG, device=CPU)
     assert curves["anytime"][T - 1] == {"steps": T, "extrapolated": False, **curves["full"]}
-    assert [p["skipped"] for p in curves["pruning"]] == list(range(T))
-    assert curves["pruning"][1]["test_loss"] == evaluate(model, loader(), cfg=CFG, device=CPU,
+    assert [p["skipped"] for p in curves["step_skip"]] == list(range(T))
+    assert curves["step_skip"][1]["test_loss"] == evaluate(model, loader(), cfg=CFG, device=CPU,
                                                          skip_steps=(1,))["test_loss"]
     assert [a["steps"] for a in curves["anytime"]] == [1, 2, 3, 4, 5]
     assert [a["extrapolated"] for a in curves["anytime"]] == [False] * 3 + [True] * 2
@@ -68,22 +62,20 @@ def test_skipping_no_step_equals_the_normal_forward():
     assert len(vit.blocks) == T  # restored
 
 
-def test_bvit_steps_are_interchangeable_without_step_embeddings_but_not_with_them():
+def test_bvit_steps_are_interchangeable_without_step_embeddings_but_not_with_them(tiny):
     model = tiny()
     curves = depth_curves(model, loader(), cfg=CFG, device=CPU, extra_steps=0)
     shorter = {k: v for k, v in curves["anytime"][T - 2].items() if k not in ("steps", "extrapolated")}
-    for row in curves["pruning"]:
+    for row in curves["step_skip"]:
         assert {k: v for k, v in row.items() if k not in ("skipped", "drop")} == shorter
-    torch.manual_seed(0)
-    embedded = build_model(arch="bvit", width=D, steps=T, heads=2, patch_size=4, img_size=28, in_chans=1,
-                           num_classes=10, step_embed="learned").eval()
+    embedded = tiny(step_embed="learned")
     with torch.no_grad():
         embedded.step_embed.normal_(std=1.0)
-    losses = [row["test_loss"] for row in depth_curves(embedded, loader(), cfg=CFG, device=CPU)["pruning"]]
+    losses = [row["test_loss"] for row in depth_curves(embedded, loader(), cfg=CFG, device=CPU)["step_skip"]]
     assert len(set(losses)) == T
 
 
-def test_states_are_the_models_own_hidden_states():
+def test_states_are_the_models_own_hidden_states(tiny):
     model, vit = tiny(), tiny("vit")
     states = _states(model, X)
     assert len(states) == T + 1
@@ -94,7 +86,7 @@ def test_states_are_the_models_own_hidden_states():
     assert torch.equal(vit_states[1], vit.blocks[0](vit_states[0]))
 
 
-def test_cka_of_a_state_with_itself_is_one_and_invariant_to_rotation_and_scale():
+def test_cka_of_a_state_with_itself_is_one_and_invariant_to_rotation_and_scale(tiny):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 16, generator=g)
     q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
@@ -114,7 +106,7 @@ def test_cka_of_a_state_with_itself_is_one_and_invariant_to_rotation_and_scale()
     assert stats["cka"][0][T] == pytest.approx(linear_cka(states[0].flatten(0, 1), states[T].flatten(0, 1)), abs=1e-9)
 
 
-def test_norms_and_relative_updates_match_their_definitions():
+def test_norms_and_relative_updates_match_their_definitions(tiny):
     model = tiny()
     stats = state_statistics(model, loader(), max_images=24)
     assert stats["images"] == 24
@@ -127,7 +119,7 @@ def test_norms_and_relative_updates_match_their_definitions():
     assert stats["relative_update"] == pytest.approx(rel, rel=1e-6)
 
 
-def test_uniform_attention_has_entropy_log_n():
+def test_uniform_attention_has_entropy_log_n(tiny):
     assert attention_entropy(torch.full((2, 3, 50, 50), 1 / 50)).tolist() == pytest.approx([math.log(50)] * 3)
     assert attention_entropy(torch.eye(50).expand(2, 3, 50, 50)).tolist() == [0.0, 0.0, 0.0]
     model = tiny()
@@ -141,7 +133,7 @@ def test_uniform_attention_has_entropy_log_n():
                                torch.full((T, 2), math.log(50), dtype=torch.float64), rtol=0, atol=1e-6)
 
 
-def test_attention_probs_equal_timms_unfused_attention_matrix():
+def test_attention_probs_equal_timms_unfused_attention_matrix(tiny):
     model = tiny()
     attn = model.block.attn
     attn.fused_attn = False
@@ -170,21 +162,21 @@ def test_mean_attention_distance_in_patches():
         mean_attention_distance(uniform, grid_size=(3, 3), num_prefix_tokens=0)
 
 
-def test_analyze_bvit_and_vit_json_and_plots(tmp_path):
+def test_analyze_bvit_and_vit_json_and_plots(tiny, tmp_path):
     results = {arch: analyze(tiny(arch), loader(), cfg=CFG, device=CPU, stats_images=16, extra_steps=2)
                for arch in ("bvit", "vit")}
     json.loads(json.dumps(results))
     assert len(results["bvit"]["anytime"]) == T + 2 and len(results["vit"]["anytime"]) == T
-    assert len(results["vit"]["pruning"]) == T and len(results["vit"]["attention_entropy"]) == T
+    assert len(results["vit"]["step_skip"]) == T and len(results["vit"]["attention_entropy"]) == T
     paths = plot_analyses(results, out=tmp_path)
-    assert sorted(p.name for p in paths) == ["anytime.png", "attention.png", "cka.png", "pruning.png", "states.png"]
+    assert sorted(p.name for p in paths) == ["anytime.png", "attention.png", "cka.png", "states.png", "step_skip.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
 
 
-def test_load_trained_round_trip_and_errors(tmp_path):
+def test_load_trained_round_trip_and_errors(tiny, tmp_path):
     model = tiny()
-    torch.save({"model": model.state_dict(), "config": CFG.model_dump(mode="json")}, tmp_path / CHECKPOINT_NAME)
+    save_checkpoint(tmp_path / CHECKPOINT_NAME, {"model": model.state_dict(), "config": CFG.model_dump(mode="json")})
     loaded, cfg = load_trained(tmp_path)
     assert cfg == CFG and not loaded.training
     assert torch.equal(loaded(X), model(X))
@@ -193,12 +185,12 @@ def test_load_trained_round_trip_and_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         load_trained(tmp_path / "junk.pt")
-    torch.save({"config": CFG.model_dump(mode="json")}, tmp_path / "noweights.pt")
+    save_checkpoint(tmp_path / "noweights.pt", {"config": CFG.model_dump(mode="json")})
     with pytest.raises(ValueError, match="not a bvit-sweep training checkpoint .no 'model'"):
         load_trained(tmp_path / "noweights.pt")
     bad = CFG.model_dump(mode="json")
     bad["model"]["width"] = 33
-    torch.save({"model": model.state_dict(), "config": bad}, tmp_path / "bad.pt")
+    save_checkpoint(tmp_path / "bad.pt", {"model": model.state_dict(), "config": bad})
     with pytest.raises(ValueError, match="config is not valid here .model: width=33 is not divisible"):
         load_trained(tmp_path / "bad.pt")
 
@@ -211,7 +203,7 @@ def trained(fmnist_dir, tmp_path_factory):
         "data": {"path": str(fmnist_dir), "train_subset": 1024, "batch_size": 128, "num_workers": 1},
         "optim": {"epochs": 1, "warmup_epochs": 0.2}})
     out = tmp_path_factory.mktemp("trained")
-    train(cfg, checkpoint_dir=out)
+    run_trial(cfg, checkpoint_dir=out)
     return out, cfg
 
 
@@ -233,10 +225,11 @@ def test_analyze_command_on_a_trained_checkpoint(trained, tmp_path, monkeypatch)
     (label, result), = doc.items()
     assert label == f"bvit-w{D}-T{T}-{cfg.trial_id()}"
     assert json.loads((out / "analysis.json").read_text()) == doc
-    assert {p.name for p in out.glob("*.png")} == {"anytime.png", "attention.png", "cka.png", "pruning.png",
+    assert {p.name for p in out.glob("*.png")} == {"anytime.png", "attention.png", "cka.png", "step_skip.png",
                                                    "states.png"}
     assert [p["steps"] for p in result["anytime"]] == [1, 2, 3, 4, 5]
-    assert result["anytime"][T - 1]["test_top1"] == result["full"]["test_top1"] > 10.0  # above chance (10 %)
+    assert result["anytime"][T - 1]["test_top1"] == result["full"]["test_top1"]
+    assert result["full"]["test_top1"] > 15.0  # learned: chance on 500 images stays under 12.7 % (95 %)
     assert "not logged to MLflow" in r.stderr
 
 
@@ -269,7 +262,7 @@ def test_analysis_is_logged_to_the_trials_mlflow_run(trained, tmp_path):
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("sweep", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(exp, tags={"bvit.trial_id": cfg.trial_id()})
-    other = {"sweep_trial_id": "ffffffffff", "anytime": [], "pruning": []}
+    other = {"sweep_trial_id": "ffffffffff", "anytime": [], "step_skip": []}
     model, _ = load_trained(ckpt)
     result = analyze(model, loader(), cfg=cfg, device=CPU, stats_images=16, extra_steps=1)
     results = {"mine": {**result, "sweep_trial_id": cfg.trial_id()}, "orphan": other}

@@ -4,7 +4,6 @@ import gzip
 import importlib.util
 import os
 import shutil
-import socket
 import struct
 
 import numpy as np
@@ -16,15 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from bvit.config import DataConfig
-from bvit.data import epoch_order, make_loaders, mixup, pad_crop_flip, random_resized_crop_flip
-from bvit.datasets import (
-    DEBIAN_FASHION_MNIST,
-    DataError,
-    load_metadata,
-    prepare_fashion_mnist,
-    prepare_image_folder,
-    read_idx,
-)
+from bvit.data.fashion_mnist import DEBIAN_FASHION_MNIST, prepare_fashion_mnist, read_idx
+from bvit.data.format import DataError, load_metadata
+from bvit.data.image_folder import prepare_image_folder
+from bvit.data.loaders import epoch_order, make_loaders, mixup, pad_crop_flip, random_resized_crop_flip
 from orchestrator.data_cmd import app
 
 runner = CliRunner()
@@ -278,12 +272,6 @@ def test_epoch_order_shards_like_distributed_sampler():
     assert not np.array_equal(epoch_order(indices, seed=0, epoch=1), epoch_order(indices, seed=1, epoch=0))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard_worker(rank: int, world: int, port: int, path: str, out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -296,8 +284,8 @@ def _shard_worker(rank: int, world: int, port: int, path: str, out: str):
 
 
 @pytest.mark.slow
-def test_distributed_ranks_read_disjoint_shards_of_the_epoch(fmnist_dir, tmp_path):
-    mp.spawn(_shard_worker, args=(2, _free_port(), str(fmnist_dir), str(tmp_path / "r")), nprocs=2)
+def test_distributed_ranks_read_disjoint_shards_of_the_epoch(fmnist_dir, tmp_path, free_port):
+    mp.spawn(_shard_worker, args=(2, free_port, str(fmnist_dir), str(tmp_path / "r")), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"r.{r}") for r in range(2))
     assert r0["steps"] == r1["steps"] == 5 and r0["eval"] == r1["eval"] == 10_000
     order = epoch_order(np.arange(1000), seed=5, epoch=2)
@@ -438,4 +426,7 @@ def test_loader_benchmark_prints_both_rates_and_ratio(fmnist_dir, capsys):
     out = capsys.readouterr().out
     assert "FFCV (bvit.data)" in out and "torch DataLoader + torchvision.transforms.v2" in out
     assert f"{rates['ratio']:.1f} x" in out and "bViT default training" in out
-    assert rates["ffcv"] > 0 and rates["dataloader"] > 0 and rates["model"] > 0
+    # the printed table is the measurement returned (no machine-speed threshold: this is a shared CPU)
+    assert rates["ratio"] == rates["ffcv"] / rates["dataloader"]
+    for key in ("ffcv", "dataloader", "model"):
+        assert f"{rates[key]:>12,.0f} img/s" in out, key

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from bvit.checkpoint import CheckpointError, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bvit.config import CHECKPOINT_NAME, TrialConfig
-from bvit.model import build_model
+from bvit.models.factory import build_model
 from orchestrator.cli import app
 
 CFG = TrialConfig.model_validate({"model": {"width": 16, "steps": 2, "heads": 2}})

@@ -14,15 +14,10 @@ import ray
 import yaml
 from _sweep_helpers import write_spec
 
+from bvit.checkpoint import read_checkpoint
 from orchestrator.errors import UserError
 from orchestrator.launch import launch
 from orchestrator.results import collect_trials
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, ray_local):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -40,9 +35,13 @@ def test_sweep_completes_with_trials_csv_and_mlflow_runs(workdir, fmnist_dir):
     assert [r["status"] for r in rows] == ["TERMINATED", "TERMINATED"]
     assert {r["arch"] for r in rows} == {"bvit", "vit"}
     for r in rows:
-        assert r["epochs"] == "2" and float(r["best_test_top1"]) > 10 and int(r["params"]) > 0 and r["node"]
+        assert r["epochs"] == "2" and r["node"]
+        assert float(r["best_test_top1"]) > 15  # learned: chance on 10,000 test images stays under 10.6 % (95 %); seen 19-26 %
     assert (workdir / "results" / "tiny" / "frontier.csv").exists()
     run = json.loads((workdir / "results" / "tiny" / "run.json").read_text())
+    # one trial id everywhere: the results table (Ray's trial name) and each trial's own checkpoint
+    saved = {read_checkpoint(p)["trial_id"] for p in (workdir / "runs" / "tiny").glob("*/checkpoint_*/checkpoint.pt")}
+    assert saved == {r["trial_id"] for r in rows}
     assert run["command"] == f"bvit-sweep launch {spec}" and run["terminated"] == 2
 
     client = MlflowClient(f"sqlite:///{workdir / 'results' / 'tiny' / 'mlflow' / 'mlflow.db'}")
@@ -71,7 +70,7 @@ def test_shipped_smoke_sweep_completes_every_trial(workdir, fmnist_dir):
     assert sorted((r["arch"], r["steps"]) for r in rows) == [("bvit", "1"), ("bvit", "2"), ("vit", "1"), ("vit", "2")]
     for r in rows:
         assert r["status"] == "TERMINATED" and r["epochs"] == "2" and r["error"] == ""
-        assert float(r["final_test_top1"]) > 10.0  # the header's hypothesis: above chance
+        assert float(r["final_test_top1"]) > 15.0  # the header's hypothesis, above chance: chance on 10,000 test images stays under 10.6 % (95 %)
         assert all(r[c] != "" for c in ("trial_id", "params", "flops_per_image", "best_test_top1", "wall_s", "node"))
     bvit = {r["steps"]: int(r["params"]) for r in rows if r["arch"] == "bvit"}
     assert bvit["1"] == bvit["2"]  # one shared block whatever the step count
@@ -101,8 +100,8 @@ def test_changed_spec_is_refused_on_resume_unless_forced(workdir, fmnist_dir):
 
 
 def test_finetune_method_is_a_sweep_axis_over_a_pretraining_sweeps_best_trial(workdir, fmnist_dir):
-    from bvit.analysis import load_trained
-    from bvit.model import count_params
+    from bvit.checkpoint import load_trained
+    from bvit.models.factory import count_params
     from bvit.peft import apply_peft
 
     pre = write_spec(workdir / "pre.yaml", fmnist_dir, name="pre", epochs=1, axes={"model.arch": ["bvit"]})
@@ -130,7 +129,8 @@ def test_finetune_method_is_a_sweep_axis_over_a_pretraining_sweeps_best_trial(wo
         model = apply_peft(load_trained(ckpt)[0], method=r["method"], num_classes=10, rank=rank)
         assert int(r["trainable_params"]) == count_params(model, trainable_only=True)
         assert int(r["params"]) == count_params(model)
-    assert rows[0]["merged_test_top1"] == "" and float(rows[1]["merged_test_top1"]) > 10
+    assert rows[0]["merged_test_top1"] == ""  # merged: the same model as the unmerged one, up to a few images
+    assert abs(float(rows[1]["merged_test_top1"]) - float(rows[1]["final_test_top1"])) <= 0.05
     transfer = read_csv(workdir / "results" / "ft" / "transfer.csv")
     assert [t["method"] for t in transfer] == ["linear", "lora-step"]  # fewest trainable parameters first
     assert (workdir / "results" / "ft" / "transfer.png").exists()
@@ -191,7 +191,7 @@ def test_trial_with_two_workers_trains_data_parallel(workdir, fmnist_dir):
     result = launch(spec_path=spec, verbose=False)
     assert result.ok
     (row,) = result.trials
-    assert row["epochs"] == 1 and row["final_test_top1"] > 10
+    assert row["epochs"] == 1 and row["final_test_top1"] > 15  # learned: chance on 10,000 test images stays under 10.6 % (95 %)
 
 
 @pytest.mark.slow

@@ -6,8 +6,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-import bvit.model  # noqa: F401  (registers bvit_* with timm)
-from bvit.model import BViT, build_model, count_flops, count_params
+import bvit.models  # noqa: F401  (registers bvit_* with timm)
+from bvit.models import BViT, build_model, count_flops, count_params
 
 SMALL = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, num_heads=4)
 
@@ -152,7 +152,15 @@ def test_bad_hyperparameters_raise_clear_errors():
         build_model(arch="resnet")
 
 
-@pytest.mark.parametrize("name", timm.list_models("bvit_*"))
+REGISTERED = timm.list_models("bvit_*")
+
+
+def test_every_bvit_variant_is_registered():
+    """Guards the parametrization below: an empty list would silently test nothing."""
+    assert len(REGISTERED) == 8 and {"bvit_base_patch16_224", "bvit_tiny_patch4_28"} <= set(REGISTERED)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
 def test_every_registered_bvit_forward_backward(name):
     cfg = timm.models.get_pretrained_cfg(name)
     c, h, w = cfg.input_size

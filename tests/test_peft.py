@@ -10,23 +10,18 @@ from pydantic import ValidationError
 from timm.models.vision_transformer import Block
 from typer.testing import CliRunner
 
-from bvit.config import DataConfig, FinetuneConfig, TrialConfig
-from bvit.data import make_loaders
-from bvit.datasets import DEBIAN_FASHION_MNIST, DataError, load_metadata, read_idx
-from bvit.finetune import finetune, finetune_trial, load_finetuned
-from bvit.model import BViT, build_model, count_params
+from bvit.checkpoint import load_finetuned, save_checkpoint
+from bvit.config import CHECKPOINT_NAME, DataConfig, FinetuneConfig, TrialConfig
+from bvit.data.downstream import digits_arrays, prepare_fashion_mnist_split, prepare_task
+from bvit.data.fashion_mnist import DEBIAN_FASHION_MNIST, read_idx
+from bvit.data.format import DataError, load_metadata
+from bvit.data.loaders import make_loaders
+from bvit.models.factory import count_params
 from bvit.peft import METHODS, LoRALinear, StepBlocks, StepIndexedBViT, apply_peft, lora_modules, merge_lora
-from bvit.train import CHECKPOINT_NAME, train
-from bvit.transfer import digits_arrays, prepare_fashion_mnist_split, prepare_task
+from bvit.trial import finetune, finetune_config, run_trial
 from orchestrator.analysis_cmd import finetune_command
 
 D, T, K, R, PATCHES = 32, 3, 5, 4, 49  # width, steps, downstream classes, LoRA rank, 7x7 patches of 4 px
-
-
-def tiny(arch: str = "bvit", **kw) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model(arch=arch, width=D, steps=T, heads=2, patch_size=4, img_size=28, in_chans=1,
-                       num_classes=10, **kw).eval()
 
 
 def randomize_lora(model: torch.nn.Module, std: float = 0.05) -> None:
@@ -56,13 +51,13 @@ LORA = R * (D + 3 * D) + R * (D + D) + R * (D + 4 * D) + R * (4 * D + D)  # qkv,
     ("vit", "bitfit", D + T * BLOCK_BIASES + D + HEAD),
     ("vit", "lora-step", T * LORA + HEAD),  # a ViT: one LoRA per layer
 ])
-def test_trainable_parameter_counts_are_exact(arch, method, expected):
+def test_trainable_parameter_counts_are_exact(tiny, arch, method, expected):
     model = apply_peft(tiny(arch), method=method, num_classes=K, rank=R, alpha=8)
     assert count_params(model, trainable_only=True) == expected
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_one_optimizer_step_moves_exactly_the_trainable_parameters(method):
+def test_one_optimizer_step_moves_exactly_the_trainable_parameters(tiny, method):
     model = apply_peft(tiny(), method=method, num_classes=K, rank=R, alpha=8).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -78,7 +73,7 @@ def test_one_optimizer_step_moves_exactly_the_trainable_parameters(method):
 
 
 @pytest.mark.parametrize("arch,method", [("bvit", "lora-shared"), ("bvit", "lora-step"), ("vit", "lora-step")])
-def test_zero_initialised_lora_leaves_outputs_unchanged(arch, method):
+def test_zero_initialised_lora_leaves_outputs_unchanged(tiny, arch, method):
     plain = tiny(arch)
     adapted = apply_peft(copy.deepcopy(plain), method=method, num_classes=K, rank=R, alpha=8)
     plain.reset_classifier(K)
@@ -90,7 +85,7 @@ def test_zero_initialised_lora_leaves_outputs_unchanged(arch, method):
 
 
 @pytest.mark.parametrize("arch,method", [("bvit", "lora-shared"), ("bvit", "lora-step"), ("vit", "lora-step")])
-def test_merged_and_unmerged_lora_give_the_same_logits(arch, method):
+def test_merged_and_unmerged_lora_give_the_same_logits(tiny, arch, method):
     model = apply_peft(tiny(arch), method=method, num_classes=K, rank=R, alpha=8)
     randomize_lora(model)
     kwargs = [{}, {"num_steps": T + 2}, {"skip_steps": {0}}] if arch == "bvit" else [{}]
@@ -102,7 +97,7 @@ def test_merged_and_unmerged_lora_give_the_same_logits(arch, method):
         assert (model(X, **kw) - expected).abs().max().item() <= 1e-5, kw
 
 
-def test_merged_shared_lora_is_the_pretrained_architecture_and_lora_step_is_t_blocks():
+def test_merged_shared_lora_is_the_pretrained_architecture_and_lora_step_is_t_blocks(tiny):
     shared = merge_lora(apply_peft(tiny(), method="lora-shared", num_classes=K, rank=R, alpha=8))
     assert type(shared.block) is Block
     assert count_params(shared) == EMBED + BLOCK + 2 * D + HEAD
@@ -111,7 +106,7 @@ def test_merged_shared_lora_is_the_pretrained_architecture_and_lora_step_is_t_bl
     assert count_params(per_step) == EMBED + T * BLOCK + 2 * D + HEAD
 
 
-def test_lora_step_with_tied_adapters_equals_lora_shared():
+def test_lora_step_with_tied_adapters_equals_lora_shared(tiny):
     shared = apply_peft(tiny(), method="lora-shared", num_classes=K, rank=R, alpha=8)
     randomize_lora(shared)
     step = apply_peft(tiny(), method="lora-step", num_classes=K, rank=R, alpha=8)
@@ -123,7 +118,7 @@ def test_lora_step_with_tied_adapters_equals_lora_shared():
     torch.testing.assert_close(step(X), shared(X), rtol=0, atol=1e-6)
 
 
-def test_lora_step_applies_adapter_t_at_step_t_only():
+def test_lora_step_applies_adapter_t_at_step_t_only(tiny):
     model = apply_peft(tiny(), method="lora-step", num_classes=K, rank=R, alpha=8)
     zero = copy.deepcopy(model)
     with torch.no_grad():
@@ -147,7 +142,7 @@ def test_lora_linear_is_base_plus_scaled_low_rank_product():
     assert not lora.base.weight.requires_grad
 
 
-def test_bad_requests_raise_clear_errors():
+def test_bad_requests_raise_clear_errors(tiny):
     with pytest.raises(ValueError, match="method must be one of"):
         apply_peft(tiny(), method="prefix", num_classes=K)
     with pytest.raises(ValueError, match="needs a bViT"):
@@ -160,7 +155,6 @@ def test_bad_requests_raise_clear_errors():
         apply_peft(tiny(), method="lora-shared", num_classes=K, rank=0)
     with pytest.raises(ValueError, match="activation checkpointing"):
         apply_peft(tiny(), method="lora-step", num_classes=K).set_grad_checkpointing(True)
-    assert isinstance(tiny(), BViT)
 
 
 # ---- fine-tuning on real downstream data ------------------------------------------------------------------
@@ -173,11 +167,11 @@ def digits_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A (randomly initialised) bViT checkpoint in train.py's format, standing in for a pretrained one."""
+def pretrained(tiny, tmp_path_factory):
+    """A (randomly initialised) bViT checkpoint in a training checkpoint's format (bvit.checkpoint), standing in for a pretrained one."""
     cfg = TrialConfig.model_validate({"model": {"width": D, "steps": T, "heads": 2}, "data": {"num_workers": 1}})
     out = tmp_path_factory.mktemp("pretrained")
-    torch.save({"model": tiny().state_dict(), "config": cfg.model_dump(mode="json")}, out / CHECKPOINT_NAME)
+    save_checkpoint(out / CHECKPOINT_NAME, {"model": tiny().state_dict(), "config": cfg.model_dump(mode="json")})
     return out
 
 
@@ -211,7 +205,7 @@ def test_fashion_mnist_class_split_relabels_and_keeps_only_its_classes(tmp_path)
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_finetune_reports_exact_counts_and_keeps_frozen_weights(method, pretrained, digits_dir, tmp_path):
+def test_finetune_reports_exact_counts_and_keeps_frozen_weights(tiny, method, pretrained, digits_dir, tmp_path):
     result = finetune(checkpoint=pretrained, method=method, data=digits_dir, rank=R, alpha=8, epochs=1,
                       batch_size=128, lr=3e-3, out=tmp_path)
     expected = count_params(apply_peft(tiny(), method=method, num_classes=10, rank=R, alpha=8), trainable_only=True)
@@ -249,7 +243,7 @@ def test_finetune_command_prepares_named_task_and_prints_json(pretrained, tmp_pa
     assert r.exit_code == 2 and "'prefix' is not one of" in r.output
 
 
-def test_finetune_config_is_a_validated_sweep_section(pretrained, digits_dir):
+def test_finetune_config_is_a_validated_sweep_section(tiny, pretrained, digits_dir):
     with pytest.raises(ValidationError, match="rank"):
         FinetuneConfig(checkpoint="x", rank=0)
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
@@ -270,16 +264,27 @@ def test_finetune_config_is_a_validated_sweep_section(pretrained, digits_dir):
         "optim": {"epochs": 1, "warmup_epochs": 0.5},
         "finetune": {"checkpoint": str(pretrained), "method": "lora-step", "rank": 2}})
     seen = []
-    result = train(cfg, report=seen.append)  # the one entry point of every trial dispatches to fine-tuning
+    result = run_trial(cfg, report=seen.append)  # the one entry point of every trial dispatches to fine-tuning
     expected = T * 16 * 2 * D + D * 10 + 10
     assert [r["epoch"] for r in seen] == [1] and seen[0]["trainable_params"] == expected
     assert abs(seen[0]["merged_test_top1"] - seen[0]["test_top1"]) <= 100 / 450  # merged at the last epoch
     assert result["trainable_params"] == expected and result["trial_id"] == cfg.trial_id()
     assert result["params"] == count_params(apply_peft(tiny(), method="lora-step", num_classes=10, rank=2))
-    assert finetune_trial(cfg)["test_top1"] == result["test_top1"]  # deterministic by seed
+    assert run_trial(cfg)["test_top1"] == result["test_top1"]  # deterministic by seed
 
 
-def test_train_command_fine_tunes_with_set_and_explains_a_missing_checkpoint(pretrained, digits_dir, tmp_path):
+def test_finetune_command_and_a_finetune_trial_have_one_source_of_defaults(pretrained, digits_dir):
+    import inspect
+
+    as_trial = TrialConfig.model_validate({"finetune": {"checkpoint": str(pretrained), "method": "lora-step"},
+                                           "data": {"path": str(digits_dir)}})
+    assert finetune_config(checkpoint=pretrained, method="lora-step", data=digits_dir) == as_trial
+    options = inspect.signature(finetune_command).parameters
+    assert {n: options[n].default for n in ("rank", "alpha", "epochs", "lr", "weight_decay", "batch_size")} == dict.fromkeys(
+        ("rank", "alpha", "epochs", "lr", "weight_decay", "batch_size"))  # unset: the trial config's defaults
+
+
+def test_train_command_fine_tunes_with_set_and_explains_a_missing_checkpoint(tiny, pretrained, digits_dir, tmp_path):
     from orchestrator.cli import app
 
     common = ["train", "--set", f"data.path={digits_dir}", "--set", "data.num_workers=1", "--set", "optim.epochs=1",
@@ -310,10 +315,10 @@ def test_transfer_from_fashion_mnist_a_to_b_every_method(tmp_path):
         "data": {"path": str(tmp_path / "a"), "train_subset": 10_000, "batch_size": 128, "num_workers": 2,
                  "augment": "none"},
         "optim": {"epochs": 4, "warmup_epochs": 0.5, "lr": 2e-3}})
-    pre = train(cfg, checkpoint_dir=tmp_path / "pre")
+    pre = run_trial(cfg, checkpoint_dir=tmp_path / "pre")
     assert pre["test_top1"] > 70.0
     results = {m: finetune(checkpoint=tmp_path / "pre", method=m, data=tmp_path / "b", epochs=2, lr=3e-3,
-                           train_subset=5_000, rank=4) for m in METHODS}
+                           train_subset=5_000, rank=4, batch_size=128, weight_decay=0.0) for m in METHODS}
     for method, r in results.items():
         assert r["test_top1"] > 45.0, (method, r["test_top1"])
     assert results["lora-shared"]["test_top1"] > results["linear"]["test_top1"] + 10

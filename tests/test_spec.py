@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from bvit.config import ModelConfig, TrialConfig
-from bvit.model import build_model, count_flops, count_params
+from bvit.models.factory import build_model, count_flops, count_params
 from orchestrator.errors import InputWarning
 from orchestrator.plan import CPU_CORE_FLOPS, make_plan, model_flops, model_params
 from orchestrator.spec import SpecError, SweepSpec, expand, expand_trials, load_spec

@@ -58,12 +58,6 @@ def server(tmp_path):
     srv.stop()
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, ray_local):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def runs_of(uri: str, experiment: str):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)

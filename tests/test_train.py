@@ -1,23 +1,23 @@
 """One trial: determinism, exact resume, divergence, data-parallel equivalence, reported numbers."""
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bvit.checkpoint import CheckpointError
-from bvit.config import TrialConfig
-from bvit.model import build_model, count_flops, count_params
-from bvit.train import CHECKPOINT_NAME, TrainingError, build_optimizer, train, train_step
+from bvit.checkpoint import CheckpointError, read_checkpoint
+from bvit.config import CHECKPOINT_NAME, TrialConfig
+from bvit.engine import TrainingError, build_optimizer, train_step
+from bvit.models.factory import build_from_config, build_model, count_flops, count_params
+from bvit.trial import run_trial
 
 METRICS = ("epoch", "train_loss", "test_top1", "test_top5", "test_loss", "lr", "images_per_s", "epoch_seconds",
            "params", "flops_per_image")
 
 
-def tiny(fmnist_dir, **over) -> TrialConfig:
+def tiny_cfg(fmnist_dir, **over) -> TrialConfig:
     base = {
         "model": {"width": 32, "steps": 2, "heads": 2},
         "data": {"path": str(fmnist_dir), "train_subset": 1024, "batch_size": 128, "num_workers": 1},
@@ -34,11 +34,11 @@ def _timeless(history):
 
 
 def test_same_config_and_seed_give_identical_metrics(fmnist_dir, tmp_path):
-    cfg = tiny(fmnist_dir, **{"optim.epochs": 2})
-    a = train(cfg)
-    b = train(cfg)
+    cfg = tiny_cfg(fmnist_dir, **{"optim.epochs": 2})
+    a = run_trial(cfg)
+    b = run_trial(cfg)
     assert _timeless(a["history"]) == _timeless(b["history"])
-    c = train(tiny(fmnist_dir, **{"optim.epochs": 2}).model_copy(update={"seed": 1}))
+    c = run_trial(tiny_cfg(fmnist_dir, **{"optim.epochs": 2}).model_copy(update={"seed": 1}))
     assert _timeless(c["history"]) != _timeless(a["history"])
 
 
@@ -47,69 +47,70 @@ class _Crash(Exception):
 
 
 def test_resume_after_two_epochs_equals_uninterrupted_run(fmnist_dir, tmp_path):
-    cfg = tiny(fmnist_dir)
-    full = train(cfg)
+    cfg = tiny_cfg(fmnist_dir)
+    full = run_trial(cfg)
 
     def crash_after_two(metrics):
         if metrics["epoch"] == 2:
             raise _Crash
 
     with pytest.raises(_Crash):
-        train(cfg, report=crash_after_two, checkpoint_dir=tmp_path)
+        run_trial(cfg, report=crash_after_two, checkpoint_dir=tmp_path)
     assert (tmp_path / CHECKPOINT_NAME).exists()
     seen = []
-    resumed = train(cfg, report=seen.append, checkpoint_dir=tmp_path)
+    resumed = run_trial(cfg, report=seen.append, checkpoint_dir=tmp_path)
     assert [r["epoch"] for r in seen] == [3]  # only the missing epoch ran
     assert _timeless(resumed["history"]) == _timeless(full["history"])
 
 
 def test_every_metric_reported_each_epoch_and_counts_match_model(fmnist_dir):
-    cfg = tiny(fmnist_dir, **{"optim.epochs": 2})
+    cfg = tiny_cfg(fmnist_dir, **{"optim.epochs": 2})
     seen = []
-    result = train(cfg, report=seen.append)
+    result = run_trial(cfg, report=seen.append)
     assert [r["epoch"] for r in seen] == [1, 2]
     for r in seen:
         assert set(METRICS) <= set(r)
         assert 0 <= r["test_top1"] <= r["test_top5"] <= 100
-    m = cfg.model
-    model = build_model(arch=m.arch, width=m.width, steps=m.steps, heads=m.heads, patch_size=m.patch_size,
-                        img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes)
+    model = build_from_config(cfg.model)
     assert result["params"] == count_params(model)
     assert result["flops_per_image"] == count_flops(model, 28, 1)
     assert result["trial_id"] == cfg.trial_id()
     assert result["best_test_top1"] == max(r["test_top1"] for r in seen)
 
 
+def test_trial_id_is_stored_in_the_checkpoint_and_returned(fmnist_dir, tmp_path):
+    cfg = tiny_cfg(fmnist_dir, **{"optim.epochs": 1})
+    result = run_trial(cfg, checkpoint_dir=tmp_path / "a")
+    assert result["trial_id"] == cfg.trial_id() == read_checkpoint(tmp_path / "a" / CHECKPOINT_NAME)["trial_id"]
+    # the sweep's id (hashed from the config as written) travels through unchanged
+    result = run_trial(cfg, trial_id="0123456789", checkpoint_dir=tmp_path / "b")
+    assert result["trial_id"] == "0123456789" == read_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)["trial_id"]
+
+
 def test_bf16_autocast_runs_on_cpu_and_vit_arm_trains(fmnist_dir):
-    r = train(tiny(fmnist_dir, **{"optim.epochs": 1, "model.arch": "vit"}).model_copy(update={"precision": "bf16"}))
-    assert math.isfinite(r["train_loss"]) and r["test_top1"] > 10.0
+    r = run_trial(tiny_cfg(fmnist_dir, **{"optim.epochs": 1, "model.arch": "vit"}).model_copy(update={"precision": "bf16"}))
+    assert math.isfinite(r["train_loss"]) and r["test_top1"] > 15.0  # learned: chance on 10,000 test images stays under 10.6 % (95 %); seen 17-21 %
 
 
 def test_diverging_loss_stops_with_epoch_and_step(fmnist_dir):
-    cfg = tiny(fmnist_dir, **{"optim.epochs": 2, "optim.lr": 1e6, "optim.grad_clip": None, "optim.min_lr": 0.0})
+    cfg = tiny_cfg(fmnist_dir, **{"optim.epochs": 2, "optim.lr": 1e6, "optim.grad_clip": None, "optim.min_lr": 0.0})
     with pytest.raises(TrainingError, match=r"at epoch 1, step \d+"):
-        train(cfg)
+        run_trial(cfg)
 
 
 def test_checkpoint_from_another_config_is_refused(fmnist_dir, tmp_path):
-    train(tiny(fmnist_dir, **{"optim.epochs": 1}), checkpoint_dir=tmp_path)
+    run_trial(tiny_cfg(fmnist_dir, **{"optim.epochs": 1}), checkpoint_dir=tmp_path)
     with pytest.raises(TrainingError, match="differs in model.width"):
-        train(tiny(fmnist_dir, **{"optim.epochs": 1, "model.width": 64}), checkpoint_dir=tmp_path)
+        run_trial(tiny_cfg(fmnist_dir, **{"optim.epochs": 1, "model.width": 64}), checkpoint_dir=tmp_path)
 
 
 def test_truncated_checkpoint_is_a_clear_error(fmnist_dir, tmp_path):
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="cannot read checkpoint.*delete it to start this trial afresh"):
-        train(tiny(fmnist_dir, **{"optim.epochs": 1}), checkpoint_dir=tmp_path)
+        run_trial(tiny_cfg(fmnist_dir, **{"optim.epochs": 1}), checkpoint_dir=tmp_path)
 
 
 # ---- data parallel: 2 gloo processes on half batches == 1 process on the whole batch -------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _one_step(cfg: TrialConfig, images, labels, init_state):
     model = build_model(arch="bvit", width=32, steps=3, heads=2, patch_size=4, img_size=28, in_chans=1, num_classes=10)
@@ -133,7 +134,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_json: str, images, labels,
     dist.destroy_process_group()
 
 
-def test_two_process_step_equals_one_process_on_whole_batch(tmp_path):
+def test_two_process_step_equals_one_process_on_whole_batch(tmp_path, free_port):
     torch.manual_seed(0)
     cfg = TrialConfig.model_validate({"model": {"width": 32, "steps": 3, "heads": 2},
                                       "optim": {"grad_clip": 1.0, "label_smoothing": 0.1}})
@@ -145,8 +146,8 @@ def test_two_process_step_equals_one_process_on_whole_batch(tmp_path):
     train_step(single, images, labels, opt, cfg=cfg, device=torch.device("cpu"))
 
     out = tmp_path / "ddp.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg.model_dump_json(), images, labels, init, str(out)), nprocs=2)
-    ddp_state = torch.load(out)
+    mp.spawn(_ddp_worker, args=(2, free_port, cfg.model_dump_json(), images, labels, init, str(out)), nprocs=2)
+    ddp_state = read_checkpoint(out)
     for name, p in single.state_dict().items():
         torch.testing.assert_close(ddp_state[name], p, rtol=1e-5, atol=1e-6, msg=name)
     assert not torch.equal(ddp_state["block.attn.qkv.weight"], init["block.attn.qkv.weight"])  # a step happened
@@ -157,17 +158,17 @@ def _ddp_epoch_worker(rank: int, world: int, port: int, cfg_json: str, out_dir: 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     seen = []
-    result = train(TrialConfig.model_validate_json(cfg_json), report=seen.append, checkpoint_dir=out_dir)
+    result = run_trial(TrialConfig.model_validate_json(cfg_json), report=seen.append, checkpoint_dir=out_dir)
     if rank == 0:
         torch.save({"result": result, "seen": seen}, os.path.join(out_dir, "result.pt"))
     dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_two_process_epoch_on_fashion_mnist_runs_end_to_end(fmnist_dir, tmp_path):
-    cfg = tiny(fmnist_dir, **{"optim.epochs": 2, "optim.lr": 3e-3, "data.train_subset": 4096, "data.augment": "none"})
-    mp.spawn(_ddp_epoch_worker, args=(2, _free_port(), cfg.model_dump_json(), str(tmp_path)), nprocs=2)
-    out = torch.load(tmp_path / "result.pt", weights_only=False)
+def test_two_process_epoch_on_fashion_mnist_runs_end_to_end(fmnist_dir, tmp_path, free_port):
+    cfg = tiny_cfg(fmnist_dir, **{"optim.epochs": 2, "optim.lr": 3e-3, "data.train_subset": 4096, "data.augment": "none"})
+    mp.spawn(_ddp_epoch_worker, args=(2, free_port, cfg.model_dump_json(), str(tmp_path)), nprocs=2)
+    out = read_checkpoint(tmp_path / "result.pt")
     assert (tmp_path / CHECKPOINT_NAME).exists()
     assert [r["epoch"] for r in out["seen"]] == [1, 2]
     # 2 x 4096 images in 32 steps of 2 ranks x 128 (1 epoch, warm-up 0.5: 21.8 % seen); chance is 10 %
@@ -182,5 +183,5 @@ def test_small_bvit_reaches_80_percent_on_fashion_mnist(fmnist_dir):
         "data": {"path": str(fmnist_dir), "train_subset": 20000, "batch_size": 64, "augment": "none"},
         "optim": {"epochs": 4, "lr": 2e-3, "warmup_epochs": 0.3},
     })
-    result = train(cfg)
+    result = run_trial(cfg)
     assert result["test_top1"] >= 80.0, result["history"]

@@ -1,4 +1,4 @@
-"""Downstream tasks for fine-tuning, prepared like any data set (`train.beton`, `test.beton`, `meta.json`).
+"""Downstream tasks for fine-tuning (fmnist-a, fmnist-b, digits), prepared like any data set (`train.beton`, `test.beton`, `meta.json`).
 
 Both come from data already on the machine -- nothing is downloaded at run time:
 
@@ -23,24 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from bvit.datasets import (
-    DEBIAN_FASHION_MNIST,
-    FASHION_MNIST_CLASSES,
+from bvit.data.fashion_mnist import DEBIAN_FASHION_MNIST, FASHION_MNIST_CLASSES, read_idx
+from bvit.data.format import (
+    ArrayDataset,
     DataError,
     channel_stats,
     file_digest,
     finish_preparation,
-    prepare_fashion_mnist,
-    read_idx,
     start_preparation,
     up_to_date,
     write_beton,
 )
 
-__all__ = [
-    "TASKS", "prepare_task", "prepare_known", "preparable", "prepare_fashion_mnist_split", "prepare_digits",
-    "digits_arrays",
-]
+__all__ = ["TASKS", "prepare_task", "prepare_fashion_mnist_split", "prepare_digits", "digits_arrays"]
 
 TASKS: dict[str, str] = {
     "fmnist-a": "Fashion-MNIST classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat): the pretraining half",
@@ -52,19 +47,6 @@ _IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-class _Arrays:
-    """Indexable (image, label) pairs for FFCV's writer."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        return self.images[i], int(self.labels[i])
-
-
 def _write(out: Path, *, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str],
            dataset: str, source: dict[str, Any], params: dict[str, Any], command: str) -> dict[str, Any]:
     """Write uint8 (N, 28, 28) images + labels as a prepared directory (the Fashion-MNIST layout)."""
@@ -73,7 +55,7 @@ def _write(out: Path, *, splits: dict[str, tuple[np.ndarray, np.ndarray]], class
     start_preparation(out)
     fields = {"image": NDArrayField(dtype=np.dtype("uint8"), shape=(28, 28)), "label": IntField()}
     workers = min(4, os.cpu_count() or 1)
-    records = {f"{split}.beton": write_beton(out / f"{split}.beton", _Arrays(*arrays), fields, workers=workers)
+    records = {f"{split}.beton": write_beton(out / f"{split}.beton", ArrayDataset(*arrays), fields, workers=workers)
                for split, arrays in splits.items()}
     train = splits["train"][0]
     mean, std = channel_stats(np.array([train.sum(dtype=np.float64)]),
@@ -126,7 +108,7 @@ def prepare_fashion_mnist_split(*, out: Path | str, classes: Sequence[int], sour
     meta = _write(out, splits=splits, class_names=[FASHION_MNIST_CLASSES[c] for c in classes],
                   dataset=f"fashion-mnist-classes-{'-'.join(map(str, classes))}",
                   source={"path": str(src.resolve()), "fingerprint": fingerprint, "files": digests},
-                  params=params, command=f"python -c \"from bvit.transfer import prepare_fashion_mnist_split; "
+                  params=params, command=f"python -c \"from bvit.data.downstream import prepare_fashion_mnist_split; "
                                          f"prepare_fashion_mnist_split(out='{out}', classes={classes})\"")
     return {**meta, "status": "written", "reason": "forced" if force else reason}
 
@@ -163,7 +145,7 @@ def prepare_digits(*, out: Path | str, force: bool = False) -> dict[str, Any]:
     meta = _write(out, splits=splits, class_names=[str(d) for d in range(10)], dataset="sklearn-digits-28",
                   source={"path": f"sklearn.datasets.load_digits (scikit-learn {sklearn.__version__})",
                           "fingerprint": fingerprint},
-                  params=params, command=f"python -c \"from bvit.transfer import prepare_digits; "
+                  params=params, command=f"python -c \"from bvit.data.downstream import prepare_digits; "
                                          f"prepare_digits(out='{out}')\"")
     return {**meta, "status": "written", "reason": "forced" if force else reason}
 
@@ -175,28 +157,3 @@ def prepare_task(name: str, *, out: Path | str, source: Path | str | None = None
     if name == "digits":
         return prepare_digits(out=out, force=force)
     raise DataError(f"unknown downstream task {name!r}; choose one of {', '.join(TASKS)}")
-
-
-def preparable(path: Path | str) -> str | None:
-    """What `prepare_known(path)` would build there, judged by the directory's name; None if nothing.
-
-    `.../fashion-mnist` (or any name containing it) is Fashion-MNIST; `.../fmnist-a`, `.../fmnist-b` and
-    `.../digits` are the `TASKS`. A directory that already has a `meta.json` is never rebuilt by name.
-    """
-    path = Path(path)
-    if (path / "meta.json").exists():
-        return None
-    if "fashion-mnist" in path.name:
-        return "fashion-mnist"
-    return path.name if path.name in TASKS else None
-
-
-def prepare_known(path: Path | str) -> dict[str, Any]:
-    """Prepare the data set `preparable(path)` names into `path` (from local files only); DataError if none."""
-    name = preparable(path)
-    if name is None:
-        raise DataError(f"{path}: not a data set this project can prepare by name (fashion-mnist, "
-                        f"{', '.join(TASKS)}); prepare it with `bvit-sweep data prepare`")
-    if name == "fashion-mnist":
-        return prepare_fashion_mnist(out=path)
-    return prepare_task(name, out=path)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from bvit.datasets import (
+from bvit.data.format import (
     DataError,
     channel_stats,
     finish_preparation,

@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bvit.config import DataConfig
-from bvit.datasets import DataError, keep_torch_threads, load_metadata
+from bvit.data.format import DataError, keep_torch_threads, load_metadata
 
 __all__ = ["DataError", "Loaders", "make_loaders", "load_metadata", "epoch_order", "pad_crop_flip",
            "random_resized_crop_flip", "mixup"]

@@ -1,9 +1,7 @@
-"""Prepared data sets: FFCV `.beton` files plus a `meta.json` that says what they hold and how to check them.
+"""Prepared data sets on disk: FFCV `.beton` files plus a `meta.json` that says what they hold and how to check them.
 
-A prepared directory holds `train.beton`, `test.beton` and `meta.json`:
-
-    bvit-sweep data prepare fashion-mnist --out data/fashion-mnist
-    bvit-sweep data prepare image-folder --src /data/imagenet --out data/imagenet --max-res 256
+A prepared directory holds `train.beton`, `test.beton` and `meta.json`; each source module writes one
+(`bvit.data.fashion_mnist`, `bvit.data.image_folder`, `bvit.data.downstream`), `bvit.data.loaders` reads it.
 
 Fields of `meta.json` others rely on: `num_classes`, `class_names`, `image_shape` ([C, H, W] of the stored
 images; for image folders of mixed sizes the largest H and W, with `fixed_size` false), `mean` and `std`
@@ -11,20 +9,18 @@ images; for image folders of mixed sizes the largest H and W, with `fixed_size` 
 records each `.beton`'s size and SHA-256 (a sampled digest above 1 GiB); `load_metadata` refuses a
 directory whose files disagree with it, so a stale, truncated or swapped `.beton` is never read.
 
-Fashion-MNIST is stored as `NDArrayField` uint8 (28, 28) + `IntField` label; image folders as
-`RGBImageField` + `IntField` (see `bvit.image_folder`).
+Grey 28x28 sources are stored as `NDArrayField` uint8 (28, 28) + `IntField` label; image folders as
+`RGBImageField` + `IntField`.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import gzip
 import hashlib
 import json
 import os
 import struct
-import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -32,83 +28,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataError", "load_metadata", "prepare_fashion_mnist", "prepare_image_folder", "read_idx",
-           "FASHION_MNIST_CLASSES", "DEBIAN_FASHION_MNIST"]
+__all__ = ["DataError", "load_metadata", "META_NAME", "SPLITS", "ArrayDataset", "write_beton", "file_digest",
+           "up_to_date", "start_preparation", "finish_preparation", "channel_stats", "keep_torch_threads"]
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
 SPLITS = ("train", "test")
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-_FMNIST_FILES = {("train", "images"): "train-images-idx3-ubyte", ("train", "labels"): "train-labels-idx1-ubyte",
-                 ("test", "images"): "t10k-images-idx3-ubyte", ("test", "labels"): "t10k-labels-idx1-ubyte"}
 _FULL_DIGEST_MAX = 1 << 30
 _BETON_HEADER = struct.Struct("<HHIQQ")  # ffcv HeaderType: version, num_fields, page_size, num_samples, alloc_table_ptr
 
 
 class DataError(Exception):
     """A user-facing data problem; the message names the file and says what to do."""
-
-
-# ---- IDX ---------------------------------------------------------------------------------------------
-
-def read_idx(path: Path | str, *, ndim: int) -> np.ndarray:
-    """Parse an IDX file of unsigned bytes (`.gz` or plain) with `ndim` dimensions, validating magic and size."""
-    path = Path(path)
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: cannot read ({e}); the file is damaged -- reinstall it "
-                        "(apt-get install --reinstall dataset-fashion-mnist) or pass another --source") from e
-    if len(raw) < 4:
-        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX header")
-    zero, dtype_code, got_ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype_code != 0x08 or got_ndim != ndim:
-        raise DataError(f"{path}: bad IDX magic {raw[:4].hex()} (expected 0000080{ndim}: unsigned bytes, "
-                        f"{ndim} dimension(s)); this is not the expected IDX file")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(dims))
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise DataError(f"{path}: {what}: header says {'x'.join(map(str, dims))} items = {expected} bytes "
-                        f"(decompressed), file has {len(raw)}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def _find_fmnist_files(source: Path) -> dict[tuple[str, str], Path]:
-    hint = ("install the Debian package (apt-get install dataset-fashion-mnist) or pass --source DIR "
-            "holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]")
-    if not source.is_dir():
-        raise DataError(f"{source}: Fashion-MNIST directory not found; {hint}")
-    found = {}
-    for key, stem in _FMNIST_FILES.items():
-        candidates = [source / f"{stem}.gz", source / stem]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            raise DataError(f"{candidates[0]}: missing (nor {candidates[1].name}); {hint}")
-        found[key] = path
-    return found
-
-
-def _load_fmnist(files: Mapping[tuple[str, str], Path]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    out = {}
-    for split in SPLITS:
-        images = read_idx(files[split, "images"], ndim=3)  # (N, 28, 28) uint8
-        labels = read_idx(files[split, "labels"], ndim=1)  # (N,) uint8
-        if images.shape[1:] != (28, 28):
-            raise DataError(f"{files[split, 'images']}: images are {images.shape[1]}x{images.shape[2]}, "
-                            "Fashion-MNIST is 28x28")
-        if len(images) != len(labels):
-            raise DataError(f"{files[split, 'labels']}: {len(labels)} labels for {len(images)} images in "
-                            f"{files[split, 'images'].name}")
-        if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
-            raise DataError(f"{files[split, 'labels']}: label {labels.max()} out of range 0..9")
-        out[split] = images, labels
-    return out
 
 
 # ---- checksums and metadata --------------------------------------------------------------------------
@@ -293,10 +224,11 @@ def channel_stats(total: np.ndarray, total_sq: np.ndarray, count: int) -> tuple[
     return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
 
 
-# ---- Fashion-MNIST ------------------------------------------------------------------------------------
 
-class _ArrayDataset:
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
+class ArrayDataset:
+    """Indexable (image, label) pairs of two arrays, for FFCV's writer."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images, self.labels = images, labels
 
     def __len__(self) -> int:
@@ -304,66 +236,3 @@ class _ArrayDataset:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         return self.images[i], int(self.labels[i])
-
-
-def prepare_fashion_mnist(*, out: Path | str, source: Path | str | None = None, progress: bool = False,
-                          force: bool = False, workers: int | None = None) -> dict[str, Any]:
-    """Parse the Fashion-MNIST IDX files and write `train.beton`, `test.beton` and `meta.json` to `out`.
-
-    `source` defaults to the Debian package's directory. Returns the metadata plus `status`:
-    "up-to-date" (nothing written: same source checksums, options and FFCV version, files verified) or
-    "written" (with `reason`).
-    """
-    out = Path(out)
-    source = Path(source) if source is not None else DEBIAN_FASHION_MNIST
-    files = _find_fmnist_files(source)
-    digests = {p.name: file_digest(p) for p in files.values()}
-    fingerprint = hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
-    params = {"storage": "ndarray-uint8-28x28"}
-    meta, reason = up_to_date(out, source_fingerprint=fingerprint, params=params)
-    if meta is not None and not force:
-        return {**meta, "status": "up-to-date"}
-    reason = "forced" if force else reason
-
-    data = _load_fmnist(files)
-    start_preparation(out)
-    with keep_torch_threads():
-        from ffcv.fields import IntField, NDArrayField
-
-    fields = {"image": NDArrayField(dtype=np.dtype("uint8"), shape=(28, 28)), "label": IntField()}
-    workers = workers or min(4, os.cpu_count() or 1)
-    records = {f"{split}.beton": write_beton(out / f"{split}.beton", _ArrayDataset(*data[split]), fields,
-                                             workers=workers, progress=progress) for split in SPLITS}
-    train_images = data["train"][0]
-    mean, std = channel_stats(np.array([train_images.sum(dtype=np.float64)]),
-                              np.array([np.square(train_images, dtype=np.float64).sum()]), train_images.size)
-    meta = finish_preparation(out, {
-        "dataset": "fashion-mnist",
-        "kind": "ndarray",
-        "num_classes": len(FASHION_MNIST_CLASSES),
-        "class_names": list(FASHION_MNIST_CLASSES),
-        "image_shape": [1, 28, 28],
-        "fixed_size": True,
-        "mean": mean,
-        "std": std,
-        "train_count": len(data["train"][1]),
-        "test_count": len(data["test"][1]),
-        "train_per_class": np.bincount(data["train"][1], minlength=10).tolist(),
-        "test_per_class": np.bincount(data["test"][1], minlength=10).tolist(),
-        "source": {"path": str(source.resolve()), "fingerprint": fingerprint,
-                   "files": digests},
-        "params": params,
-        "files": records,
-        "prepare_command": f"bvit-sweep data prepare fashion-mnist --source {source} --out {out}",
-    })
-    return {**meta, "status": "written", "reason": reason}
-
-
-def prepare_image_folder(*, src: Path | str, out: Path | str, max_res: int | None = None,
-                         jpeg_quality: int | None = 90, workers: int | None = None, progress: bool = False,
-                         strict: bool = False, force: bool = False) -> dict[str, Any]:
-    """Class-folder data set (`src/train/<class>/*`, `src/val/<class>/*`) to FFCV; see `bvit.image_folder`."""
-    from bvit.image_folder import prepare_image_folder as _prepare
-
-    return _prepare(src=src, out=out, max_res=max_res, jpeg_quality=jpeg_quality, workers=workers,
-                    progress=progress, strict=strict, force=force)

@@ -12,8 +12,8 @@ Beyond the paper, off by default:
     ("does the block need to know which step it is at?"). Steps past the trained T reuse the last one.
   * per-step activation checkpointing (`set_grad_checkpointing()`, timm's convention).
 
-`build_model(arch=...)` builds both arms of every comparison: `bvit` (one block, T steps) or a standard
-timm `VisionTransformer` with depth T and otherwise identical hyper-parameters (same FLOPs per image).
+`bvit.models.factory.build_model(arch=...)` builds both arms of every comparison from one set of
+hyper-parameters.
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from timm.layers import LayerNorm, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
 from timm.models._manipulate import named_apply
 from timm.models._registry import generate_default_cfgs
-from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
+from timm.models.vision_transformer import Block, init_weights_vit_timm
 
-__all__ = ["BViT", "build_model", "count_params", "count_flops"]
+__all__ = ["BViT"]
 
 
 class BViT(nn.Module):
@@ -166,73 +166,6 @@ class BViT(nn.Module):
 
     def forward(self, x: torch.Tensor, num_steps: int | None = None, skip_steps: Collection[int] = ()) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, num_steps=num_steps, skip_steps=skip_steps))
-
-
-def build_model(
-        *,
-        arch: Literal["bvit", "vit"] = "bvit",
-        width: int = 192,
-        steps: int = 12,
-        heads: int = 3,
-        patch_size: int = 16,
-        img_size: int = 224,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        mlp_ratio: float = 4.0,
-        global_pool: Literal["token", "avg"] = "token",
-        step_embed: Literal["none", "learned"] = "none",
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-) -> nn.Module:
-    """Both arms of a comparison from one set of hyper-parameters.
-
-    `bvit`: one block applied `steps` times. `vit`: a timm `VisionTransformer` of depth `steps` with the
-    same width, heads, MLP ratio, patching, pooling and head -- the same FLOPs per image.
-    """
-    common = dict(
-        img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-        global_pool=global_pool, embed_dim=width, num_heads=heads, mlp_ratio=mlp_ratio,
-        class_token=global_pool == "token", drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-    )
-    if arch == "bvit":
-        return BViT(num_steps=steps, step_embed=step_embed, **common)
-    if arch == "vit":
-        if step_embed != "none":
-            raise ValueError("step_embed applies to arch='bvit' only; a ViT's blocks are already distinct")
-        return VisionTransformer(depth=steps, **common)
-    raise ValueError(f"arch must be 'bvit' or 'vit', got {arch!r}")
-
-
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (each shared tensor counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-@torch.no_grad()
-def count_flops(model: nn.Module, img_size: int, in_chans: int) -> int:
-    """FLOPs of one forward pass of one image, measured by `torch.utils.flop_counter.FlopCounterMode`.
-
-    Attention runs unfused while counting (timm's `fused_attn` off), so its two matmuls are counted
-    explicitly; the fused kernel on CPU is not visible to the counter.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    attn = [m for m in model.modules() if hasattr(m, "fused_attn")]
-    saved = [m.fused_attn for m in attn]
-    was_training = model.training
-    p = next(model.parameters())
-    try:
-        for m in attn:
-            m.fused_attn = False
-        model.eval()
-        x = torch.zeros(1, in_chans, img_size, img_size, device=p.device, dtype=p.dtype)
-        with FlopCounterMode(display=False) as counter:
-            model(x)
-        return int(counter.get_total_flops())
-    finally:
-        for m, s in zip(attn, saved, strict=True):
-            m.fused_attn = s
-        model.train(was_training)
 
 
 def _cfg(url: str = "", **kwargs) -> dict:

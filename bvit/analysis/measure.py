@@ -1,13 +1,14 @@
-"""What the shared block does at each step: hidden states, attention, CKA, step pruning, anytime inference.
+"""Measurements (pure: no files, no plots) of what the shared block does at each step: hidden states,
+attention, CKA, whole-step skip, anytime depth.
 
-    model, cfg = load_trained("runs/.../checkpoint.pt")
+    model, cfg = load_trained("runs/.../checkpoint.pt")      # bvit.checkpoint
     loaders = make_loaders(cfg.data, img_size=cfg.model.img_size, seed=0)
     result = analyze(model, loaders.eval, cfg=cfg, device=torch.device("cpu"))
-    plot_analyses({"bvit": result, "vit": vit_result}, out=Path("analysis/"))
+    plot_analyses({"bvit": result, "vit": vit_result}, out=Path("analysis/"))   # bvit.analysis.plots
 
 Everything runs through the model's own forward: a bViT's `forward_features(return_states=True)`,
 `forward(num_steps=k)` and `forward(skip_steps={k})`; for a timm ViT ("per layer") forward hooks record
-each block's output, and pruning / truncation run the same forward over a temporarily shortened
+each block's output, and step skip / truncation run the same forward over a temporarily shortened
 `blocks`. Attention probabilities are recomputed from each `Attention`'s input in a forward hook
 (softmax(q k^T * scale), the matrix timm's unfused path computes), so the fused kernel stays in use.
 
@@ -20,78 +21,30 @@ Definitions (state t is h_t, t = 0 the embedding, T the last step; shapes (B, N,
     attention renormalised over patches), the expected Euclidean distance in patches on the grid.
   * CKA: linear CKA (Kornblith et al., 2019) between every pair of states, each token of each image a
     row (B * N rows, D features), accumulated exactly over the analysed images.
-  * pruning: test top-1 with only step k skipped (`skip_steps={k}`), for every k. Without step
-    embeddings a bViT's steps are interchangeable -- skipping any one is running T-1 steps, so every
-    k gives anytime(T-1); it tells steps apart for a ViT, `step_embed='learned'` or per-step LoRA.
-  * anytime: test top-1 using the first k steps, k = 1..T, then `extra_steps` beyond T (a bViT only).
+  * step skip (`step_skip`): test top-1 with the whole of step k skipped (`skip_steps={k}`), for every k.
+    Without step embeddings a bViT's steps are interchangeable -- skipping any one is running T-1 steps,
+    so every k gives anytime(T-1); it tells steps apart for a ViT, `step_embed='learned'` or per-step
+    LoRA. (Not pruning: nothing inside a step is removed.)
+  * anytime depth (`anytime`): test top-1 using the first k steps, k = 1..T, then `extra_steps` beyond T
+    (a bViT only).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from pydantic import ValidationError
 from timm.layers import Attention
 
-from bvit.checkpoint import read_checkpoint
-from bvit.config import ModelConfig, TrialConfig
-from bvit.model import BViT, build_model
-from bvit.train import CHECKPOINT_NAME, evaluate
+from bvit.config import TrialConfig
+from bvit.engine import evaluate
+from bvit.models.bvit import BViT
 
-__all__ = [
-    "load_trained", "checkpoint_config", "build_from_config", "linear_cka", "attention_entropy", "mean_attention_distance", "attention_probs",
-    "state_statistics", "depth_curves", "analyze", "plot_analyses",
-]
-
-
-def build_from_config(m: ModelConfig) -> nn.Module:
-    """The (untrained) model a `ModelConfig` describes, as `bvit.train` builds it."""
-    return build_model(
-        arch=m.arch, width=m.width, steps=m.steps, heads=m.heads, patch_size=m.patch_size, img_size=m.img_size,
-        in_chans=m.in_chans, num_classes=m.num_classes, mlp_ratio=m.mlp_ratio, global_pool=m.global_pool,
-        step_embed=m.step_embed, drop_path_rate=m.drop_path,
-    )
-
-
-def _read_checkpoint(checkpoint: str | Path, map_location: str | torch.device) -> tuple[Path, dict, TrialConfig]:
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint; pass a trial's {CHECKPOINT_NAME} or its directory")
-    ckpt = read_checkpoint(path, map_location=map_location)  # data only: a hostile pickle is refused
-    missing = [k for k in ("model", "config") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not a bvit-sweep training checkpoint (no {' or '.join(repr(k) for k in missing)})")
-    try:
-        cfg = TrialConfig.model_validate(ckpt["config"])
-    except ValidationError as e:
-        lines = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-                          for err in e.errors())
-        raise ValueError(f"{path}: the checkpoint's config is not valid here ({lines})") from e
-    return path, ckpt, cfg
-
-
-def checkpoint_config(checkpoint: str | Path) -> tuple[Path, TrialConfig]:
-    """(the checkpoint.pt file, its `TrialConfig`), checked as `load_trained` checks it, without building a model."""
-    path, _, cfg = _read_checkpoint(checkpoint, "cpu")
-    return path, cfg
-
-
-def load_trained(checkpoint: str | Path, *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, TrialConfig]:
-    """The trained model (eval mode) and its `TrialConfig` from a `checkpoint.pt` (or the directory holding it)."""
-    path, ckpt, cfg = _read_checkpoint(checkpoint, map_location)
-    model = build_from_config(cfg.model)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the model its config describes ({e})") from e
-    return model.eval(), cfg
+__all__ = ["linear_cka", "attention_entropy", "mean_attention_distance", "attention_probs", "state_statistics",
+           "depth_curves", "analyze"]
 
 
 def _centered_gram_cka(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> float:
@@ -159,7 +112,7 @@ Batches = Iterable | Callable[[], Iterable]
 
 class _Limited:
     """Re-iterable view of the first `limit` images of `source`: a re-iterable of (images, labels) such as a
-    torch DataLoader, or a callable returning one pass (e.g. `bvit.data.Loaders.eval`)."""
+    torch DataLoader, or a callable returning one pass (e.g. `bvit.data.loaders.Loaders.eval`)."""
 
     def __init__(self, source: Batches, limit: int | None, device: torch.device) -> None:
         self.source, self.limit, self.device = source, limit, device
@@ -251,7 +204,7 @@ def _vit_blocks(model: nn.Module, keep: Sequence[int]) -> Iterator[None]:
 
 def depth_curves(model: nn.Module, loader: Batches, *, cfg: TrialConfig, device: torch.device,
                  max_images: int | None = None, extra_steps: int = 3) -> dict[str, Any]:
-    """Test metrics of the full model, with each single step skipped, and with only the first k steps.
+    """Test metrics of the full model, with each single whole step skipped, and with only the first k steps.
 
     A ViT is evaluated with block k removed / truncated to k blocks (no extrapolation past its depth).
     """
@@ -267,12 +220,12 @@ def depth_curves(model: nn.Module, loader: Batches, *, cfg: TrialConfig, device:
             return evaluate(model, data, cfg=cfg, device=device)
 
     full = run()
-    pruning = [{"skipped": k, **run(skip_steps=(k,))} for k in range(depth)]
-    for row in pruning:
+    step_skip = [{"skipped": k, **run(skip_steps=(k,))} for k in range(depth)]
+    for row in step_skip:
         row["drop"] = full["test_top1"] - row["test_top1"]
     last = depth + (extra_steps if is_bvit else 0)
     anytime = [{"steps": k, "extrapolated": k > depth, **run(num_steps=k)} for k in range(1, last + 1)]
-    return {"full": full, "pruning": pruning, "anytime": anytime}
+    return {"full": full, "step_skip": step_skip, "anytime": anytime}
 
 
 def analyze(model: nn.Module, loader: Batches, *, cfg: TrialConfig, device: torch.device,
@@ -289,78 +242,3 @@ def analyze(model: nn.Module, loader: Batches, *, cfg: TrialConfig, device: torc
         **state_statistics(model, loader, max_images=stats_images, device=device),
         **depth_curves(model, loader, cfg=cfg, device=device, max_images=max_images, extra_steps=extra_steps),
     }
-
-
-def _figure(ncols: int, width: float = 5.0, height: float = 3.8):
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    return fig, axes
-
-
-def plot_analyses(results: dict[str, dict[str, Any]], *, out: Path) -> list[Path]:
-    """states.png, attention.png, cka.png, pruning.png, anytime.png: every model in `results` side by side."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-
-    def save(fig, name: str) -> None:
-        fig.savefig(out / name, dpi=120)
-        paths.append(out / name)
-
-    fig, (a, b) = _figure(2)
-    for label, r in results.items():
-        a.plot(range(len(r["norm"])), r["norm"], marker="o", label=label)
-        b.plot(range(1, len(r["relative_update"]) + 1), r["relative_update"], marker="o", label=label)
-    a.set(xlabel="state t (0 = embedding)", ylabel="mean token norm ||h_t||", title="hidden-state norm")
-    b.set(xlabel="step t", ylabel="||h_t - h_(t-1)|| / ||h_(t-1)||", title="relative update", yscale="log")
-    a.legend(), b.legend()
-    save(fig, "states.png")
-
-    fig, (a, b) = _figure(2)
-    for i, (label, r) in enumerate(results.items()):
-        color = f"C{i}"
-        for key, ax in (("attention_entropy", a), ("attention_distance", b)):
-            per_head = torch.tensor(r[key])  # (L, H)
-            steps = range(1, per_head.shape[0] + 1)
-            ax.plot(steps, per_head, color=color, alpha=0.3, linewidth=0.8)
-            ax.plot(steps, per_head.mean(1), color=color, marker="o", label=f"{label} (mean of heads)")
-    first = next(iter(results.values()))
-    a.axhline(first["max_entropy"], color="grey", linestyle=":", label="uniform (log N)")
-    a.set(xlabel="step / layer", ylabel="entropy (nats)", title="attention entropy per head")
-    b.set(xlabel="step / layer", ylabel="patches", title="mean attention distance per head")
-    a.legend(fontsize=8), b.legend(fontsize=8)
-    save(fig, "attention.png")
-
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = _figure(len(results), width=4.2)
-    for ax, (label, r) in zip(axes, results.items(), strict=True):
-        im = ax.imshow(r["cka"], vmin=0, vmax=1, cmap="magma", origin="lower")
-        ax.set(xlabel="state t (0 = embedding)", ylabel="state t", title=f"linear CKA: {label}")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(im, ax=list(axes), shrink=0.8)
-    save(fig, "cka.png")
-
-    fig, (ax,) = _figure(1, width=6)
-    for i, (label, r) in enumerate(results.items()):
-        ax.plot([p["skipped"] + 1 for p in r["pruning"]], [p["test_top1"] for p in r["pruning"]],
-                marker="o", color=f"C{i}", label=f"{label}: skip step k")
-        ax.axhline(r["full"]["test_top1"], color=f"C{i}", linestyle="--", linewidth=0.8, label=f"{label}: no skip")
-    ax.set(xlabel="skipped step / layer k", ylabel="test top-1 (%)", title="step-specific pruning")
-    ax.legend(fontsize=8)
-    save(fig, "pruning.png")
-
-    fig, (ax,) = _figure(1, width=6)
-    for i, (label, r) in enumerate(results.items()):
-        ax.plot([p["steps"] for p in r["anytime"]], [p["test_top1"] for p in r["anytime"]], marker="o",
-                color=f"C{i}", label=label)
-        ax.axvline(r["steps"], color=f"C{i}", linestyle=":", linewidth=0.8)
-    ax.set(xlabel="steps / layers used k (dotted: trained T)", ylabel="test top-1 (%)", title="anytime inference")
-    ax.legend(fontsize=8)
-    save(fig, "anytime.png")
-    return paths
-
