@@ -4,9 +4,9 @@ import copy
 import pytest
 import torch
 
-from bvit.model import build_model
+from bvit.analysis.pruning import component_importance, component_labels, disabled
+from bvit.models.factory import build_model
 from bvit.peft import apply_peft, lora_modules
-from bvit.step_pruning import component_importance, component_labels, disabled
 
 T, D, H = 3, 32, 4  # steps, width, heads (head_dim 8); MLP hidden 128
 X = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))

@@ -14,7 +14,7 @@ the block; on a timm ViT "step" t is layer t (the reference: distinct layers may
 The summary is how much the ranking of components changes between steps: the Spearman correlation of
 two steps' importance vectors (loss increase over components). 1.0 everywhere means the block does the
 same work at every step; lower values mean step-dependent behaviour ("implicit depth multiplexing").
-This differs from skipping a whole step (`forward(skip_steps=...)`), which on a bViT without step
+This differs from skipping a whole step (`forward(skip_steps=...)`, `measure.depth_curves` "step_skip"), which on a bViT without step
 embeddings is the same as running one step fewer (anytime depth), and so cannot tell steps apart.
 """
 from __future__ import annotations
