@@ -164,8 +164,12 @@ def train(
         report: Report | None = None,
         checkpoint_dir: Path | str | None = None,
         progress: bool = False,
+        trial_id: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one trial; returns the final metrics plus `best_test_top1` and `history`.
+
+    `trial_id` (default `cfg.trial_id()`) is stored in each checkpoint and returned: a sweep passes the id
+    of the config as written in its spec, before paths were resolved.
 
     A trial with a `finetune` section fine-tunes its pretrained checkpoint instead (`bvit.finetune`,
     one process, no checkpoint written).
@@ -175,7 +179,8 @@ def train(
         if world > 1:
             raise TrainingError("fine-tuning trials run in one process; set resources.workers: 1")
         from bvit.finetune import finetune_trial  # bvit.finetune builds on this module
-        return finetune_trial(cfg, report=report)
+        result = finetune_trial(cfg, report=report)
+        return {**result, "trial_id": trial_id or result["trial_id"]}
     device = _device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -262,7 +267,7 @@ def train(
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": rng_state(device), "epoch": epoch,
-                "history": history, "config": cfg.model_dump(mode="json"),
+                "history": history, "config": cfg.model_dump(mode="json"), "trial_id": trial_id or cfg.trial_id(),
             })
         if world > 1:
             dist.barrier()
@@ -270,7 +275,7 @@ def train(
             report(dict(record))
 
     final = dict(history[-1]) if history else {}
-    final.update(best_test_top1=best if math.isfinite(best) else None, history=history, trial_id=cfg.trial_id())
+    final.update(best_test_top1=best if math.isfinite(best) else None, history=history, trial_id=trial_id or cfg.trial_id())
     return final
 
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: the real Fashion-MNIST (Debian package dataset-fashion-mnist), prepared once per session."""
+"""Shared fixtures: the real Fashion-MNIST (Debian package dataset-fashion-mnist), prepared once per session;
+one embedded Ray; a working directory per test; free loopback ports."""
+import socket
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,22 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, ray_local):
+    """A fresh working directory (runs/, results/, data/ land here) with the session's Ray running."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (for a server or a process group the test starts)."""
+    return _free_port()

@@ -17,12 +17,7 @@ from _sweep_helpers import write_spec
 from orchestrator.errors import UserError
 from orchestrator.launch import launch
 from orchestrator.results import collect_trials
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, ray_local):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+from orchestrator.trainable import FAULT_ENV
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -77,11 +72,11 @@ def test_shipped_smoke_sweep_completes_every_trial(workdir, fmnist_dir):
     assert bvit["1"] == bvit["2"]  # one shared block whatever the step count
 
 
-def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir):
+def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir, monkeypatch):
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="crash", epochs=3, axes={"model.arch": ["bvit"]},
                       max_failures=1)
-    result = launch(spec_path=spec, verbose=False,
-                    _fault={"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")})
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")}))
+    result = launch(spec_path=spec, verbose=False)
     assert result.ok
     (row,) = result.trials
     assert row["status"] == "TERMINATED" and row["epochs"] == 3 and row["retries"] == 1

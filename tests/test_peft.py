@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from pydantic import ValidationError
 from timm.models.vision_transformer import Block
 from typer.testing import CliRunner
@@ -18,7 +17,7 @@ from bvit.model import BViT, build_model, count_params
 from bvit.peft import METHODS, LoRALinear, StepBlocks, StepIndexedBViT, apply_peft, lora_modules, merge_lora
 from bvit.train import CHECKPOINT_NAME, train
 from bvit.transfer import digits_arrays, prepare_fashion_mnist_split, prepare_task
-from orchestrator.analysis_cmd import finetune_command
+from orchestrator.cli import app as cli_app
 
 D, T, K, R, PATCHES = 32, 3, 5, 4, 49  # width, steps, downstream classes, LoRA rank, 7x7 patches of 4 px
 
@@ -231,9 +230,7 @@ def test_finetune_reports_exact_counts_and_keeps_frozen_weights(method, pretrain
 
 
 def test_finetune_command_prepares_named_task_and_prints_json(pretrained, tmp_path):
-    app = typer.Typer()
-    app.command("finetune")(finetune_command)
-    app.command("other")(lambda: None)
+    app = cli_app
     data = tmp_path / "digits"
     r = CliRunner().invoke(app, ["finetune", str(pretrained), "--method", "lora-shared", "--rank", "2", "--data",
                                  str(data), "--epochs", "1", "--json"])

@@ -9,7 +9,7 @@ import yaml
 from bvit.config import ModelConfig, TrialConfig
 from bvit.model import build_model, count_flops, count_params
 from orchestrator.errors import InputWarning
-from orchestrator.plan import CPU_CORE_FLOPS, make_plan, model_flops, model_params
+from orchestrator.planning import CPU_CORE_FLOPS, make_plan, model_flops, model_params
 from orchestrator.spec import SpecError, SweepSpec, expand, expand_trials, load_spec
 
 SWEEPS = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))

@@ -1,7 +1,6 @@
 """MLflow against a real `mlflow server` on loopback: parent/child runs, resume without duplicates,
 and a server that goes away mid-sweep (training goes on; `sync` back-fills)."""
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -14,15 +13,14 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.frontier import frontier_table
 from orchestrator.launch import launch
-from orchestrator.sweeps import resolve_sweep, sweep_sync
+from orchestrator.sweep_dir import resolve_sweep, sweep_sync
+from orchestrator.trainable import FAULT_ENV
 
 
 class MlflowServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int) -> None:
         self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = port
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
@@ -50,18 +48,12 @@ class MlflowServer:
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path / "mlflow-server")
+def server(tmp_path, free_port):
+    srv = MlflowServer(tmp_path / "mlflow-server", free_port)
     srv.root.mkdir()
     srv.start()
     yield srv
     srv.stop()
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch, ray_local):
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def runs_of(uri: str, experiment: str):
@@ -95,10 +87,11 @@ def test_sweep_logs_parent_children_metrics_and_frontier_to_a_server(workdir, fm
     assert [a.path for a in client.list_artifacts(best_run.info.run_id, "model")] == ["model/checkpoint.pt"]
 
 
-def test_resumed_trial_continues_its_own_child_run(workdir, fmnist_dir, server):
+def test_resumed_trial_continues_its_own_child_run(workdir, fmnist_dir, server, monkeypatch):
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="res", epochs=3, axes={"model.arch": ["bvit"]})
-    first = launch(spec_path=spec, tracking_uri=server.uri, verbose=False,
-                   _fault={"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")})
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")}))
+    first = launch(spec_path=spec, tracking_uri=server.uri, verbose=False)
+    monkeypatch.delenv(FAULT_ENV)
     assert [r["status"] for r in first.trials] == ["ERROR"]
     second = launch(spec_path=spec, tracking_uri=server.uri, resume=True, verbose=False)
     assert second.ok and second.trials[0]["epochs"] == 3
