@@ -14,8 +14,10 @@ import ray
 import yaml
 from _sweep_helpers import write_spec
 
+from bvit.config import ModelConfig
 from orchestrator.errors import UserError
 from orchestrator.launch import launch
+from orchestrator.planning import model_flops, model_params
 from orchestrator.results import collect_trials
 from orchestrator.trainable import FAULT_ENV
 
@@ -35,7 +37,9 @@ def test_sweep_completes_with_trials_csv_and_mlflow_runs(workdir, fmnist_dir):
     assert [r["status"] for r in rows] == ["TERMINATED", "TERMINATED"]
     assert {r["arch"] for r in rows} == {"bvit", "vit"}
     for r in rows:
-        assert r["epochs"] == "2" and float(r["best_test_top1"]) > 10 and int(r["params"]) > 0 and r["node"]
+        model = ModelConfig(arch=r["arch"], width=32, steps=2, heads=2)
+        assert r["epochs"] == "2" and float(r["best_test_top1"]) > 10 and r["node"]
+        assert (int(r["params"]), int(r["flops_per_image"])) == (model_params(model), model_flops(model))
     assert (workdir / "results" / "tiny" / "frontier.csv").exists()
     run = json.loads((workdir / "results" / "tiny" / "run.json").read_text())
     assert run["command"] == f"bvit-sweep launch {spec}" and run["terminated"] == 2

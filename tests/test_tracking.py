@@ -11,8 +11,10 @@ import pytest
 from _sweep_helpers import write_spec
 from mlflow.tracking import MlflowClient
 
+from bvit.config import ModelConfig
 from orchestrator.frontier import frontier_table
 from orchestrator.launch import launch
+from orchestrator.planning import model_params
 from orchestrator.sweep_dir import resolve_sweep, sweep_sync
 from orchestrator.trainable import FAULT_ENV
 
@@ -75,7 +77,8 @@ def test_sweep_logs_parent_children_metrics_and_frontier_to_a_server(workdir, fm
     assert {c.data.tags["bvit.trial_id"] for c in children} == {r["trial_id"] for r in result.trials}
     for c in children:
         assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert c.data.params["model.arch"] in ("bvit", "vit") and int(c.data.params["params"]) > 0
+        model = ModelConfig(arch=c.data.params["model.arch"], width=32, steps=2, heads=2)
+        assert int(c.data.params["params"]) == model_params(model)
         for key in ("test_top1", "train_loss", "lr"):
             assert [m.step for m in client.get_metric_history(c.info.run_id, key)] == [1, 2]
         assert c.info.status == "FINISHED"
@@ -143,4 +146,8 @@ def test_frontier_pareto_and_recovered_fraction_numbers():
     assert cells.loc[("bvit", 64), "gap_points"] == pytest.approx(2.0)
     assert list(cells["on_frontier"].items()) == [
         (("bvit", 32), True), (("bvit", 64), True), (("vit", 32), False), (("vit", 64), True)]
-    assert json.dumps(cells.reset_index().to_dict("records"), default=str)
+    records = cells.reset_index().to_dict("records")  # what the parent run logs as frontier_table.json
+    assert json.loads(json.dumps(records))[0] == {
+        "arch": "bvit", "width": 32, "steps": 4, "params": 100, "flops_per_image": 1, "top1_mean": 81.0,
+        "top1_std": pytest.approx(2 ** 0.5), "seeds": 2, "on_frontier": True,
+        "recovered_fraction": pytest.approx(81 / 85), "gap_points": 4.0}

@@ -9,7 +9,14 @@ prints. Errors become exit codes by one policy (`orchestrator.cli.app`): 2 bad i
     run.py     train, finetune, analyze (one process, no Ray)
     data.py    data prepare fashion-mnist | image-folder, data transfer, data verify
 """
-from orchestrator.cli import data, run, sweep  # noqa: F401  (registers the commands)
+# Importing a command module registers its commands; this order is the order `--help` lists them in.
+from orchestrator.cli import sweep  # noqa: F401
+
+# isort: split
+from orchestrator.cli import run  # noqa: F401
+
+# isort: split
+from orchestrator.cli import data  # noqa: F401
 from orchestrator.cli.app import app
 
 __all__ = ["app"]
