@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from orchestrator.plan import make_plan, print_plan
+from orchestrator.planning import make_plan, print_plan
 from orchestrator.spec import load_spec
 
 

@@ -1,36 +1,30 @@
 """User-facing errors shared by every `bvit-sweep` command: one line per problem, an exit code, no traceback.
 
 A problem is a location (`('axes', 'model.width', 2)`) and a message; rendered against its source file
-it reads `sweeps/x.yaml: axes["model.width"][2]: width=100 is not divisible by heads=6`. Commands raise
-`UserError` (or a subclass); `reports_errors` turns it into those lines on stderr and the exit code.
-`InputWarning`s raised while a command runs print as `warning: ...` lines on stderr.
+it reads `sweeps/x.yaml: axes["model.width"][2]: width=100 is not divisible by heads=6`. Code below the
+CLI raises `UserError` (or a subclass); `orchestrator.cli.app.command` turns it into those lines on stderr
+and the exit code (EXIT_INVALID for bad input, EXIT_FAILED for a run that failed).
 """
 from __future__ import annotations
 
 import difflib
-import functools
 import re
 import typing
-import warnings
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 __all__ = [
-    "EXIT_INVALID", "InputError", "InputWarning", "Loc", "UserError", "did_you_mean", "error_message",
-    "field_paths", "format_loc", "problems_from_validation", "read_yaml", "render", "reports_errors",
+    "EXIT_FAILED", "EXIT_INVALID", "InputError", "InputWarning", "Loc", "UserError", "did_you_mean",
+    "error_message", "field_paths", "format_loc", "problems_from_validation", "render",
 ]
 
 EXIT_INVALID = 2  # invalid input: the same code click uses for a bad command line
+EXIT_FAILED = 1  # the input was fine, the run failed (a sweep with failed trials, a diverged training run)
 
 Loc = tuple[str | int, ...]
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 class UserError(Exception):
@@ -145,98 +139,3 @@ def problems_from_validation(
 ) -> list[tuple[Loc, str]]:
     """One `(location, message)` per pydantic error, the location under `prefix` (see `error_message`)."""
     return [(prefix + tuple(err["loc"]), error_message(err, model=model)) for err in exc.errors()]
-
-
-class _Loader(yaml.SafeLoader):
-    """`yaml.SafeLoader` (no Python object tags) that also rejects a key given twice in one mapping."""
-
-
-class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """The same in libyaml's C parser: ~10x faster, with terser error messages."""
-
-
-def _unique_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            if key in seen:
-                msg = f"duplicate key {key!r} (first given on line {seen[key] + 1})"
-                raise yaml.constructor.ConstructorError(None, None, msg, key_node.start_mark)
-            seen[key] = key_node.start_mark.line
-        except TypeError:  # unhashable key: construct_mapping reports it
-            pass
-    return loader.construct_mapping(node, deep=deep)
-
-
-for _loader in (_Loader, _FastLoader):
-    _loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys)
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's data, loaded safely (plain YAML only, no key given twice in one mapping).
-
-    Raises `InputError` with one line: `file: no such file`, `file: line 3, column 7: YAML error: ...`, ...
-    """
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError([((), "no such file")], source=source) from None
-    except UnicodeDecodeError:
-        raise InputError([((), "not UTF-8 text; expected a YAML file")], source=source) from None
-    except OSError as e:
-        raise InputError([((), f"cannot read: {e.strerror or e}")], source=source) from None
-    try:
-        return yaml.load(text, Loader=_FastLoader)  # noqa: S506 -- a safe loader
-    except yaml.YAMLError:
-        pass  # read it again in pure Python, whose messages say more (e.g. which character)
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a safe loader
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        if mark is not None:
-            line, column = mark.line, mark.column
-        else:  # a ReaderError (a control character) knows only its offset
-            before = text[:getattr(e, "position", 0)]
-            line, column = before.count("\n"), len(before) - (before.rfind("\n") + 1)
-        where = f"line {line + 1}, column {column + 1}"
-        problem = getattr(e, "problem", None) or str(e).split("\n")[0]
-        if "could not determine a constructor for the tag" in problem:
-            problem += " (only plain YAML is allowed: no Python object tags)"
-        if context := getattr(e, "context", None):
-            problem += f" ({context})"
-        raise InputError([(where, f"YAML error: {problem}")], source=source) from None
-
-
-def reports_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Wrap a CLI command: a `UserError` prints its lines on stderr and exits with its code, no traceback.
-
-    `InputWarning`s print as `warning: ...` lines on stderr, each distinct message once.
-    """
-    import typer
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", InputWarning)
-            previous, shown = warnings.showwarning, set()
-
-            def show(message: Warning | str, category: type[Warning], *rest: Any, **kw: Any) -> None:
-                if issubclass(category, InputWarning):
-                    if str(message) not in shown:  # once per command, however often the input is read
-                        shown.add(str(message))
-                        typer.echo(f"warning: {message}", err=True)
-                else:
-                    previous(message, category, *rest, **kw)
-
-            warnings.showwarning = show
-            try:
-                return fn(*args, **kwargs)
-            except UserError as e:
-                for line in e.lines:
-                    typer.echo(line, err=True)
-                raise typer.Exit(e.code) from None
-
-    return wrapper

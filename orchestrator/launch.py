@@ -20,16 +20,16 @@ import ray
 from ray import tune
 
 from bvit.config import ModelConfig, TrialConfig
+from orchestrator.envelope import TRIAL_KEY, Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.progress import ProgressTable
 from orchestrator.results import best_checkpoint, collect_trials, finalize, git_sha, write_results
-from orchestrator.spec import SweepSpec, expand, load_spec
-from orchestrator.sweeps import SNAPSHOT, sweep_dir_for
+from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
+from orchestrator.sweep_dir import SNAPSHOT, sweep_dir_for
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
-from orchestrator.trainable import run_trial
+from orchestrator.trainable import tune_trainable
 
 __all__ = ["launch", "LaunchResult", "sweep_dir_for"]
-
 
 
 @dataclass
@@ -45,7 +45,8 @@ class LaunchResult:
 
 
 def _trial_name(trial) -> str:
-    return trial.config["run"]["trial_id"]
+    """Ray's trial name and directory: the spec's trial id."""
+    return TrialEnvelope.of(trial.config).trial_id
 
 
 def prepare_data(trials: list[TrialConfig], *, cwd: Path) -> dict[str, str]:
@@ -84,7 +85,7 @@ def _best_of_sweep(sweep_dir: Path) -> Path:
 
 
 def resolve_pretrained(trials: list[TrialConfig], data_paths: dict[str, str], *, cwd: Path,
-                       source: str) -> dict[tuple[str, str], tuple[str, ModelConfig]]:
+                       source: str) -> Pretrained:
     """For fine-tuning trials: {(spec checkpoint, spec data path) -> (absolute checkpoint.pt, the model the
     trial runs: the checkpoint's, with a head for the data's classes)}.
 
@@ -139,41 +140,6 @@ def _connect(address: str | None, spec: SweepSpec) -> str:
     return "local"
 
 
-def _resolved(cfg: TrialConfig, data_paths: dict[str, str],
-              pretrained: dict[tuple[str, str], tuple[str, ModelConfig]]) -> TrialConfig:
-    """What the trial runs: absolute paths; a fine-tuning trial's model is its checkpoint's (new head)."""
-    update: dict[str, Any] = {"data": cfg.data.model_copy(update={"path": data_paths[cfg.data.path]})}
-    if cfg.finetune is not None:
-        file, update["model"] = pretrained[(cfg.finetune.checkpoint, cfg.data.path)]
-        update["finetune"] = cfg.finetune.model_copy(update={"checkpoint": file})
-    return cfg.model_copy(update=update)
-
-
-def _runs(spec: SweepSpec, trials: list[TrialConfig], data_paths: dict[str, str], sweep_dir: Path,
-          fault: dict | None, pretrained: dict[tuple[str, str], tuple[str, ModelConfig]]) -> list[dict[str, Any]]:
-    r = spec.resources
-    runs = []
-    for cfg in trials:
-        resolved = _resolved(cfg, data_paths, pretrained)
-        runs.append({
-            "trial_id": cfg.trial_id(),
-            "trial": resolved.model_dump(mode="json"),
-            "workers": r.workers, "cpus": r.cpus, "gpus": r.gpus,
-            "torch_threads": max(1, int(r.cpus // max(r.workers, 1))),
-            "max_failures": spec.max_failures,
-            "train_storage": str(sweep_dir / "train"),
-            **({"_fault": fault} if fault else {}),
-        })
-    return runs
-
-
-def _trainable(spec: SweepSpec):
-    r = spec.resources
-    if r.workers > 1:  # the Tune trial only drives a TorchTrainer; its workers hold the resources
-        return tune.with_resources(run_trial, {"cpu": 0.01})  # Ray refuses an empty bundle
-    return tune.with_resources(run_trial, {"cpu": r.cpus, "gpu": r.gpus})
-
-
 def _scheduler(spec: SweepSpec, trials: list[TrialConfig]):
     s = spec.scheduler
     if s.type == "asha":
@@ -184,8 +150,8 @@ def _scheduler(spec: SweepSpec, trials: list[TrialConfig]):
     return None
 
 
-def _snapshot(spec: SweepSpec, smoke: bool, trials: list[TrialConfig]) -> dict[str, Any]:
-    return {"spec": spec.model_dump(mode="json", exclude_unset=True), "smoke": smoke, "trial_ids": [t.trial_id() for t in trials]}
+def _snapshot(spec: SweepSpec, smoke: bool, trials: list[Trial]) -> dict[str, Any]:
+    return {"spec": spec.model_dump(mode="json", exclude_unset=True), "smoke": smoke, "trial_ids": [t.id for t in trials]}
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -208,13 +174,13 @@ def launch(
         results_root: Path | str = "results",
         tracking_uri: str | None = None,
         verbose: bool = True,
-        _fault: dict | None = None,
 ) -> LaunchResult:
     """Run (or resume) every trial of the sweep; write results/<name>/trials.csv; return the trial table."""
     spec = load_spec(spec_path)
-    trials = expand(spec, smoke=smoke)
+    trials = expand_trials(spec, smoke=smoke)
+    configs = [t.config for t in trials]
     if spec.scheduler.type == "asha" and spec.scheduler.metric.startswith("test_"):
-        late = sorted({t.eval_every for t in trials if t.eval_every != 1})
+        late = sorted({c.eval_every for c in configs if c.eval_every != 1})
         if late:
             raise UserError([f"{spec_path}: scheduler.type: asha compares {spec.scheduler.metric} every epoch, "
                              f"but eval_every={late[0]} scores the test set less often; set eval_every: 1"])
@@ -235,10 +201,10 @@ def launch(
                              "(pass --force to resume anyway):", *("  " + c for c in changes)])
 
     sha = git_sha()  # the code the trials run, recorded before anything changes
-    if spec.resources.workers > 1 and any(t.finetune is not None for t in trials):
+    if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
         raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
-    data_paths = prepare_data(trials, cwd=Path.cwd())
-    pretrained = resolve_pretrained(trials, data_paths, cwd=Path.cwd(), source=str(spec_path))
+    data_paths = prepare_data(configs, cwd=Path.cwd())
+    pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=str(spec_path))
     _connect(address, spec)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     if not resume or force:
@@ -249,20 +215,20 @@ def launch(
     tracking = dict(uri=uri, experiment=experiment, sweep=name, artifact_root=str(results_dir / "mlflow" / "artifacts"))
     callbacks = [ProgressTable(total=len(trials))] if verbose else []
     callbacks.append(MlflowProgressCallback(**tracking))
-    trainable = _trainable(spec)
+    trainable = tune_trainable(spec.resources)
     if resume:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True, restart_errored=False)
     else:
-        runs = _runs(spec, trials, data_paths, sweep_dir, _fault, pretrained)
+        envelopes = build_envelopes(spec, trials, data_paths=data_paths, pretrained=pretrained, sweep_dir=sweep_dir)
         tuner = tune.Tuner(
             trainable,
-            param_space={"run": tune.grid_search(runs)},
+            param_space={TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])},
             tune_config=tune.TuneConfig(
                 # A metric only for ASHA: FIFO trials may score the test set only at the end (eval_every).
                 metric=spec.scheduler.metric if spec.scheduler.type == "asha" else None,
                 mode=spec.scheduler.mode if spec.scheduler.type == "asha" else None,
-                scheduler=_scheduler(spec, trials),
+                scheduler=_scheduler(spec, configs),
                 max_concurrent_trials=spec.max_concurrent_trials,
                 # One process per concurrent slot, reused by the next trial: no interpreter start and
                 # torch import per trial (seconds each on a small CPU). Data-parallel trials own workers.
@@ -280,7 +246,7 @@ def launch(
         tuner.fit()
     except KeyboardInterrupt:
         interrupted = True
-    table = collect_trials(sweep_dir, spec=spec, trials=trials)
+    table = collect_trials(sweep_dir, trials=trials)
     interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
     write_results(table, spec=spec, spec_path=Path(spec_path), results_dir=results_dir, smoke=smoke,
                   sweep_dir=sweep_dir, sha=sha)

@@ -8,6 +8,8 @@ from ray import tune
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.envelope import TrialEnvelope
+
 __all__ = ["ProgressTable", "render_table"]
 
 
@@ -40,11 +42,11 @@ class ProgressTable(tune.Callback):
         return {"total": self.total, "every_s": self.every_s, "_last": 0.0, "_rows": {}}
 
     def _row(self, trial) -> dict[str, Any]:
-        run = trial.config["run"]
-        m = run["trial"]["model"]
-        row = self._rows.setdefault(run["trial_id"], {
-            "trial_id": run["trial_id"], "arch": m["arch"], "width": m["width"], "steps": m["steps"],
-            "seed": run["trial"]["seed"], "retries": 0,
+        env = TrialEnvelope.of(trial.config)
+        m = env.resolved.model
+        row = self._rows.setdefault(env.trial_id, {
+            "trial_id": env.trial_id, "arch": m.arch, "width": m.width, "steps": m.steps,
+            "seed": env.resolved.seed, "retries": 0,
         })
         row["status"] = trial.status
         return row
@@ -67,11 +69,11 @@ class ProgressTable(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._row(trial)["status"] = "ERROR"
-        Console(highlight=False).print(f"[{trial.config['run']['trial_id']}] failed; see {trial.path}")
+        Console(highlight=False).print(f"[{TrialEnvelope.of(trial.config).trial_id}] failed; see {trial.path}")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         Console(highlight=False).print(
-            f"[{trial.config['run']['trial_id']}] crashed; restarting from its last checkpoint")
+            f"[{TrialEnvelope.of(trial.config).trial_id}] crashed; restarting from its last checkpoint")
 
     def _maybe_table(self, trials, force: bool = False) -> None:
         now = time.monotonic()

@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from bvit.config import TrialConfig
-from orchestrator.spec import SweepSpec
+from orchestrator.envelope import TrialEnvelope
+from orchestrator.spec import SweepSpec, Trial
 
-__all__ = ["collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "COLUMNS"]
+__all__ = ["collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes", "COLUMNS"]
 
 COLUMNS = [
     "trial_id", "status", "arch", "width", "steps", "heads", "seed", "params", "flops_per_image",
@@ -26,31 +26,42 @@ COLUMNS = [
 ]
 
 
-def _axis_columns(spec: SweepSpec | None, trials: list[TrialConfig] | None) -> list[str]:
+def _axis_columns(trials: list[Trial] | None) -> list[str]:
     if not trials:
         return []
-    flats = [t.flat() for t in trials]
+    flats = [t.config.flat() for t in trials]
     varied = [k for k in flats[0] if len({json.dumps(f.get(k)) for f in flats}) > 1 and k != "seed"]
     return [k for k in varied if k not in ("finetune.method", "finetune.rank")]  # as `method`, `rank` columns
 
 
-def collect_trials(sweep_dir: Path, *, spec: SweepSpec | None = None,
-                   trials: list[TrialConfig] | None = None) -> list[dict[str, Any]]:
-    """One dict per trial in the sweep at `sweep_dir` (status, axes, counts, best/final metrics, node...)."""
+def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
+    """{trial id -> envelope} of every trial Ray Tune's state at `sweep_dir` holds."""
+    from ray.tune import ExperimentAnalysis
+
+    envelopes = (TrialEnvelope.of(t.config) for t in ExperimentAnalysis(str(sweep_dir)).trials)
+    return {env.trial_id: env for env in envelopes}
+
+
+def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> list[dict[str, Any]]:
+    """One dict per trial in the sweep at `sweep_dir` (status, axes, counts, best/final metrics, node...).
+
+    `trials` (the spec's, expanded) orders the rows and names the axis columns; without them rows come in
+    id order with the model columns only.
+    """
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(sweep_dir))
     dfs = analysis.trial_dataframes
-    axis_cols = _axis_columns(spec, trials)
+    axis_cols = _axis_columns(trials)
     rows = []
     for trial in analysis.trials:
-        run = trial.config["run"]
-        cfg = TrialConfig.model_validate(run["trial"])
+        env = TrialEnvelope.of(trial.config)
+        cfg = env.resolved  # a fine-tuning trial's model is its checkpoint's
         flat = cfg.flat()
         last = trial.last_result or {}
         df = dfs.get(trial.trial_id)
         row: dict[str, Any] = {
-            "trial_id": run["trial_id"], "status": trial.status, "arch": cfg.model.arch,
+            "trial_id": env.trial_id, "status": trial.status, "arch": cfg.model.arch,
             "width": cfg.model.width, "steps": cfg.model.steps, "heads": cfg.model.heads, "seed": cfg.seed,
             **{c: flat[c] for c in axis_cols if c not in ("model.arch", "model.width", "model.steps", "model.heads")},
             "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
@@ -71,7 +82,7 @@ def collect_trials(sweep_dir: Path, *, spec: SweepSpec | None = None,
         if trial.status == "ERROR" and trial.error_file:
             row["error"] = f"see {trial.error_file}"
         rows.append(row)
-    order = {t.trial_id(): i for i, t in enumerate(trials or [])}
+    order = {t.id: i for i, t in enumerate(trials or [])}
     rows.sort(key=lambda r: (order.get(r["trial_id"], len(order)), r["trial_id"]))
     return rows
 
@@ -155,7 +166,7 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
         if best is not None:
             trial_id, ckpt = best
             row = next(r for r in table if r["trial_id"] == trial_id)
-            cfg = TrialConfig.model_validate(json.loads(json.dumps(_config_of(sweep_dir, trial_id))))
+            cfg = trial_envelopes(sweep_dir)[trial_id].resolved
             tracker.client.log_artifact(tracker.child_run_id(trial_id, cfg), str(ckpt), artifact_path="model")
             tracker.client.set_tag(parent, "bvit.best_trial", trial_id)
             tracker.client.log_metric(parent, "best_final_test_top1", float(row["final_test_top1"]))
@@ -169,7 +180,3 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
               f"{out['synced']['epochs_logged']} epochs back-filled")
     return out
 
-
-def _config_of(sweep_dir: Path, trial_id: str) -> dict[str, Any]:
-    params = json.loads((sweep_dir / trial_id / "params.json").read_text())
-    return params["run"]["trial"]

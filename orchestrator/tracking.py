@@ -19,6 +19,7 @@ from typing import Any
 from ray import tune
 
 from bvit.config import TrialConfig
+from orchestrator.envelope import TrialEnvelope
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep"]
 
@@ -171,12 +172,12 @@ class MlflowProgressCallback(tune.Callback):
         self._q.put(item)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        run = trial.config["run"]
-        self._put(("epoch", run["trial_id"], TrialConfig.model_validate(run["trial"]), dict(result)))
+        env = TrialEnvelope.of(trial.config)
+        self._put(("epoch", env.trial_id, env.resolved, dict(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        run = trial.config["run"]
-        self._put(("end", run["trial_id"], TrialConfig.model_validate(run["trial"]), "TERMINATED"))
+        env = TrialEnvelope.of(trial.config)
+        self._put(("end", env.trial_id, env.resolved, "TERMINATED"))
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._thread is not None:
@@ -195,12 +196,11 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
     tracker.parent_run_id()
     logged = trials = 0
     for trial in analysis.trials:
-        run = trial.config["run"]
-        cfg = TrialConfig.model_validate(run["trial"])
+        env = TrialEnvelope.of(trial.config)
         df = analysis.trial_dataframes.get(trial.trial_id)
         records = [] if df is None or df.empty else df.to_dict("records")
-        logged += tracker.log_epochs(run["trial_id"], cfg, records)
+        logged += tracker.log_epochs(env.trial_id, env.resolved, records)
         if trial.status in ("TERMINATED", "ERROR"):
-            tracker.finish(run["trial_id"], cfg, trial.status)
+            tracker.finish(env.trial_id, env.resolved, trial.status)
         trials += 1
     return {"trials": trials, "epochs_logged": logged}

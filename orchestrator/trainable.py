@@ -1,14 +1,17 @@
-"""The Ray Tune trainable: one sweep trial = one call of `bvit.trial.run_trial`.
+"""The Ray Tune trainable: one sweep trial = one call of `bvit.trial.run_trial` on the trial's envelope.
 
-`run_trial(config)` is a module-level function trainable. `config` holds the resolved trial config
-(`config["trial"]`, validated again here) and its id. Each epoch `train` writes `checkpoint.pt` into a
-local directory and calls `report`, which hands metrics plus a `tune.Checkpoint` of that directory to
-Tune; Tune persists it under the sweep's storage. On a retry (`max_failures`) or a resumed sweep Tune
-passes the last checkpoint back, and `train` continues from it rather than from epoch 0.
+`run_trial(config)` is a module-level function trainable; `config` holds the trial's `TrialEnvelope`. It
+trains `envelope.resolved` under `envelope.trial_id` (stored in every checkpoint). Each epoch `train`
+writes `checkpoint.pt` into a local directory and calls `report`, which hands metrics plus a
+`tune.Checkpoint` of that directory to Tune; Tune persists it under the sweep's storage. On a retry
+(`max_failures`) or a resumed sweep Tune passes the last checkpoint back, and `train` continues from it.
 
 With `workers > 1` the trial runs as a Ray Train `TorchTrainer` (data-parallel, gloo on CPU / NCCL on
 GPU) inside the Tune trial; worker metrics flow back to Tune through `TuneReportCallback`, and Ray
 Train's own storage (named by trial id) keeps the checkpoints that a restarted trial resumes from.
+
+Tests crash a trial on purpose by setting `BVIT_SWEEP_TEST_FAULT` (JSON `{"crash_at_epoch": N,
+"marker_dir": DIR}`) in the launching process: `tune_trainable` reads it there and hands it to the trials.
 """
 from __future__ import annotations
 
@@ -22,23 +25,34 @@ from typing import Any
 import ray
 from ray import tune
 
-from bvit.config import CHECKPOINT_NAME, TrialConfig
+from bvit.config import CHECKPOINT_NAME
+from orchestrator.envelope import TRIAL_KEY, TrialEnvelope
+from orchestrator.spec import Resources
 
 # bvit.trial (torch, timm, FFCV) is imported inside the trial processes only: the launching process
 # starts Ray seconds sooner.
 
-__all__ = ["run_trial", "FaultInjected"]
+__all__ = ["FAULT_ENV", "FaultInjected", "run_trial", "tune_trainable"]
 
 RETRIES_FILE = "retries.json"
+FAULT_ENV = "BVIT_SWEEP_TEST_FAULT"
 
 
 class FaultInjected(RuntimeError):
-    """Raised by the test-only fault switch (`config["_fault"]`)."""
+    """Raised by the test-only fault switch (`BVIT_SWEEP_TEST_FAULT`)."""
 
 
-def _maybe_crash(config: dict[str, Any], trial_id: str, epoch: int) -> None:
-    """Test-only: crash once when `epoch` reaches `_fault.crash_at_epoch` (a marker file makes it once)."""
-    fault = config.get("_fault")
+def tune_trainable(resources: Resources):
+    """`run_trial` with its per-trial resources (and the test fault switch when its variable is set)."""
+    fault = json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
+    fn = tune.with_parameters(run_trial, fault=fault) if fault else run_trial
+    if resources.workers > 1:  # the Tune trial only drives a TorchTrainer; its workers hold the resources
+        return tune.with_resources(fn, {"cpu": 0.01})  # Ray refuses an empty bundle
+    return tune.with_resources(fn, {"cpu": resources.cpus, "gpu": resources.gpus})
+
+
+def _maybe_crash(fault: dict[str, Any] | None, trial_id: str, epoch: int) -> None:
+    """Test-only: crash once when `epoch` reaches `fault["crash_at_epoch"]` (a marker file makes it once)."""
     if not fault or epoch != fault["crash_at_epoch"]:
         return
     marker = Path(fault["marker_dir"]) / f"{trial_id}.crashed"
@@ -65,39 +79,35 @@ def _restore_into(local_dir: Path, checkpoint) -> int:
     return retries
 
 
-def run_trial(config: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> None:
     """Tune function trainable for one trial (single process, or data-parallel when workers > 1)."""
-    from bvit.trial import run_trial as run
+    from bvit.trial import run_trial as train
 
-    config = config["run"]  # the launcher's grid: one entry per trial
-    cfg = TrialConfig.model_validate(config["trial"])
-    if int(config.get("workers", 1)) > 1:
-        _run_data_parallel(config, cfg)
+    env = TrialEnvelope.of(config)
+    if env.resources.workers > 1:
+        _run_data_parallel(env, fault)
         return
-    trial_id = config["trial_id"]
-    torch_threads = config.get("torch_threads")
-    if torch_threads:
-        import torch
-        torch.set_num_threads(int(torch_threads))
-    with tempfile.TemporaryDirectory(prefix=f"bvit-{trial_id}-") as tmp:
+    import torch
+    torch.set_num_threads(env.resources.torch_threads)
+    with tempfile.TemporaryDirectory(prefix=f"bvit-{env.trial_id}-") as tmp:
         local = Path(tmp)
         retries = _restore_into(local, tune.get_checkpoint())
 
         def report(metrics: dict[str, Any]) -> None:
             metrics = {**metrics, "retries": retries, "node_id": ray.get_runtime_context().get_node_id()}
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
-            _maybe_crash(config, trial_id, metrics["epoch"])
+            _maybe_crash(fault, env.trial_id, metrics["epoch"])
 
-        run(cfg, trial_id=trial_id, report=report, checkpoint_dir=local)
+        train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id)
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: one rank of a data-parallel trial (torch.distributed is set up by TorchTrainer)."""
     import ray.train
 
-    from bvit.trial import run_trial as run
+    from bvit.trial import run_trial as train
 
-    cfg = TrialConfig.model_validate(loop_config["trial"])
+    env, fault = TrialEnvelope.of(loop_config), loop_config.get("fault")
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory(prefix=f"bvit-rank{rank}-") as tmp:
         local = Path(tmp)
@@ -108,29 +118,28 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             ckpt = ray.train.Checkpoint.from_directory(str(local)) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)
             if rank == 0:
-                _maybe_crash(loop_config, loop_config["trial_id"], metrics["epoch"])
+                _maybe_crash(fault, env.trial_id, metrics["epoch"])
 
-        run(cfg, trial_id=loop_config["trial_id"], report=report, checkpoint_dir=local)
+        train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id)
 
 
-def _run_data_parallel(config: dict[str, Any], cfg: TrialConfig) -> None:
+def _run_data_parallel(env: TrialEnvelope, fault: dict[str, Any] | None) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    workers = int(config["workers"])
-    gpus, cpus = float(config.get("gpus", 0)), float(config.get("cpus", 1))
-    per_worker = {"CPU": cpus / workers, **({"GPU": gpus / workers} if gpus else {})}
+    r = env.resources
+    per_worker = {"CPU": r.cpus / r.workers, **({"GPU": r.gpus / r.workers} if r.gpus else {})}
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0, resources_per_worker=per_worker),
+        train_loop_config={TRIAL_KEY: env.to_tune(), "fault": fault},
+        scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus > 0, resources_per_worker=per_worker),
         run_config=RunConfig(
-            name=f"train-{config['trial_id']}",
-            storage_path=config["train_storage"],
+            name=f"train-{env.trial_id}",
+            storage_path=env.train_storage,
             callbacks=[TuneReportCallback()],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=int(config.get("max_failures", 0))),
+            failure_config=FailureConfig(max_failures=env.max_failures),
         ),
     )
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

@@ -25,7 +25,8 @@ from bvit.checkpoint import load_trained, save_checkpoint
 from bvit.config import CHECKPOINT_NAME, TrialConfig
 from bvit.engine import evaluate
 from bvit.trial import run_trial
-from orchestrator.analysis_cmd import _trial_id_of, analyze_command, log_analysis, resolve_checkpoint
+from orchestrator.analyze import log_analysis, resolve_checkpoint
+from orchestrator.cli import app as cli_app
 
 T, D = 3, 32
 CFG = TrialConfig.model_validate({"model": {"width": D, "steps": T, "heads": 2}})
@@ -203,15 +204,15 @@ def trained(fmnist_dir, tmp_path_factory):
         "data": {"path": str(fmnist_dir), "train_subset": 1024, "batch_size": 128, "num_workers": 1},
         "optim": {"epochs": 1, "warmup_epochs": 0.2}})
     out = tmp_path_factory.mktemp("trained")
-    run_trial(cfg, checkpoint_dir=out)
+    run_trial(cfg, checkpoint_dir=out, trial_id=SWEEP_ID)  # as a sweep trains it: under the spec's trial id
     return out, cfg
 
 
+SWEEP_ID = "0123456789"  # a spec's id of the config as written (the checkpoint's config has other paths)
+
+
 def _cli() -> typer.Typer:
-    app = typer.Typer()
-    app.command("analyze")(analyze_command)
-    app.command("other")(lambda: None)  # two commands: the name `analyze` is required, as under bvit-sweep
-    return app
+    return cli_app
 
 
 def test_analyze_command_on_a_trained_checkpoint(trained, tmp_path, monkeypatch):
@@ -223,7 +224,7 @@ def test_analyze_command_on_a_trained_checkpoint(trained, tmp_path, monkeypatch)
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout.strip().splitlines()[-1])
     (label, result), = doc.items()
-    assert label == f"bvit-w{D}-T{T}-{cfg.trial_id()}"
+    assert label == f"bvit-w{D}-T{T}-{SWEEP_ID}" and result["sweep_trial_id"] == SWEEP_ID  # the checkpoint's id
     assert json.loads((out / "analysis.json").read_text()) == doc
     assert {p.name for p in out.glob("*.png")} == {"anytime.png", "attention.png", "cka.png", "step_skip.png",
                                                    "states.png"}
@@ -246,12 +247,9 @@ def test_checkpoint_arguments_resolve_like_a_tune_trial_directory(tmp_path):
     for n in (1, 2):
         (trial / f"checkpoint_00000{n}").mkdir(parents=True)
         (trial / f"checkpoint_00000{n}" / CHECKPOINT_NAME).write_bytes(b"")
-    (trial / "params.json").write_text(json.dumps({"run": {"trial_id": "0123456789"}}))
     newest = trial / "checkpoint_000002" / CHECKPOINT_NAME
     assert resolve_checkpoint(str(trial)) == newest
     assert resolve_checkpoint(str(newest.parent)) == newest == resolve_checkpoint(str(newest))
-    assert _trial_id_of(newest, "from-config") == "0123456789"
-    assert _trial_id_of(tmp_path / "elsewhere" / CHECKPOINT_NAME, "from-config") == "from-config"
 
 
 def test_analysis_is_logged_to_the_trials_mlflow_run(trained, tmp_path):

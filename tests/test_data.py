@@ -19,7 +19,7 @@ from bvit.data.fashion_mnist import DEBIAN_FASHION_MNIST, prepare_fashion_mnist,
 from bvit.data.format import DataError, load_metadata
 from bvit.data.image_folder import prepare_image_folder
 from bvit.data.loaders import epoch_order, make_loaders, mixup, pad_crop_flip, random_resized_crop_flip
-from orchestrator.data_cmd import app
+from orchestrator.cli.app import data_app as app
 
 runner = CliRunner()
 
@@ -92,7 +92,7 @@ def test_truncated_beton_is_refused_naming_the_file_then_rebuilt(fmnist_copy):
     with pytest.raises(DataError, match=r"train\.beton: truncated"):
         make_loaders(cfg(fmnist_copy), img_size=28, seed=0)
     verify = runner.invoke(app, ["verify", str(fmnist_copy)])
-    assert verify.exit_code == 1 and "train.beton: truncated" in verify.output
+    assert verify.exit_code == 2 and "train.beton: truncated" in verify.output  # a damaged file: bad input
     result = prepare_fashion_mnist(out=fmnist_copy)
     assert result["status"] == "written" and "truncated" in result["reason"]
     assert load_metadata(fmnist_copy)["train_count"] == 60_000
@@ -125,7 +125,7 @@ def test_missing_source_says_which_package_or_option(tmp_path):
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
         shutil.copy(DEBIAN_FASHION_MNIST / name, src)
     result = runner.invoke(app, ["prepare", "fashion-mnist", "--source", str(src), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "t10k-labels-idx1-ubyte.gz: missing" in result.output and "dataset-fashion-mnist" in result.output
 
 

@@ -15,9 +15,12 @@ import yaml
 from _sweep_helpers import write_spec
 
 from bvit.checkpoint import read_checkpoint
+from bvit.config import ModelConfig
 from orchestrator.errors import UserError
 from orchestrator.launch import launch
+from orchestrator.planning import model_flops, model_params
 from orchestrator.results import collect_trials
+from orchestrator.trainable import FAULT_ENV
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -35,8 +38,10 @@ def test_sweep_completes_with_trials_csv_and_mlflow_runs(workdir, fmnist_dir):
     assert [r["status"] for r in rows] == ["TERMINATED", "TERMINATED"]
     assert {r["arch"] for r in rows} == {"bvit", "vit"}
     for r in rows:
+        model = ModelConfig(arch=r["arch"], width=32, steps=2, heads=2)
         assert r["epochs"] == "2" and r["node"]
         assert float(r["best_test_top1"]) > 15  # learned: chance on 10,000 test images stays under 10.6 % (95 %); seen 19-26 %
+        assert (int(r["params"]), int(r["flops_per_image"])) == (model_params(model), model_flops(model))
     assert (workdir / "results" / "tiny" / "frontier.csv").exists()
     run = json.loads((workdir / "results" / "tiny" / "run.json").read_text())
     # one trial id everywhere: the results table (Ray's trial name) and each trial's own checkpoint
@@ -59,6 +64,44 @@ def test_sweep_completes_with_trials_csv_and_mlflow_runs(workdir, fmnist_dir):
         launch(spec_path=spec, verbose=False)
 
 
+def test_a_trials_id_is_the_same_in_plan_ray_checkpoint_csv_and_mlflow(workdir, fmnist_dir):
+    """One id per trial, from the config as written: the data path is relative in the spec and absolute in
+    the run, and the id does not change (nothing reads Ray's params.json to recover it)."""
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ExperimentAnalysis
+    from typer.testing import CliRunner
+
+    from bvit.checkpoint import read_checkpoint
+    from bvit.config import TrialConfig
+    from orchestrator.cli import app
+
+    (workdir / "data").mkdir()
+    (workdir / "data" / "fashion-mnist").symlink_to(fmnist_dir)
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="ids", epochs=1)
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["data"]["path"] = "data/fashion-mnist"
+    spec.write_text(yaml.safe_dump(doc))
+    planned = CliRunner().invoke(app, ["plan", str(spec), "--json", "--no-bench"])
+    assert planned.exit_code == 0, planned.output
+    ids = [t["id"] for t in json.loads(planned.stdout)["trials"]]
+    assert len(set(ids)) == 2
+
+    assert launch(spec_path=spec, verbose=False).ok
+    sweep_dir = workdir / "runs" / "ids"
+    assert [r["trial_id"] for r in read_csv(workdir / "results" / "ids" / "trials.csv")] == ids
+    trials = ExperimentAnalysis(str(sweep_dir)).trials
+    assert sorted(str(t) for t in trials) == sorted(Path(t.path).name for t in trials) == sorted(ids)
+    for tid in ids:
+        (ckpt_file,) = sorted((sweep_dir / tid).glob("checkpoint_*/checkpoint.pt"))[-1:]
+        ckpt = read_checkpoint(ckpt_file)
+        assert ckpt["trial_id"] == tid
+        ran = TrialConfig.model_validate(ckpt["config"])
+        assert Path(ran.data.path).is_absolute() and ran.trial_id() != tid  # resolved outside the hash
+    client = MlflowClient(f"sqlite:///{workdir / 'results' / 'ids' / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ids").experiment_id])
+    assert sorted(r.data.tags["bvit.trial_id"] for r in runs if r.data.tags.get("bvit.role") == "trial") == sorted(ids)
+
+
 def test_shipped_smoke_sweep_completes_every_trial(workdir, fmnist_dir):
     """`bvit-sweep launch sweeps/smoke.yaml` as shipped (its data path resolved under the working directory)."""
     spec = Path(__file__).resolve().parents[1] / "sweeps" / "smoke.yaml"
@@ -76,11 +119,11 @@ def test_shipped_smoke_sweep_completes_every_trial(workdir, fmnist_dir):
     assert bvit["1"] == bvit["2"]  # one shared block whatever the step count
 
 
-def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir):
+def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir, monkeypatch):
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="crash", epochs=3, axes={"model.arch": ["bvit"]},
                       max_failures=1)
-    result = launch(spec_path=spec, verbose=False,
-                    _fault={"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")})
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")}))
+    result = launch(spec_path=spec, verbose=False)
     assert result.ok
     (row,) = result.trials
     assert row["status"] == "TERMINATED" and row["epochs"] == 3 and row["retries"] == 1

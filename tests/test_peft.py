@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from pydantic import ValidationError
 from timm.models.vision_transformer import Block
 from typer.testing import CliRunner
@@ -19,7 +18,8 @@ from bvit.data.loaders import make_loaders
 from bvit.models.factory import count_params
 from bvit.peft import METHODS, LoRALinear, StepBlocks, StepIndexedBViT, apply_peft, lora_modules, merge_lora
 from bvit.trial import finetune, finetune_config, run_trial
-from orchestrator.analysis_cmd import finetune_command
+from orchestrator.cli import app as cli_app
+from orchestrator.cli.run import finetune as finetune_command
 
 D, T, K, R, PATCHES = 32, 3, 5, 4, 49  # width, steps, downstream classes, LoRA rank, 7x7 patches of 4 px
 
@@ -225,9 +225,7 @@ def test_finetune_reports_exact_counts_and_keeps_frozen_weights(tiny, method, pr
 
 
 def test_finetune_command_prepares_named_task_and_prints_json(pretrained, tmp_path):
-    app = typer.Typer()
-    app.command("finetune")(finetune_command)
-    app.command("other")(lambda: None)
+    app = cli_app
     data = tmp_path / "digits"
     r = CliRunner().invoke(app, ["finetune", str(pretrained), "--method", "lora-shared", "--rank", "2", "--data",
                                  str(data), "--epochs", "1", "--json"])

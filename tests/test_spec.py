@@ -1,4 +1,5 @@
 """Sweep specs: the shipped sweeps, expansion order and ids, duplicates, error attribution, exact counts."""
+import json
 import re
 import warnings
 from pathlib import Path
@@ -9,7 +10,7 @@ import yaml
 from bvit.config import ModelConfig, TrialConfig
 from bvit.models.factory import build_model, count_flops, count_params
 from orchestrator.errors import InputWarning
-from orchestrator.plan import CPU_CORE_FLOPS, make_plan, model_flops, model_params
+from orchestrator.planning import CPU_CORE_FLOPS, make_plan, model_flops, model_params
 from orchestrator.spec import SpecError, SweepSpec, expand, expand_trials, load_spec
 
 SWEEPS = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
@@ -279,3 +280,32 @@ def test_committed_results_name_the_trials_their_spec_expands_to():
     with open("results/width/trials.csv") as f:
         committed = [row["trial_id"] for row in csv.DictReader(f)]
     assert committed == [t.id for t in expand_trials(load_spec(Path("sweeps/width.yaml")))]
+
+
+def test_envelope_keeps_the_spec_id_while_paths_resolve_and_crosses_ray_as_data(tmp_path):
+    from orchestrator.envelope import TRIAL_KEY, TrialEnvelope, build_envelopes
+
+    spec = load_spec(Path("sweeps/width.yaml"))
+    trials = expand_trials(spec)[:2]
+    absolute = str((tmp_path / "data" / "fashion-mnist").resolve())
+    envelopes = build_envelopes(spec, trials, data_paths={"data/fashion-mnist": absolute}, pretrained={},
+                                sweep_dir=tmp_path / "runs" / "width")
+    for trial, env in zip(trials, envelopes, strict=True):
+        assert env.trial_id == trial.id == env.config.trial_id() != env.resolved.trial_id()
+        assert (env.config.data.path, env.resolved.data.path) == ("data/fashion-mnist", absolute)
+        assert env.resolved.model_copy(update={"data": env.config.data}) == env.config  # only the path moved
+        assert env.train_storage == str(tmp_path / "runs" / "width" / "train")
+        tune_config = {TRIAL_KEY: env.to_tune()}
+        assert json.loads(json.dumps(tune_config)) == tune_config  # plain JSON data: params.json, experiment state
+        assert TrialEnvelope.of(tune_config) == env and TrialEnvelope.of(tune_config) is TrialEnvelope.of(tune_config)
+
+
+def test_envelope_reads_a_trial_of_a_sweep_launched_before_it():
+    from orchestrator.envelope import TrialEnvelope
+
+    cfg = TrialConfig.model_validate({"model": {"width": 32, "heads": 2}, "data": {"path": "/abs/fmnist"}})
+    run = {"trial_id": "0123456789", "trial": cfg.model_dump(mode="json"), "workers": 1, "cpus": 2.0, "gpus": 0.0,
+           "torch_threads": 2, "max_failures": 1, "train_storage": "/s/runs/width/train"}
+    env = TrialEnvelope.of({"run": run})
+    assert (env.trial_id, env.resolved, env.resources.cpus, env.max_failures, env.sweep_dir) == (
+        "0123456789", cfg, 2.0, 1, "/s/runs/width")

@@ -1,7 +1,6 @@
 """MLflow against a real `mlflow server` on loopback: parent/child runs, resume without duplicates,
 and a server that goes away mid-sweep (training goes on; `sync` back-fills)."""
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -12,17 +11,18 @@ import pytest
 from _sweep_helpers import write_spec
 from mlflow.tracking import MlflowClient
 
+from bvit.config import ModelConfig
 from orchestrator.frontier import frontier_table
 from orchestrator.launch import launch
-from orchestrator.sweeps import resolve_sweep, sweep_sync
+from orchestrator.planning import model_params
+from orchestrator.sweep_dir import resolve_sweep, sweep_sync
+from orchestrator.trainable import FAULT_ENV
 
 
 class MlflowServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, port: int) -> None:
         self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = port
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
@@ -50,8 +50,8 @@ class MlflowServer:
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = MlflowServer(tmp_path / "mlflow-server")
+def server(tmp_path, free_port):
+    srv = MlflowServer(tmp_path / "mlflow-server", free_port)
     srv.root.mkdir()
     srv.start()
     yield srv
@@ -77,7 +77,8 @@ def test_sweep_logs_parent_children_metrics_and_frontier_to_a_server(workdir, fm
     assert {c.data.tags["bvit.trial_id"] for c in children} == {r["trial_id"] for r in result.trials}
     for c in children:
         assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert c.data.params["model.arch"] in ("bvit", "vit") and int(c.data.params["params"]) > 0
+        model = ModelConfig(arch=c.data.params["model.arch"], width=32, steps=2, heads=2)
+        assert int(c.data.params["params"]) == model_params(model)
         for key in ("test_top1", "train_loss", "lr"):
             assert [m.step for m in client.get_metric_history(c.info.run_id, key)] == [1, 2]
         assert c.info.status == "FINISHED"
@@ -89,10 +90,11 @@ def test_sweep_logs_parent_children_metrics_and_frontier_to_a_server(workdir, fm
     assert [a.path for a in client.list_artifacts(best_run.info.run_id, "model")] == ["model/checkpoint.pt"]
 
 
-def test_resumed_trial_continues_its_own_child_run(workdir, fmnist_dir, server):
+def test_resumed_trial_continues_its_own_child_run(workdir, fmnist_dir, server, monkeypatch):
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="res", epochs=3, axes={"model.arch": ["bvit"]})
-    first = launch(spec_path=spec, tracking_uri=server.uri, verbose=False,
-                   _fault={"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")})
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"crash_at_epoch": 2, "marker_dir": str(workdir / "faults")}))
+    first = launch(spec_path=spec, tracking_uri=server.uri, verbose=False)
+    monkeypatch.delenv(FAULT_ENV)
     assert [r["status"] for r in first.trials] == ["ERROR"]
     second = launch(spec_path=spec, tracking_uri=server.uri, resume=True, verbose=False)
     assert second.ok and second.trials[0]["epochs"] == 3
@@ -144,4 +146,8 @@ def test_frontier_pareto_and_recovered_fraction_numbers():
     assert cells.loc[("bvit", 64), "gap_points"] == pytest.approx(2.0)
     assert list(cells["on_frontier"].items()) == [
         (("bvit", 32), True), (("bvit", 64), True), (("vit", 32), False), (("vit", 64), True)]
-    assert json.dumps(cells.reset_index().to_dict("records"), default=str)
+    records = cells.reset_index().to_dict("records")  # what the parent run logs as frontier_table.json
+    assert json.loads(json.dumps(records))[0] == {
+        "arch": "bvit", "width": 32, "steps": 4, "params": 100, "flops_per_image": 1, "top1_mean": 81.0,
+        "top1_std": pytest.approx(2 ** 0.5), "seeds": 2, "on_frontier": True,
+        "recovered_fraction": pytest.approx(81 / 85), "gap_points": 4.0}

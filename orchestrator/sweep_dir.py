@@ -64,7 +64,7 @@ def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool
 def sweep_status(sweep: Sweep) -> list[dict[str, Any]]:
     """The trial table of a sweep (finished, interrupted or running)."""
     from orchestrator.results import collect_trials
-    return collect_trials(sweep.dir, spec=sweep.spec)
+    return collect_trials(sweep.dir)
 
 
 def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, Any]:

@@ -1,28 +1,20 @@
-"""`bvit-sweep data ...`: prepare FFCV data sets and check prepared ones (thin; the work is in bvit.data)."""
+"""`bvit-sweep data ...`: prepare FFCV data sets and check prepared ones (thin; the work is in bvit's data).
+
+A missing, damaged or unreadable source or prepared file is bad input: exit 2 with one line.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
-from bvit.data.fashion_mnist import prepare_fashion_mnist
-from bvit.data.format import DataError, load_metadata
-from bvit.data.image_folder import prepare_image_folder
-
-app = typer.Typer(help="Prepare and check FFCV data sets.", no_args_is_help=True, add_completion=False)
-prepare_app = typer.Typer(help="Write train.beton, test.beton and meta.json into --out.", no_args_is_help=True)
-app.add_typer(prepare_app, name="prepare")
+from orchestrator.cli.app import command, data_app, prepare_app
 
 Out = Annotated[Path, typer.Option("--out", help="output directory (created if absent)")]
 Force = Annotated[bool, typer.Option("--force", help="rewrite even when the output is up to date")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-
-
-def _fail(e: DataError) -> typer.Exit:
-    typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
 
 
 def _report(meta: dict[str, Any], out: Path) -> None:
@@ -41,7 +33,7 @@ def _report(meta: dict[str, Any], out: Path) -> None:
             typer.echo(f"    ... and {len(skipped) - 10} more")
 
 
-@prepare_app.command("fashion-mnist")
+@command(prepare_app, name="fashion-mnist")
 def fashion_mnist(
         out: Out,
         source: Annotated[Path | None, typer.Option(
@@ -50,15 +42,17 @@ def fashion_mnist(
         force: Force = False,
         quiet: Quiet = False,
 ) -> None:
-    """Fashion-MNIST from its IDX files (60,000 train / 10,000 test, 28x28 grey, 10 classes)."""
-    try:
-        meta = prepare_fashion_mnist(out=out, source=source, progress=not quiet, force=force)
-    except DataError as e:
-        raise _fail(e) from None
+    """Fashion-MNIST from its IDX files (60,000 train / 10,000 test, 28x28 grey, 10 classes).
+
+    Example: `bvit-sweep data prepare fashion-mnist --out data/fashion-mnist`
+    """
+    from bvit.data.fashion_mnist import prepare_fashion_mnist
+
+    meta = prepare_fashion_mnist(out=out, source=source, progress=not quiet, force=force)
     _report(meta, out)
 
 
-@prepare_app.command("image-folder")
+@command(prepare_app, name="image-folder")
 def image_folder(
         src: Annotated[Path, typer.Option("--src", help="directory with train/<class>/* and val/<class>/*")],
         out: Out,
@@ -71,27 +65,50 @@ def image_folder(
         force: Force = False,
         quiet: Quiet = False,
 ) -> None:
-    """Class-folder images (ImageNet layout); unreadable files are skipped and reported (or, --strict, fatal)."""
-    try:
-        meta = prepare_image_folder(src=src, out=out, max_res=max_res, jpeg_quality=None if raw else jpeg_quality,
-                                    workers=workers, progress=not quiet, strict=strict, force=force)
-    except DataError as e:
-        raise _fail(e) from None
+    """Class-folder images (ImageNet layout); unreadable files are skipped and reported (or, --strict, fatal).
+
+    Example: `bvit-sweep data prepare image-folder --src /data/imagenet --out /data/imagenet-ffcv --max-res 256`
+    """
+    from bvit.data.image_folder import prepare_image_folder
+
+    meta = prepare_image_folder(src=src, out=out, max_res=max_res, jpeg_quality=None if raw else jpeg_quality,
+                                workers=workers, progress=not quiet, strict=strict, force=force)
     _report(meta, out)
 
 
-@app.command("verify")
+@command(data_app, name="verify")
 def verify(
         path: Annotated[Path, typer.Argument(help="a prepared directory")],
         as_json: Annotated[bool, typer.Option("--json", help="print meta.json")] = False,
 ) -> None:
-    """Check a prepared directory's files against its meta.json (sizes, item counts, checksums)."""
-    try:
-        meta = load_metadata(path)
-    except DataError as e:
-        raise _fail(e) from None
+    """Check a prepared directory's files against its meta.json (sizes, item counts, checksums).
+
+    Example: `bvit-sweep data verify data/fashion-mnist`
+    """
+    from bvit.data.format import load_metadata
+
+    meta = load_metadata(path)
     if as_json:
         typer.echo(json.dumps(meta, indent=1))
     else:
         typer.echo(f"{path}: ok -- {meta['dataset']}, {meta['train_count']:,} train / {meta['test_count']:,} test, "
                    f"{meta['num_classes']} classes, image shape {meta['image_shape']}")
+
+
+@command(data_app, name="transfer")
+def transfer(
+        task: Annotated[Literal["fmnist-a", "fmnist-b", "digits"], typer.Argument(
+            show_default=False, help="fmnist-a / fmnist-b: Fashion-MNIST classes 0-4 / 5-9; digits: scikit-learn "
+                                     "8x8 digits upsampled to 28x28.")],
+        out: Annotated[Path, typer.Option("--out", show_default=False, help="Output directory.")],
+        force: Annotated[bool, typer.Option("--force", help="Rewrite even when up to date.")] = False,
+) -> None:
+    """A downstream (transfer) task as a prepared data directory.
+
+    Example: `bvit-sweep data transfer fmnist-b --out data/fmnist-b`
+    """
+    from bvit.data.downstream import prepare_task
+
+    meta = prepare_task(task, out=out, force=force)
+    typer.echo(f"{out}: {meta['status']}; {meta['train_count']:,} train / {meta['test_count']:,} test, "
+               f"{meta['num_classes']} classes ({', '.join(meta['class_names'])})")

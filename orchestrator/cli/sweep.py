@@ -1,0 +1,180 @@
+"""Sweep commands: validate and plan a spec, launch it, and read a sweep back (status, frontier, sync, ui).
+
+Thin `Annotated` signatures that hand off to keyword-only functions (orchestrator.spec, .planning,
+.launch, .sweep_dir); heavy imports stay inside the bodies, so `bvit-sweep --help` starts without torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from orchestrator.cli.app import command, print_json
+from orchestrator.errors import EXIT_FAILED
+
+SpecFile = Annotated[Path, typer.Argument(metavar="SPEC", help="Sweep spec, e.g. `sweeps/width.yaml`.")]
+SweepArg = Annotated[str, typer.Argument(metavar="SWEEP", help="Sweep dir (<storage>/<name>), its spec file, or its name under ./runs.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+Smoke = Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides.")]
+Bench = Annotated[bool, typer.Option(help="Time a ~1 s training benchmark here; off: a stated fixed rate.")]
+AllRows = Annotated[bool, typer.Option("--all", help="Show every trial (the table stops at 200 rows).")]
+TrackingUri = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the spec's, else results/<sweep>/mlflow).")]
+
+
+def _console(width: int):
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=width)  # piped: keep rows on one line
+
+
+def _print_table(rows: list[dict[str, Any]], title: str) -> None:
+    from orchestrator.progress import render_table
+
+    _console(160).print(render_table(rows, title=title))
+
+
+@command()
+def validate(spec: SpecFile, json_out: JsonOut = False) -> None:
+    """Check a spec (and its smoke variant) without running anything; say how many trials it makes.
+
+    Example: `bvit-sweep validate sweeps/width.yaml`
+    """
+    from orchestrator.spec import validate_file
+
+    result = validate_file(path=spec)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        typer.echo(result.summary())
+
+
+@command()
+def plan(
+        spec: SpecFile,
+        smoke: Smoke = False,
+        json_out: JsonOut = False,
+        bench: Bench = True,
+        all_rows: AllRows = False,
+) -> None:
+    """Every trial with its id, parameters, GFLOPs per image and estimated time, and the totals.
+
+    Example: `bvit-sweep plan sweeps/width.yaml --no-bench --json`
+    """
+    from orchestrator.planning import make_plan, print_plan
+    from orchestrator.spec import load_spec
+
+    result = make_plan(spec=load_spec(spec), smoke=smoke, bench=bench)
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        print_plan(result, console=_console(200), max_rows=None if all_rows else 200)
+
+
+@command()
+def launch(
+        spec: SpecFile,
+        address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, the spec's, else a local Ray).")] = None,
+        storage: Annotated[str | None, typer.Option(help="Ray Tune storage root (default: the spec's `storage`).")] = None,
+        smoke: Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides (a separate <name>-smoke sweep).")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep; finished trials are not rerun.")] = False,
+        force: Annotated[bool, typer.Option("--force", help="With --resume: accept a spec that changed since the sweep started.")] = False,
+        tracking_uri: TrackingUri = None,
+        json_out: JsonOut = False,
+) -> None:
+    """Run a sweep on Ray Tune (local by default), track it in MLflow, write results/SWEEP/.
+
+    Exit 1 when a trial failed (after its retries), 130 when interrupted.
+
+    Example: `bvit-sweep launch sweeps/width.yaml --smoke`
+    """
+    from orchestrator.launch import launch as run
+
+    result = run(spec_path=spec, address=address, storage=storage, smoke=smoke, resume=resume, force=force,
+                 tracking_uri=tracking_uri, verbose=not json_out)
+    if json_out:
+        print_json({"sweep_dir": str(result.sweep_dir), "results_dir": str(result.results_dir),
+                    "ok": result.ok, "interrupted": result.interrupted, "trials": result.trials})
+    else:
+        _print_table(result.trials, title=f"{result.sweep_dir.name}: results in {result.results_dir}")
+        if result.interrupted:
+            typer.echo(f"interrupted: continue with `bvit-sweep launch {spec} --resume`"
+                       + (" --smoke" if smoke else ""), err=True)
+    if not result.ok:
+        raise typer.Exit(130 if result.interrupted else EXIT_FAILED)
+
+
+@command()
+def status(sweep: SweepArg, json_out: JsonOut = False) -> None:
+    """The trial table of a sweep, finished or not (state, epoch, best top-1, node, retries).
+
+    Example: `bvit-sweep status runs/width --json`
+    """
+    from orchestrator.sweep_dir import resolve_sweep, sweep_status
+
+    s = resolve_sweep(sweep)
+    rows = sweep_status(s)
+    if json_out:
+        print_json({"sweep_dir": str(s.dir), "trials": rows})
+    else:
+        done = sum(r["status"] == "TERMINATED" for r in rows)
+        _print_table(rows, title=f"{s.name}: {done}/{len(rows)} trials finished")
+
+
+@command()
+def frontier(sweep: SweepArg, tracking_uri: TrackingUri = None, json_out: JsonOut = False) -> None:
+    """Accuracy-parameter frontier and recovered fraction; writes results/SWEEP/frontier.* and logs them.
+
+    Example: `bvit-sweep frontier runs/width`
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.sweep_dir import resolve_sweep, sweep_frontier
+
+    out = sweep_frontier(resolve_sweep(sweep), tracking_uri=tracking_uri)
+    if json_out:
+        print_json(out)
+        return
+    table = Table(title=f"{out['kind']} ({out['dir']})")
+    cols = ["arch", "width", "steps", "params", "seeds", "top1_mean", "top1_std", "on_frontier",
+            "recovered_fraction", "gap_points"]
+    if out["kind"] == "transfer":
+        cols = ["method", "rank", "trainable_params", "trainable_fraction", "seeds", "top1_mean", "top1_std",
+                "merged_top1_mean"]
+    for c in cols:
+        table.add_column(c)
+    for cell in out["cells"]:
+        table.add_row(*(f"{cell[c]:.3f}" if isinstance(cell[c], float) and cell[c] == cell[c] else
+                        ("" if cell[c] is None or cell[c] != cell[c] else str(cell[c])) for c in cols))
+    Console().print(table)
+
+
+@command()
+def sync(sweep: SweepArg, tracking_uri: TrackingUri = None) -> None:
+    """Back-fill MLflow with every epoch Ray recorded (idempotent).
+
+    Example: `bvit-sweep sync runs/width --tracking-uri http://127.0.0.1:5000`
+    """
+    from orchestrator.sweep_dir import resolve_sweep, sweep_sync
+
+    summary = sweep_sync(resolve_sweep(sweep), tracking_uri=tracking_uri)
+    typer.echo(f"{summary['trials']} trials checked, {summary['epochs_logged']} epochs logged")
+
+
+@command()
+def ui(
+        sweep: Annotated[str | None, typer.Argument(metavar="[SWEEP]", help="Sweep whose store to open (default: the local store under results/).")] = None,
+        port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
+        tracking_uri: TrackingUri = None,
+) -> None:
+    """Start the MLflow dashboard on 127.0.0.1 for a sweep's store and print its URL.
+
+    Example: `bvit-sweep ui runs/width --port 5000`
+    """
+    from orchestrator.sweep_dir import resolve_sweep, run_ui, ui_command_line
+
+    cmd = ui_command_line(resolve_sweep(sweep) if sweep else None, port=port, tracking_uri=tracking_uri)
+    typer.echo(f"MLflow dashboard: http://127.0.0.1:{port}  (store {cmd[3]}; Ctrl-C stops it)")
+    raise typer.Exit(run_ui(cmd))

@@ -1,0 +1,98 @@
+"""The one typed object a trial crosses the Ray boundary in, and is read back as everywhere.
+
+    envelopes = build_envelopes(spec, trials, data_paths=..., pretrained=..., sweep_dir=...)
+    param_space = {TRIAL_KEY: tune.grid_search([e.to_tune() for e in envelopes])}   # launch
+    env = TrialEnvelope.of(trial.config)         # trainable, tracking, results, progress: read back the same way
+
+Built once per trial from the expanded spec. `trial_id` is the id of the config as written in the spec
+(`Trial.id`, computed once by `orchestrator.spec.expand`); `resolved` is what the trial runs: data and
+checkpoint paths made absolute, and a fine-tuning trial's model taken from its checkpoint. Resolving
+paths never changes the id: the id is the spec's, and the same in `plan`, Ray's trial name, MLflow's
+`bvit.trial_id` tag and the checkpoint's `trial_id` entry.
+
+It crosses as JSON data (Tune keeps it in params.json and its experiment state, readable and independent
+of this code's classes) and is validated back once per trial config object in each process.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from bvit.config import ModelConfig, TrialConfig
+from orchestrator.spec import Resources, SweepSpec, Trial
+
+__all__ = ["TRIAL_KEY", "Pretrained", "TrialEnvelope", "build_envelopes", "resolve_config"]
+
+TRIAL_KEY = "trial"  # the one key of a Tune trial's config: {"trial": TrialEnvelope}
+
+Pretrained = dict[tuple[str, str], tuple[str, ModelConfig]]  # (spec checkpoint, spec data) -> (file, model)
+
+
+class TrialEnvelope(BaseModel):
+    """One trial as Ray Tune carries it: its id, its config as written and as run, and how it runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    trial_id: str  # the spec's id of `config`: Ray's trial name, MLflow's tag, the checkpoint's `trial_id`
+    config: TrialConfig  # as written in the spec (relative paths kept): the source of `trial_id`
+    resolved: TrialConfig  # what runs: absolute paths; a fine-tuning trial's model is its checkpoint's
+    resources: Resources  # per trial: cpus, gpus, workers (> 1: a data-parallel Ray Train trial)
+    max_failures: int  # retries of a failed trial, from its last checkpoint (Ray Train's too)
+    sweep_dir: str  # <storage>/<name>: Tune's state; data-parallel trials keep Ray Train's under train/
+
+    @property
+    def train_storage(self) -> str:
+        """Where a data-parallel trial's Ray Train run keeps its checkpoints."""
+        return str(Path(self.sweep_dir) / "train")
+
+    def to_tune(self) -> dict[str, Any]:
+        """The envelope as JSON data, as Ray Tune carries it (see `of`)."""
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def of(cls, config: Mapping[str, Any]) -> TrialEnvelope:
+        """The envelope in a Tune trial's config (`trial.config`, or what a trainable is called with)."""
+        hit = _READ.get(id(config))
+        if hit is not None and hit[0] is config:  # the same trial's config again (each epoch's result)
+            return hit[1]
+        if TRIAL_KEY not in config and "run" in config:
+            env = cls._legacy(config["run"])
+        else:
+            env = config[TRIAL_KEY]
+            env = env if isinstance(env, cls) else cls.model_validate(env)
+        if len(_READ) >= 100_000:
+            _READ.clear()
+        _READ[id(config)] = (config, env)
+        return env
+
+    @classmethod
+    def _legacy(cls, run: Mapping[str, Any]) -> TrialEnvelope:
+        """A trial of a sweep launched before the envelope (`{"run": {...}}`): status, sync and resume."""
+        cfg = TrialConfig.model_validate(run["trial"])
+        resources = Resources(cpus=run.get("cpus", 1.0), gpus=run.get("gpus", 0.0), workers=run.get("workers", 1))
+        return cls(trial_id=run["trial_id"], config=cfg, resolved=cfg, resources=resources,
+                   max_failures=run.get("max_failures", 0), sweep_dir=str(Path(run["train_storage"]).parent))
+
+
+_READ: dict[int, tuple[Mapping[str, Any], TrialEnvelope]] = {}  # id(config) -> (config, its envelope)
+
+
+def resolve_config(cfg: TrialConfig, data_paths: dict[str, str], pretrained: Pretrained) -> TrialConfig:
+    """What a trial runs: its data path absolute; a fine-tuning trial's checkpoint absolute and model the
+    checkpoint's (with a head for the data's classes)."""
+    update: dict[str, Any] = {"data": cfg.data.model_copy(update={"path": data_paths[cfg.data.path]})}
+    if cfg.finetune is not None:
+        file, update["model"] = pretrained[(cfg.finetune.checkpoint, cfg.data.path)]
+        update["finetune"] = cfg.finetune.model_copy(update={"checkpoint": file})
+    return cfg.model_copy(update=update)
+
+
+def build_envelopes(spec: SweepSpec, trials: list[Trial], *, data_paths: dict[str, str], pretrained: Pretrained,
+                    sweep_dir: Path) -> list[TrialEnvelope]:
+    """One envelope per expanded trial, in the sweep's order."""
+    return [TrialEnvelope(trial_id=t.id, config=t.config, resolved=resolve_config(t.config, data_paths, pretrained),
+                          resources=spec.resources, max_failures=spec.max_failures, sweep_dir=str(sweep_dir))
+            for t in trials]

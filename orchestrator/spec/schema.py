@@ -1,0 +1,159 @@
+"""The sweep spec's shape: frozen pydantic models, unknown keys refused (`extra="forbid"`).
+
+A `SweepSpec` is a base `TrialConfig` (partial, merged over its defaults) plus the axes it varies and
+how Ray Tune runs the trials. Field types are checked here; what a dotted path may name is checked by
+`orchestrator.spec.paths`, and every trial of the grid by `orchestrator.spec.expand`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic.functional_validators import field_validator, model_validator
+
+from orchestrator.errors import InputError
+from orchestrator.spec.paths import Axes, Problem, structure_problems
+
+__all__ = ["METRICS", "MAX_TRIALS", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
+           "grid_factors"]
+
+METRICS = {"test_top1": "max", "test_top5": "max", "test_loss": "min", "train_loss": "min"}  # name -> better
+MAX_TRIALS = 100_000
+
+Seed = Annotated[int, Field(ge=0)]
+
+
+class SpecError(InputError):
+    """An invalid spec: one `file: field: message` line per problem; exit code 2."""
+
+    def __init__(self, problems: list[Problem], *, source: str = "<spec>") -> None:
+        super().__init__(problems, source=source)
+
+    def with_source(self, source: str) -> SpecError:
+        return SpecError(self.problems, source=source)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Frozen):
+    """What Ray reserves for each trial."""
+
+    cpus: float = Field(1.0, gt=0)  # CPUs (fractions allowed)
+    gpus: float = Field(0.0, ge=0)  # GPUs (fractions share one GPU between trials)
+    workers: int = Field(1, ge=1)  # data-parallel workers; > 1 runs the trial as a Ray Train TorchTrainer
+
+    @model_validator(mode="after")
+    def _one_gpu_per_worker(self) -> Resources:
+        if self.gpus > self.workers:
+            raise ValueError(f"gpus={self.gpus:g} > workers={self.workers}: each worker drives one GPU; "
+                             f"set workers: {math.ceil(self.gpus)} for data parallelism")
+        return self
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads per training process: the trial's CPUs shared by its workers."""
+        return max(1, int(self.cpus // self.workers))
+
+
+class Scheduler(_Frozen):
+    """Which trials run to the end: all of them (fifo), or the best after each rung (ASHA)."""
+
+    type: Literal["fifo", "asha"] = "fifo"
+    metric: Literal["test_top1", "test_top5", "test_loss", "train_loss"] = "test_top1"  # what ranks trials
+    mode: Literal["max", "min"] = "max"  # default: the metric's own direction (METRICS)
+    grace_period: int = Field(1, ge=1)  # asha: epochs every trial runs before it can be stopped
+    reduction_factor: float = Field(3.0, gt=1)  # asha: 1/reduction_factor of the trials go on at each rung
+    max_t: int | None = Field(None, ge=1)  # asha: epochs of the last rung (None: the trials' epochs)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mode" not in data and data.get("metric") in METRICS:
+            return {**data, "mode": METRICS[data["metric"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scheduler:
+        if self.mode != (better := METRICS[self.metric]):
+            raise ValueError(f"{self.metric} is better when {'larger' if better == 'max' else 'smaller'}: "
+                             f"mode must be {better!r}")
+        asha_only = [f for f in ("grace_period", "reduction_factor", "max_t")
+                     if getattr(self, f) != type(self).model_fields[f].default]
+        if self.type == "fifo" and asha_only:
+            raise ValueError(f"{', '.join(asha_only)} applies to type 'asha' only")
+        if self.max_t is not None and self.grace_period > self.max_t:
+            raise ValueError(f"grace_period={self.grace_period} exceeds max_t={self.max_t}")
+        return self
+
+
+class Tracking(_Frozen):
+    uri: str | None = Field(None, min_length=1)  # MLflow tracking URI (None: SQLite in the results)
+    experiment: str | None = Field(None, min_length=1)  # MLflow experiment (None: the spec's name)
+
+
+class Smoke(_Frozen):
+    """What `--smoke` changes (big_vision's `runlocal`): a few tiny trials of the same sweep."""
+
+    base: dict[str, Any] = {}  # partial TrialConfig merged over `base`
+    axes: Axes = {}  # replaces these axes' values (a new path adds an axis)
+    zip: list[Axes] | None = None  # replaces every zip group
+    seeds: list[Seed] | None = Field(None, min_length=1)  # replaces `seeds`
+
+
+class SweepSpec(_Frozen):
+    """A sweep as data: a base trial config, the axes it varies, and how Ray Tune runs the trials."""
+
+    name: str  # the sweep's directory under `storage` and its default MLflow experiment
+    description: str = ""  # one paragraph: what the sweep tests
+    base: dict[str, Any] = {}  # partial TrialConfig merged over its defaults
+    axes: Axes = {}  # dotted TrialConfig path -> values; the grid is their product, in file order
+    zip: list[Axes] = []  # groups of dotted paths -> equal-length lists that vary together
+    seeds: list[Seed] = Field([0], min_length=1)  # one trial per seed per grid point
+    resources: Resources = Field(default_factory=Resources)  # per trial
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the resources allow
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    max_failures: int = Field(0, ge=0)  # retries of a failed trial, from its last checkpoint
+    tracking: Tracking = Field(default_factory=Tracking)
+    storage: str = Field("runs", min_length=1)  # Ray Tune storage (path or URI); the sweep: storage/name
+    ray_address: str | None = Field(None, min_length=1)  # Ray cluster to join (None: start a local one)
+    smoke: Smoke = Field(default_factory=Smoke)  # what `--smoke` changes
+
+    _source: str = PrivateAttr("<spec>")
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_directory_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(f"{name!r}: use letters, digits, '.', '_', '-' (it names the sweep's directory)")
+        return name
+
+    @model_validator(mode="after")
+    def _structure(self) -> SweepSpec:
+        raw = {"base": self.base, "axes": self.axes, "zip": self.zip, "smoke": self.smoke.model_dump()}
+        if problems := structure_problems(raw):
+            raise SpecError(problems)
+        for smoke, where in ((False, ("axes",)), (True, ("smoke",))):
+            if (n := math.prod(size for _, size in grid_factors(self, smoke=smoke))) > MAX_TRIALS:
+                raise SpecError([(where, f"the grid has {n:,} trials, more than {MAX_TRIALS:,}; split it")])
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file this spec was loaded from (`<spec>` when built in code); error lines start with it."""
+        return self._source
+
+
+def grid_factors(spec: SweepSpec, *, smoke: bool) -> list[tuple[str, int]]:
+    """(name, size) of each factor of the trial count: seeds, each axis, each zip group (`(a, b)`)."""
+    s = spec.smoke if smoke else Smoke()
+    out = [("seeds", len(s.seeds if s.seeds is not None else spec.seeds))]
+    out += [(path, len(values)) for path, values in {**spec.axes, **s.axes}.items()]
+    for group in s.zip if s.zip is not None else spec.zip:
+        paths = list(group)
+        name = paths[0] if len(paths) == 1 else f"({', '.join(paths)})"
+        out.append((name, len(next(iter(group.values()), []))))
+    return out
