@@ -622,10 +622,10 @@ def _fit_to_weights(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _create_bvit(variant: str, pretrained: bool = False, **kwargs) -> BViT:
-    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("num_steps", 3)))  # features_only: the last 3 steps
     vit_block = kwargs.pop("vit_block", 0)  # timm ViT weights: which block becomes the shared one
     if pretrained:
         kwargs = _fit_to_weights(variant, kwargs)
+    out_indices = kwargs.pop("out_indices", min(3, kwargs.get("num_steps", 3)))  # features_only: the last 3 steps
     return build_model_with_cfg(
         BViT, variant, pretrained,
         pretrained_filter_fn=partial(checkpoint_filter_fn, vit_block=vit_block),

@@ -19,8 +19,10 @@ from typer.testing import CliRunner
 
 import bvit.model  # noqa: F401  (registers bvit_* with timm)
 from bvit.analysis import load_trained
+from bvit.config import TrialConfig
 from bvit.model import (
     BViT,
+    build_model,
     bvit_to_vit_state_dict,
     checkpoint_filter_fn,
     export_tied_vit,
@@ -212,6 +214,29 @@ def test_training_checkpoint_loads_with_create_model_in_a_fresh_process(fmnist_d
     assert out.split() == ["16", "3", "True"]
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "logits.pt"), trained(x))
+
+
+@pytest.mark.parametrize("arch", ["bvit", "vit"])
+def test_training_checkpoint_sets_the_architecture_and_features_only_follows(tmp_path, arch):
+    cfg = TrialConfig.model_validate({"model": {"arch": arch, "width": 16, "steps": 2, "heads": 2}})
+    torch.manual_seed(0)
+    trained = build_model(arch=arch, width=16, steps=2, heads=2, patch_size=4, img_size=28, in_chans=1,
+                          num_classes=10).eval()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": trained.state_dict(), "config": cfg.model_dump(mode="json"), "epoch": 1}, path)
+    overlay = dict(file=str(path))
+    model = timm.create_model("bvit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay,
+                              vit_block=-1).eval()
+    assert (model.embed_dim, model.num_steps, model.in_chans, model.num_classes) == (16, 2, 1, 10)
+    x = torch.randn(2, 1, 28, 28)
+    if arch == "bvit":
+        assert torch.equal(model(x), trained(x))
+    else:  # the ViT arm of a sweep: its last block becomes the shared one
+        assert torch.equal(model.block.attn.qkv.weight, trained.blocks[-1].attn.qkv.weight)
+    features = timm.create_model("bvit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay,
+                                 features_only=True, vit_block=-1).eval()
+    assert features.feature_info.channels() == [16, 16]  # both steps (at most the last 3)
+    torch.testing.assert_close(features(x), model.forward_intermediates(x, intermediates_only=True), rtol=0, atol=0)
 
 
 def test_hostile_file_is_refused_by_create_model(tmp_path):
