@@ -20,6 +20,8 @@ Beyond the paper, off by default:
 `build_model(arch=...)` builds both arms of every comparison: `bvit` (one block, T steps) or a standard
 timm `VisionTransformer` with depth T and otherwise identical hyper-parameters (same FLOPs per image).
 """
+# No `from __future__ import annotations` here: torch.fx copies forward's annotations into the code it
+# generates, and TorchScript cannot script that code when they are strings (test_timm.py, fx + script).
 import logging
 import re
 from functools import partial
