@@ -68,7 +68,7 @@ class ProgressTable(tune.Callback):
         row.update(epochs=result.get("epoch"), final_test_top1=result.get("test_top1"),
                    best_test_top1=result.get("best_test_top1"), node=result.get("node_ip"),
                    retries=result.get("retries", 0))
-        Console(highlight=False).print(progress_line(row, result))
+        Console(highlight=False).print(progress_line(row, result), markup=False, soft_wrap=True)
         self._maybe_table(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

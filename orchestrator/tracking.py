@@ -7,10 +7,11 @@ idempotent: an epoch is one `log_batch` (all of its metrics at step=epoch), and 
 present is never logged again, so a retried or resumed trial continues its own child run.
 
 What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
-  * the experiment is tagged as model training (`mlflow.experimentKind`), and carries a saved view
-    (`mlflow.sharedViewState.bvit-sweep`: the runs table with arch, width, steps, seed and test top-1
-    as columns, ordered by the `bvit.rank` tag: the parent first, then trials best first; ordering by a
-    tag also lists the children flat instead of collapsed under the parent);
+  * the experiment carries a saved view (`mlflow.sharedViewState.bvit-sweep`, MLflow's "saved views"
+    envelope): the runs table with arch, width, steps, seed and test top-1 as columns, ordered by the
+    `bvit.rank` tag: the parent first, then the trials best first. Ordering by anything but start time
+    also makes MLflow list the children flat instead of collapsed under the parent (its runs table nests
+    only when unsorted, unfiltered or sorted by start time). `bvit-sweep ui` opens it by URL;
   * run names carry arch, width, steps, seed and, once known, the final test top-1;
   * `publish_sweep` gives the parent run its description (the frontier table, the plots inline),
     the spec, run.json, the command and git SHA; every artifact is written whole, never appended.
@@ -32,11 +33,9 @@ from ray import tune
 from bvit.config import TrialConfig
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
-           "publish_sweep", "run_name", "view_state", "VIEW_ID", "code_version"]
+           "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID", "code_version"]
 
 TAG_SWEEP, TAG_TRIAL, TAG_ROLE, TAG_RANK = "bvit.sweep", "bvit.trial_id", "bvit.role", "bvit.rank"
-# The UI's "workflow type": model training (runs, charts) instead of the GenAI overview (traces).
-TAG_KIND, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # A saved view of the runs page: its id goes in the URL as ?viewStateShareKey=<id> (see orchestrator/dashboard.py).
 VIEW_TAG_PREFIX, VIEW_ID = "mlflow.sharedViewState.", "bvit-sweep"
 TAG_NOTE, TAG_LOGGED = "mlflow.note.content", "mlflow.loggedArtifacts"
@@ -85,7 +84,26 @@ def view_state(*, finetune: bool = False) -> dict[str, Any]:
         "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics]
                            + ["params.`params`"],
         "orderByKey": f"tags.`{TAG_RANK}`", "orderByAsc": True, "searchFilter": "",
+        "columnWidths": {"attributes.`Run Name`": 330, "metrics.`best_test_top1`": 130},
     }
+
+
+def prepare_experiment(uri: str, experiment: str | None) -> str | None:
+    """The id of the experiment `bvit-sweep ui` opens, with the saved view set up; with no name, the
+    store's only experiment besides MLflow's Default. None when there is none to open."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if experiment is None:
+        found = [e for e in client.search_experiments() if e.name != "Default"]
+        if len(found) != 1:
+            return None
+        experiment = found[0].name
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    SweepTracker(uri=uri, experiment=experiment, sweep=experiment)  # saves the view when missing
+    return exp.experiment_id
 
 
 def code_version(results_dir: Path | None = None) -> str:
@@ -117,10 +135,7 @@ class SweepTracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
-        tags = exp.tags if exp is not None else {}
-        if tags.get(TAG_KIND) != KIND_TRAINING:
-            self.client.set_experiment_tag(self.experiment_id, TAG_KIND, KIND_TRAINING)
-        if VIEW_TAG_PREFIX + VIEW_ID not in tags:
+        if VIEW_TAG_PREFIX + VIEW_ID not in (exp.tags if exp is not None else {}):
             self.save_view()
         self._runs: dict[str, str] = {}
         self._epochs: dict[str, set[int]] = {}
@@ -364,8 +379,7 @@ def publish_sweep(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, A
     tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)
     client, parent = tracker.client, tracker.parent_run_id()
     kind, cells, paths = summary if summary is not None else (None, None, {})
-    if kind == "transfer":
-        tracker.save_view(finetune=True)
+    tracker.save_view(finetune=kind == "transfer")  # rewritten each time: a newer bvit-sweep's view replaces an older one
     for path in paths.values():
         client.log_artifact(parent, str(path), artifact_path="frontier")
     if cells is not None:
