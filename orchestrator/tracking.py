@@ -84,7 +84,6 @@ def view_state(*, finetune: bool = False) -> dict[str, Any]:
         "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics]
                            + ["params.`params`"],
         "orderByKey": f"tags.`{TAG_RANK}`", "orderByAsc": True, "searchFilter": "",
-        "columnWidths": {"attributes.`Run Name`": 330, "metrics.`best_test_top1`": 130},
     }
 
 
