@@ -186,3 +186,47 @@ def test_dashboard_in_a_real_browser_shows_the_sweep(sweep, tmp_path):
         assert proc.wait(timeout=60) == 0
     assert not _port_open(port), "Ctrl-C left the MLflow server running"
     print(f"screenshots: {tmp_path}")
+
+
+def test_progress_line_shows_a_dash_for_an_unscored_epoch():
+    from orchestrator.progress import progress_line
+
+    row = {"trial_id": "abc", "arch": "bvit", "width": 32, "steps": 2, "seed": 0, "epochs": 1, "node": "n"}
+    unscored = progress_line(row, {"train_loss": 2.1, "test_top1": float("nan"), "images_per_s": 500})
+    assert "top-1 – (best –)" in unscored and "nan" not in unscored
+    assert "top-1 71.23 (best 72.00)" in progress_line(row, {"train_loss": 2.1, "test_top1": 71.234,
+                                                            "best_test_top1": 72.0, "images_per_s": 500})
+
+
+@pytest.mark.parametrize("cells, frontier_drawn", [
+    ([("bvit", 32, 15274, 60.0), ("vit", 32, 27978, 55.0)], False),  # one cell on the frontier: a point
+    ([("bvit", 32, 15274, 50.0), ("vit", 32, 27978, 55.0)], True),
+    ([("bvit", w, p, 40.0 + i) for i, (w, p) in enumerate([(16, 4570), (24, 4800), (32, 15274), (64, 55114)])]
+     + [("vit", w, p, 41.0 + i) for i, (w, p) in enumerate([(16, 7850), (20, 8100), (32, 27978), (64, 205066)])],
+     True),  # counts close together over two decades: not every one can carry a label
+])
+def test_frontier_plot_legend_names_only_what_is_drawn_and_ticks_do_not_overlap(tmp_path, monkeypatch, cells,
+                                                                                 frontier_drawn):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from orchestrator.frontier import frontier_table, write_frontier
+
+    seen = {}
+    save = Figure.savefig
+
+    def spy(fig, path, *a, **k):
+        ax = fig.axes[0]
+        fig.canvas.draw()
+        seen[Path(path).name] = ([t.get_text() for t in ax.get_legend().get_texts()],
+                                 [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()])
+        return save(fig, path, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    rows = [{"status": "TERMINATED", "arch": a, "width": w, "steps": 2, "params": p, "flops_per_image": 1,
+             "final_test_top1": t} for a, w, p, t in cells]
+    write_frontier(frontier_table(rows), tmp_path)
+    legend, ticks = seen["frontier.png"]
+    assert ("Pareto frontier" in legend) == frontier_drawn and {"bvit", "vit"} <= set(legend)
+    assert ticks and not any(a.overlaps(b) for a, b in zip(ticks, ticks[1:], strict=False))
