@@ -63,13 +63,15 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for arch, g in cells.groupby("arch"):
-        ax.errorbar(g["params"], g["top1_mean"], yerr=g["top1_std"], linestyle="none", label=arch, **style[arch])
+        ax.errorbar(g["params"], g["top1_mean"], yerr=_yerr(g), linestyle="none", label=arch, capsize=3, **style[arch])
         for _, c in g.iterrows():
             ax.annotate(f"w{c['width']}·T{c['steps']}", (c["params"], c["top1_mean"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
     front = cells[cells["on_frontier"]].sort_values("params")
-    ax.plot(front["params"], front["top1_mean"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
+    if len(front) >= 2:  # a frontier of one cell is a point, not a line: no legend entry for what is not drawn
+        ax.plot(front["params"], front["top1_mean"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
     ax.set(xscale="log", xlabel="parameters", ylabel="test top-1 (%)", title=title or "accuracy vs parameters")
+    _count_ticks(ax, cells["params"])
     ax.grid(alpha=.3)
     ax.legend()
     fig.tight_layout()
@@ -82,8 +84,9 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
     for ax, w in zip(axes[0], widths, strict=True):
         for arch, g in cells[cells["width"] == w].groupby("arch"):
             g = g.sort_values("steps")
-            ax.errorbar(g["steps"], g["top1_mean"], yerr=g["top1_std"], label=arch, **style[arch])
+            ax.errorbar(g["steps"], g["top1_mean"], yerr=_yerr(g), label=arch, capsize=3, **style[arch])
         ax.set(title=f"width {w}", xlabel="steps (bViT) / depth (ViT)")
+        ax.set_xticks(sorted(cells["steps"].unique()))
         ax.grid(alpha=.3)
     axes[0][0].set_ylabel("test top-1 (%)")
     axes[0][0].legend()
@@ -113,6 +116,42 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
         fig.savefig(paths["recovered.png"], dpi=120)
         plt.close(fig)
     return paths
+
+
+def _yerr(g: pd.DataFrame):
+    """Error bars (one std over seeds) only where a cell has more than one seed; None draws none."""
+    if "seeds" not in g or not (g["seeds"] > 1).any():
+        return None
+    return g["top1_std"].where(g["seeds"] > 1, 0.0)
+
+
+def _compact(n: float) -> str:
+    """4570 -> '4.6k', 1_250_000 -> '1.25M': short tick labels."""
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _count_ticks(ax, values: pd.Series, min_gap: float = 0.09) -> None:
+    """Log-x ticks at the plotted counts themselves, labelled compactly; a count closer than `min_gap` of the
+    axis width to the previous labelled one is left unlabelled, so labels never overlap."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    counts = sorted({float(v) for v in values if v == v and v > 0})
+    if not counts:
+        return
+    lo, hi = math.log10(counts[0]), math.log10(counts[-1])
+    pad = max(0.15, (hi - lo) * 0.08)  # room for the annotations at both ends
+    span = hi - lo + 2 * pad
+    kept: list[float] = []
+    for v in counts:
+        if not kept or (math.log10(v) - math.log10(kept[-1])) / span >= min_gap:
+            kept.append(v)
+    ax.set_xlim(10 ** (lo - pad), 10 ** (hi + pad))
+    ax.set_xticks(kept, labels=[_compact(v) for v in kept])
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _finished(rows: list[dict[str, Any]] | pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -153,14 +192,15 @@ def write_transfer(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
     cells.to_csv(paths["transfer.csv"], index=False, float_format="%.4f")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for method, g in cells.groupby("method", sort=False):
-        ax.errorbar(g["trainable_params"], g["top1_mean"], yerr=g["top1_std"], marker="o", linestyle="none",
-                    label=method)
+        ax.errorbar(g["trainable_params"], g["top1_mean"], yerr=_yerr(g), marker="o", linestyle="none",
+                    label=method, capsize=3)
         for _, c in g.iterrows():
             if c["rank"] != "-":
                 ax.annotate(f"r{c['rank']}", (c["trainable_params"], c["top1_mean"]), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="test top-1 (%)",
            title=title or "fine-tuning: accuracy vs trainable parameters")
+    _count_ticks(ax, cells["trainable_params"])
     ax.grid(alpha=.3)
     ax.legend()
     fig.tight_layout()

@@ -23,10 +23,10 @@ from bvit.config import ModelConfig, TrialConfig
 from orchestrator.envelope import TRIAL_KEY, Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.progress import ProgressTable
-from orchestrator.results import best_checkpoint, collect_trials, finalize, git_sha, write_results
+from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
 from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
 from orchestrator.sweep_dir import SNAPSHOT, sweep_dir_for
-from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
+from orchestrator.tracking import MlflowProgressCallback, code_version, resolve_tracking
 from orchestrator.trainable import tune_trainable
 
 __all__ = ["launch", "LaunchResult", "sweep_dir_for"]
@@ -200,7 +200,7 @@ def launch(
             raise UserError([f"{spec_path}: the spec changed since the sweep started; refusing to resume "
                              "(pass --force to resume anyway):", *("  " + c for c in changes)])
 
-    sha = git_sha()  # the code the trials run, recorded before anything changes
+    sha = code_version()  # the code the trials run (its checkout, wherever launched), recorded before anything changes
     if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
         raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
     data_paths = prepare_data(configs, cwd=Path.cwd())

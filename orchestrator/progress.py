@@ -10,7 +10,21 @@ from rich.table import Table
 
 from orchestrator.envelope import TrialEnvelope
 
-__all__ = ["ProgressTable", "render_table"]
+__all__ = ["ProgressTable", "render_table", "progress_line"]
+
+UNSCORED = "–"  # an epoch the test set was not scored on (eval_every > 1)
+
+
+def _num(value: Any, fmt: str) -> str:
+    return UNSCORED if value is None or value != value else fmt.format(value)
+
+
+def progress_line(row: dict[str, Any], result: dict[str, Any]) -> str:
+    """One epoch of one trial: `[id] bvit width 32 steps 2 seed 0 epoch 1: loss 2.104 top-1 – (best –) ...`."""
+    return (f"[{row['trial_id']}] {row['arch']:4s} width {row['width']:<4} steps {row['steps']:<3} seed {row['seed']} "
+            f"epoch {row['epochs']}: loss {_num(result.get('train_loss'), '{:.3f}')} "
+            f"top-1 {_num(result.get('test_top1'), '{:.2f}')} (best {_num(result.get('best_test_top1'), '{:.2f}')}) "
+            f"{result.get('images_per_s') or 0:.0f} img/s on {row['node']}")
 
 
 def render_table(rows: list[dict[str, Any]], title: str = "") -> Table:
@@ -56,11 +70,7 @@ class ProgressTable(tune.Callback):
         row.update(epochs=result.get("epoch"), final_test_top1=result.get("test_top1"),
                    best_test_top1=result.get("best_test_top1"), node=result.get("node_ip"),
                    retries=result.get("retries", 0))
-        Console(highlight=False).print(
-            f"[{row['trial_id']}] {row['arch']:4s} width {row['width']:<4} steps {row['steps']:<3} seed {row['seed']} "
-            f"epoch {row['epochs']}: loss {result.get('train_loss', float('nan')):.3f} "
-            f"top-1 {result.get('test_top1', float('nan')):.2f} (best {result.get('best_test_top1', float('nan')):.2f}) "
-            f"{result.get('images_per_s', 0):.0f} img/s on {row['node']}")
+        Console(highlight=False).print(progress_line(row, result), markup=False, soft_wrap=True)
         self._maybe_table(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:

@@ -139,39 +139,21 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     `bvit-sweep sync` repeats this step later.
     """
     from orchestrator.frontier import summarize
-    from orchestrator.tracking import SweepTracker, sync_sweep
+    from orchestrator.tracking import publish_sweep, sync_sweep
 
     out: dict[str, Any] = {"frontier": None, "synced": None}
-    paths: dict[str, Path] = {}
-    cells = None
+    summary = None
     try:
-        _, cells, paths = summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
-        out["frontier"] = str(next(iter(paths.values())))
+        summary = summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
+        out["frontier"] = str(next(iter(summary[2].values())))
     except ValueError as e:
         if verbose:
             print(f"no frontier yet: {e}")
     try:
-        out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep,
-                                   artifact_root=Path(artifact_root) if artifact_root else None)
-        tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep,
-                               artifact_root=Path(artifact_root) if artifact_root else None)
-        parent = tracker.parent_run_id()
-        for path in paths.values():
-            tracker.client.log_artifact(parent, str(path), artifact_path="frontier")
-        if cells is not None:
-            tracker.client.log_table(parent, data=cells, artifact_file="frontier/frontier_table.json")
-        if (results_dir / "trials.csv").exists():
-            tracker.client.log_artifact(parent, str(results_dir / "trials.csv"))
-        best = best_checkpoint(sweep_dir, table)
-        if best is not None:
-            trial_id, ckpt = best
-            row = next(r for r in table if r["trial_id"] == trial_id)
-            cfg = trial_envelopes(sweep_dir)[trial_id].resolved
-            tracker.client.log_artifact(tracker.child_run_id(trial_id, cfg), str(ckpt), artifact_path="model")
-            tracker.client.set_tag(parent, "bvit.best_trial", trial_id)
-            tracker.client.log_metric(parent, "best_final_test_top1", float(row["final_test_top1"]))
-        if complete:
-            tracker.finish_parent(ok=all(r["status"] == "TERMINATED" for r in table))
+        root = Path(artifact_root) if artifact_root else None
+        out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root)
+        publish_sweep(sweep_dir=sweep_dir, results_dir=results_dir, table=table, summary=summary, uri=uri,
+                      experiment=experiment, sweep=sweep, artifact_root=root, complete=complete)
     except Exception as e:  # tracking must never lose a finished sweep
         print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
               f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")

@@ -6,9 +6,6 @@ storage), or a bare name (looked up under ./runs).
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 
-__all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "sweep_status", "sweep_frontier", "sweep_sync", "ui_command_line"]
+__all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "sweep_status", "sweep_frontier", "sweep_sync", "ui_store"]
 
 SNAPSHOT = "bvit_sweep.json"  # in the sweep directory: the spec it was launched with, for status and resume
 
@@ -99,29 +96,22 @@ def sweep_sync(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, in
                          "Ray's results are kept: retry when the server is up"], code=1) from e
 
 
-def ui_command_line(sweep: Sweep | None, *, port: int, tracking_uri: str | None = None,
-                    results_root: Path | str = "results") -> list[str]:
-    """The `mlflow ui` command for a sweep's store (or, with no sweep, ./results' only local store)."""
+def ui_store(sweep: Sweep | None, *, tracking_uri: str | None = None,
+             results_root: Path | str = "results") -> tuple[str, str | None, Path]:
+    """(local store URI, experiment name or None, folder for the server's log) for `bvit-sweep ui`: the
+    sweep's store, else --tracking-uri, else ./results' newest local store."""
     from orchestrator.tracking import resolve_tracking
 
     if sweep is not None:
-        uri, _ = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
+        uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
+        log_dir = sweep.results_dir / "mlflow"
     elif tracking_uri:
-        uri = tracking_uri
+        uri, experiment, log_dir = tracking_uri, None, Path(results_root)
     else:
-        stores = sorted(Path(results_root).glob("*/mlflow/mlflow.db"))
+        stores = sorted(Path(results_root).glob("*/mlflow/mlflow.db"), key=lambda p: p.stat().st_mtime)
         if not stores:
             raise UserError([f"{results_root}: no local MLflow store yet; run a sweep first or pass --tracking-uri"])
-        uri = f"sqlite:///{stores[-1].resolve()}"
+        uri, experiment, log_dir = f"sqlite:///{stores[-1].resolve()}", None, stores[-1].parent
     if not uri.startswith("sqlite"):
         raise UserError([f"{uri} is a tracking server already: open it in a browser"], code=1)
-    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    return [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
-
-
-def run_ui(cmd: list[str]) -> int:
-    """Start the dashboard in the foreground (Ctrl-C stops it)."""
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+    return uri, experiment, log_dir

@@ -5,11 +5,23 @@ background thread (an unreachable tracking server costs a warning, never the swe
 on `bvit-sweep sync`, every epoch Ray recorded that MLflow lacks is back-filled. Logging is
 idempotent: an epoch is one `log_batch` (all of its metrics at step=epoch), and an epoch already
 present is never logged again, so a retried or resumed trial continues its own child run.
+
+What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
+  * the experiment carries a saved view (`mlflow.sharedViewState.bvit-sweep`, MLflow's "saved views"
+    envelope): the runs table with arch, width, steps, seed and test top-1 as columns, ordered by the
+    `bvit.rank` tag: the parent first, then the trials best first. Ordering by anything but start time
+    also makes MLflow list the children flat instead of collapsed under the parent (its runs table nests
+    only when unsorted, unfiltered or sorted by start time). `bvit-sweep ui` opens it by URL;
+  * run names carry arch, width, steps, seed and, once known, the final test top-1;
+  * `publish_sweep` gives the parent run its description (the frontier table, the plots inline),
+    the spec, run.json, the command and git SHA; every artifact is written whole, never appended.
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
+import tempfile
 import threading
 import time
 import warnings
@@ -21,9 +33,14 @@ from ray import tune
 from bvit.config import TrialConfig
 from orchestrator.envelope import TrialEnvelope
 
-__all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep"]
+__all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
+           "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID", "code_version"]
 
-TAG_SWEEP, TAG_TRIAL, TAG_ROLE = "bvit.sweep", "bvit.trial_id", "bvit.role"
+TAG_SWEEP, TAG_TRIAL, TAG_ROLE, TAG_RANK = "bvit.sweep", "bvit.trial_id", "bvit.role", "bvit.rank"
+# A saved view of the runs page: its id goes in the URL as ?viewStateShareKey=<id> (see orchestrator/dashboard.py).
+VIEW_TAG_PREFIX, VIEW_ID = "mlflow.sharedViewState.", "bvit-sweep"
+TAG_NOTE, TAG_LOGGED = "mlflow.note.content", "mlflow.loggedArtifacts"
+UNRANKED = "9999"  # a trial without a final test top-1 yet: listed after the ranked ones
 EPOCH_METRICS = ("train_loss", "test_top1", "test_top5", "test_loss", "best_test_top1", "lr", "images_per_s",
                  "epoch_seconds", "retries", "merged_test_top1")
 
@@ -45,6 +62,63 @@ def resolve_tracking(spec, results_dir: Path, override: str | None = None) -> tu
     return uri, spec.tracking.experiment or spec.name
 
 
+def run_name(cfg: TrialConfig, top1: float | None = None) -> str:
+    """`bvit · w32 · T4 · seed 0 · top-1 61.2 %`: what a trial is, readable in the runs table."""
+    m = cfg.model
+    parts = [m.arch, f"w{m.width}", f"T{m.steps}"]
+    if cfg.finetune is not None:
+        ft = cfg.finetune
+        parts.append(ft.method + (f" r{ft.rank}" if ft.method.startswith("lora") else ""))
+    parts.append(f"seed {cfg.seed}")
+    if top1 is not None and top1 == top1:
+        parts.append(f"top-1 {top1:.1f} %")
+    return " · ".join(parts)
+
+
+def view_state(*, finetune: bool = False) -> dict[str, Any]:
+    """The runs page as the sweep's question needs it: its axes and test top-1 as columns, parent first."""
+    params = ["model.arch", "model.width", "model.steps", "seed"]
+    if finetune:
+        params += ["finetune.method", "finetune.rank"]
+    metrics = ["test_top1", "best_test_top1", "epoch"]
+    return {
+        "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics]
+                           + ["params.`params`"],
+        "orderByKey": f"tags.`{TAG_RANK}`", "orderByAsc": True, "searchFilter": "",
+    }
+
+
+def prepare_experiment(uri: str, experiment: str | None) -> str | None:
+    """The id of the experiment `bvit-sweep ui` opens, with the saved view set up; with no name, the
+    store's only experiment besides MLflow's Default. None when there is none to open."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if experiment is None:
+        found = [e for e in client.search_experiments() if e.name != "Default"]
+        if len(found) != 1:
+            return None
+        experiment = found[0].name
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    SweepTracker(uri=uri, experiment=experiment, sweep=experiment)  # saves the view when missing
+    return exp.experiment_id
+
+
+def code_version(results_dir: Path | None = None) -> str:
+    """The git SHA of the code a sweep ran: run.json's (recorded at launch), else the checkout this package
+    lives in, else the working directory's; 'unknown' only when none is a git checkout."""
+    from orchestrator.results import git_sha
+
+    if results_dir is not None and (results_dir / "run.json").exists():
+        sha = json.loads((results_dir / "run.json").read_text()).get("git_sha")
+        if sha and sha != "unknown":
+            return sha
+    sha = git_sha(Path(__file__).resolve().parent)
+    return sha if sha != "unknown" else git_sha()
+
+
 class SweepTracker:
     """Parent/child runs of one sweep in one MLflow experiment."""
 
@@ -61,8 +135,17 @@ class SweepTracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        if VIEW_TAG_PREFIX + VIEW_ID not in (exp.tags if exp is not None else {}):
+            self.save_view()
         self._runs: dict[str, str] = {}
         self._epochs: dict[str, set[int]] = {}
+
+    def save_view(self, *, finetune: bool = False) -> None:
+        """The saved view `bvit-sweep` (MLflow's "saved views" envelope around the page state), overwritten."""
+        created = int(self.client.get_experiment(self.experiment_id).creation_time or 0)
+        envelope = {"name": "sweep: arch, width, steps, seed, test top-1", "createdAt": created,
+                    "updatedAt": created, "state": json.dumps(view_state(finetune=finetune))}
+        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + VIEW_ID, json.dumps(envelope))
 
     def _find(self, filter_string: str) -> str | None:
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=2,
@@ -73,8 +156,8 @@ class SweepTracker:
         if "__parent__" not in self._runs:
             rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_ROLE}` = 'parent'")
             if rid is None:
-                rid = self.client.create_run(self.experiment_id, run_name=self.sweep,
-                                             tags={TAG_SWEEP: self.sweep, TAG_ROLE: "parent"}).info.run_id
+                rid = self.client.create_run(self.experiment_id, run_name=f"{self.sweep} · sweep", tags={
+                    TAG_SWEEP: self.sweep, TAG_ROLE: "parent", TAG_RANK: "0000"}).info.run_id
             self._runs["__parent__"] = rid
         return self._runs["__parent__"]
 
@@ -84,9 +167,8 @@ class SweepTracker:
             rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_TRIAL}` = '{trial_id}'")
             if rid is None:
                 from mlflow.entities import Param
-                m = cfg.model
-                rid = self.client.create_run(self.experiment_id, run_name=f"{m.arch}-w{m.width}-T{m.steps}-s{cfg.seed}-{trial_id}", tags={
-                    TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id, TAG_ROLE: "trial",
+                rid = self.client.create_run(self.experiment_id, run_name=run_name(cfg), tags={
+                    TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id, TAG_ROLE: "trial", TAG_RANK: UNRANKED,
                     "mlflow.parentRunId": self.parent_run_id(),
                 }).info.run_id
                 params = [Param(k, str(v)) for k, v in cfg.flat().items()]
@@ -204,3 +286,141 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
             tracker.finish(env.trial_id, env.resolved, trial.status)
         trials += 1
     return {"trials": trials, "epochs_logged": logged}
+
+
+# ---- the parent run as the sweep's front page ------------------------------------------------------------
+_CELL_COLUMNS = [  # (column in the frontier/transfer table, header, format)
+    ("arch", "arch", "{}"), ("width", "width", "{}"), ("steps", "steps", "{}"), ("method", "method", "{}"),
+    ("rank", "rank", "{}"), ("params", "params", "{:,.0f}"), ("trainable_params", "trained params", "{:,.0f}"),
+    ("seeds", "seeds", "{}"), ("top1_mean", "test top-1 (%)", "{:.2f}"), ("top1_std", "± std", "{:.2f}"),
+    ("merged_top1_mean", "merged top-1 (%)", "{:.2f}"), ("on_frontier", "on frontier", "{}"),
+    ("recovered_fraction", "recovered (bViT/ViT)", "{:.3f}"), ("gap_points", "gap (points)", "{:.2f}"),
+]
+
+
+def _markdown_table(cells) -> str:
+    cols = [c for c in _CELL_COLUMNS if c[0] in cells.columns]
+    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in cells.iterrows():
+        out = []
+        for key, _, fmt in cols:
+            v = row[key]
+            blank = v is None or (isinstance(v, float) and v != v)
+            out.append("" if blank else ("yes" if v is True else "" if v is False else fmt.format(v)))
+        lines.append("| " + " | ".join(out) + " |")
+    return "\n".join(lines)
+
+
+def describe_parent(*, sweep: str, table: list[dict[str, Any]], cells, plots: list[str], experiment_id: str,
+                    run_id: str, command: str, sha: str) -> str:
+    """The parent run's description (markdown, rendered by MLflow's run page): the answer first."""
+    done = [r for r in table if r["status"] == "TERMINATED" and r.get("final_test_top1") is not None]
+    lines = [f"**{sweep}**: {len(table)} trials, {len(done)} finished."]
+    if done:
+        best = max(done, key=lambda r: r["final_test_top1"])
+        lines[0] += (f" Best final test top-1 **{best['final_test_top1']:.2f} %**: {best['arch']} width "
+                     f"{best['width']}, {best['steps']} steps, seed {best['seed']} (trial `{best['trial_id']}`).")
+    lines += ["", f"Command: `{command}` · code: `{sha}`", ""]
+    if cells is not None:
+        lines += ["Per cell, seeds averaged (final test top-1):", "", _markdown_table(cells), ""]
+    for name in plots:
+        path = f"frontier/{name}"
+        lines += [f"![{name}](get-artifact?path=frontier%2F{name}&run_uuid={run_id})",
+                  f"[{name}](#/experiments/{experiment_id}/runs/{run_id}/artifactPath/{path})", ""]
+    lines.append("Children: one run per trial (name: arch · width · steps · seed · top-1); the experiment's "
+                 "saved view `bvit-sweep` lists them with these columns, best first.")
+    return "\n".join(lines)
+
+
+def _write_table(client, run_id: str, cells, artifact_file: str) -> None:
+    """`log_table`'s format and run tag, but the file is replaced, never appended to (log_table appends)."""
+    folder, name = os.path.split(artifact_file)
+    with tempfile.TemporaryDirectory() as tmp:
+        cells.to_json(Path(tmp) / name, orient="split", index=False, date_format="iso")
+        client.log_artifact(run_id, str(Path(tmp) / name), artifact_path=folder or None)
+    logged = json.loads(client.get_run(run_id).data.tags.get(TAG_LOGGED, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in logged:
+        client.set_tag(run_id, TAG_LOGGED, json.dumps(logged + [entry]))
+
+
+def _rank_and_name_children(tracker: SweepTracker, table: list[dict[str, Any]], configs: dict[str, TrialConfig]) -> None:
+    """Children's names carry their final top-1; `bvit.rank` orders them best first (the saved view's order)."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{tracker.sweep}' and tags.`{TAG_ROLE}` = 'trial'",
+        max_results=5000)
+    by_trial = {r.data.tags.get(TAG_TRIAL): r for r in runs}
+    scored = sorted((r for r in table if r.get("final_test_top1") is not None), key=lambda r: -r["final_test_top1"])
+    rank = {r["trial_id"]: f"{i:04d}" for i, r in enumerate(scored, start=1)}
+    for row in table:
+        run, cfg = by_trial.get(row["trial_id"]), configs.get(row["trial_id"])
+        if run is None or cfg is None:
+            continue
+        want = {TAG_RANK: rank.get(row["trial_id"], UNRANKED), "mlflow.runName": run_name(cfg, row.get("final_test_top1"))}
+        for key, value in want.items():
+            if run.data.tags.get(key) != value:
+                tracker.client.set_tag(run.info.run_id, key, value)
+
+
+def publish_sweep(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]], summary: tuple | None,
+                  uri: str, experiment: str, sweep: str, artifact_root: Path | None, complete: bool) -> None:
+    """The sweep's front page in MLflow, idempotent: any number of calls leave one copy of everything.
+
+    `summary` is frontier.summarize's (kind, cells, {name: path}) or None before any trial finished. On the
+    parent: the frontier files and table, trials.csv, spec.yaml, run.json, the command (as its source), the
+    git SHA (as its version), a few sweep parameters and the description; the best trial's checkpoint on
+    its child; each child's name and rank.
+    """
+    from mlflow.entities import Param
+
+    from orchestrator.results import best_checkpoint, trial_envelopes
+
+    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)
+    client, parent = tracker.client, tracker.parent_run_id()
+    kind, cells, paths = summary if summary is not None else (None, None, {})
+    tracker.save_view(finetune=kind == "transfer")  # rewritten each time: a newer bvit-sweep's view replaces an older one
+    for path in paths.values():
+        client.log_artifact(parent, str(path), artifact_path="frontier")
+    if cells is not None:
+        _write_table(client, parent, cells, "frontier/frontier_table.json")
+    for name in ("trials.csv", "spec.yaml", "run.json"):
+        if (results_dir / name).exists():
+            client.log_artifact(parent, str(results_dir / name))
+
+    run_json = json.loads((results_dir / "run.json").read_text()) if (results_dir / "run.json").exists() else {}
+    command = run_json.get("command", f"bvit-sweep launch {sweep}")
+    sha = code_version(results_dir)
+    ids = {r["trial_id"] for r in table}
+    configs = {tid: env.resolved for tid, env in trial_envelopes(sweep_dir).items() if tid in ids}
+    run = client.get_run(parent)
+    params = {"sweep.trials": str(len(table)), "sweep.command": command}
+    if configs:
+        flats = [c.flat() for c in configs.values()]
+        axes = {k: sorted({json.dumps(f[k]) for f in flats}) for k in flats[0] if len({json.dumps(f[k]) for f in flats}) > 1}
+        params.update({f"sweep.axis.{k}": ", ".join(v)[:500] for k, v in axes.items()})
+    new = [Param(k, v) for k, v in params.items() if k not in run.data.params]  # params are write-once
+    if new:
+        client.log_batch(parent, params=new)
+    plots = [p.name for p in paths.values() if p.suffix == ".png"]
+    done = [r for r in table if r["status"] == "TERMINATED" and r.get("final_test_top1") is not None]
+    name = f"{sweep} · sweep" + (f" · best top-1 {max(r['final_test_top1'] for r in done):.1f} %" if done else "")
+    tags = {"mlflow.runName": name, "mlflow.source.name": command, "mlflow.source.type": "LOCAL",
+            "mlflow.source.git.commit": sha,
+            TAG_NOTE: describe_parent(sweep=sweep, table=table, cells=cells, plots=plots, run_id=parent,
+                                      experiment_id=tracker.experiment_id, command=command, sha=sha)}
+    for key, value in tags.items():
+        if run.data.tags.get(key) != value:
+            client.set_tag(parent, key, value)
+
+    best = best_checkpoint(sweep_dir, table)
+    if best is not None and best[0] in configs:
+        trial_id, ckpt = best
+        row = next(r for r in table if r["trial_id"] == trial_id)
+        client.log_artifact(tracker.child_run_id(trial_id, configs[trial_id]), str(ckpt), artifact_path="model")
+        if run.data.tags.get("bvit.best_trial") != trial_id:
+            client.set_tag(parent, "bvit.best_trial", trial_id)
+        if run.data.metrics.get("best_final_test_top1") != float(row["final_test_top1"]):  # one point, not one per call
+            client.log_metric(parent, "best_final_test_top1", float(row["final_test_top1"]))
+    _rank_and_name_children(tracker, table, configs)
+    if complete:
+        tracker.finish_parent(ok=all(r["status"] == "TERMINATED" for r in table))

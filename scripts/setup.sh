@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(libopencv-dev libturbojpeg0-dev dataset-fashion-mnist pkg-config g++)
+# chromium: the browser tests/test_dashboard.py drives through Playwright (its real binary, no download).
+APT_PACKAGES=(libopencv-dev libturbojpeg0-dev dataset-fashion-mnist pkg-config g++ chromium)
 VENV=.venv
 PYTHON=${PYTHON:-python3}
 

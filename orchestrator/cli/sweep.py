@@ -166,15 +166,17 @@ def sync(sweep: SweepArg, tracking_uri: TrackingUri = None) -> None:
 @command()
 def ui(
         sweep: Annotated[str | None, typer.Argument(metavar="[SWEEP]", help="Sweep whose store to open (default: the local store under results/).")] = None,
-        port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
+        port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 5000,
+        host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0: every interface).")] = "127.0.0.1",
         tracking_uri: TrackingUri = None,
 ) -> None:
-    """Start the MLflow dashboard on 127.0.0.1 for a sweep's store and print its URL.
+    """Start the MLflow dashboard for a sweep's store; print the URL of its runs once it answers.
 
     Example: `bvit-sweep ui runs/width --port 5000`
     """
-    from orchestrator.sweep_dir import resolve_sweep, run_ui, ui_command_line
+    from orchestrator.dashboard import open_dashboard
+    from orchestrator.sweep_dir import resolve_sweep, ui_store
 
-    cmd = ui_command_line(resolve_sweep(sweep) if sweep else None, port=port, tracking_uri=tracking_uri)
-    typer.echo(f"MLflow dashboard: http://127.0.0.1:{port}  (store {cmd[3]}; Ctrl-C stops it)")
-    raise typer.Exit(run_ui(cmd))
+    uri, experiment, log_dir = ui_store(resolve_sweep(sweep) if sweep else None, tracking_uri=tracking_uri)
+    raise typer.Exit(open_dashboard(uri=uri, experiment=experiment, log_dir=log_dir, host=host, port=port,
+                                    echo=typer.echo))
