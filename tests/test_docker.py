@@ -373,6 +373,10 @@ def test_every_manifest_names_the_same_image_at_this_version():
     images |= {c["image"] for pod in pods for c in pod["containers"]}
     assert len(images) == 1, f"ray-cluster.yaml and rayjob.yaml disagree on the image: {images}"
     _, repo, tag = image_parts(images.pop())
+    base = arg_defaults(read_dockerfile(DOCKERFILES[0]))["BASE_IMAGE"]
+    for name in ("ray-cluster.yaml", "rayjob.yaml"):  # the comments name the base the image is built on
+        text = (DOCKER / name).read_text()
+        assert f"docker/Dockerfile (base {base})" in text, f"{name} does not say the image is built on {base}"
     gpu_compose = interpolate(compose(), filled_env())["services"]["ray-worker-gpu"]["image"]
     assert (repo, tag) == image_parts(gpu_compose)[1:] == ("bvit-sweep", PROJECT_VERSION)
 
