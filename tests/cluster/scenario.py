@@ -532,7 +532,7 @@ def main() -> int:
     started_at = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     engine = os.environ.get("BVIT_ENGINE_PHASES", "")
     for item in filter(None, engine.splitlines()):  # phases timed by scripts/test-cluster.sh
-        name, seconds, command = item.split("|")
+        name, seconds, command = item.split("|", 2)  # the command may hold a pipe
         PHASES.append((name, float(seconds), command))
     tmp = Path(tempfile.mkdtemp(prefix="bvit-cluster-"))
     os.chmod(tmp, 0o755)
