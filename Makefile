@@ -4,7 +4,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 SPEC  ?= sweeps/width.yaml
 
-.PHONY: setup sweep smoke test test-slow lint bench clean
+.PHONY: setup sweep smoke test test-slow test-cluster lint bench clean
 
 setup:
 	@scripts/setup.sh
@@ -21,6 +21,9 @@ test: setup  ## default suite (slow tests excluded)
 
 test-slow: setup  ## only the slow tests (real training runs, multi-node)
 	$(BIN)/pytest -q -m slow
+
+test-cluster: setup  ## as root: a real compose cluster (PostgreSQL, MLflow, Ray head + 2 workers), checked end to end
+	scripts/test-cluster.sh
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,16 +1,18 @@
-"""docker/: the images, the Compose stack, `ray up` and KubeRay manifests -- checked statically.
+"""docker/: the images, the Compose stack, `ray up` and KubeRay manifests -- checked statically, in `make test`.
 
-These machines have no Docker engine and no Kubernetes API, so nothing here builds or starts a container.
-What is checked instead: hadolint on every Dockerfile; the image's pins are pyproject's (the Dockerfile's
-own requirement-extraction step is executed here); its apt packages are scripts/setup.sh's; compose.yaml
-against the Compose specification's JSON schema; ray-cluster.yaml through Ray's own cluster-config
-validation; rayjob.yaml against KubeRay's RayJob CRD schema; and the values all of them must agree on.
+Nothing here builds or starts a container (that is `make test-cluster`: tests/cluster/scenario.py runs the
+compose cluster for real). What is checked here: hadolint on every Dockerfile; the image's pins are pyproject's
+(the Dockerfile's own requirement-extraction step is executed here); its apt packages are scripts/setup.sh's;
+build-time secrets stay out of the image; compose.yaml against the Compose specification's JSON schema;
+ray-cluster.yaml through Ray's own cluster-config validation; rayjob.yaml against KubeRay's RayJob CRD schema;
+and the values all of them must agree on.
 """
 from __future__ import annotations
 
 import copy
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -99,27 +101,48 @@ def test_every_hadolint_ignore_is_explained_and_still_needed(dockerfile, tmp_pat
 
 
 def test_image_installs_exactly_pyproject_pins(tmp_path):
-    """The build step that writes the requirements, run here on pyproject.toml, yields pyproject's pins."""
+    """The build steps that write the requirements, run here on pyproject.toml, yield pyproject's pins."""
     ins = read_dockerfile(DOCKERFILES[0])
     commands = [c for i in ins if i.name == "RUN" for c in shell_commands(i.args)]
-    installs = [c[2:] for c in commands if c[:2] == ["pip", "install"]]
+    installs = [c[c.index("install") + 1:] for c in commands if "pip" in c and c[c.index("pip") + 1:][:1] == ["install"]]
     assert installs == [
-        ["--index-url", "$TORCH_INDEX_URL", "-r", "/tmp/torch.txt"],
-        ["-r", "/tmp/requirements.txt"],
-        [".[cluster]"],
+        ["${TORCH_INDEX_URL:+--index-url", "$TORCH_INDEX_URL}", "-r", "/tmp/torch.txt"],
+        ["-r", "/tmp/requirements.txt", "-r", "/tmp/build-requirements.txt"],
+        ["--no-deps", "--no-build-isolation", "."],
     ], "the image installs something besides pyproject's pins (pin it in pyproject.toml instead)"
-    extract = next(c for c in commands if c[:2] == ["python", "-c"] and "tomllib" in c[2])
-    expected = PYPROJECT["project"]["dependencies"] + cluster_extra()
+    extracts = [c[2] for c in commands if c[:2] == ["python", "-c"] and "tomllib" in c[2]]
+    assert len(extracts) == 2, "expected two pyproject.toml readers: the dependencies and the build-system requires"
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
-    written = subprocess.run([sys.executable, "-c", extract[2]], cwd=tmp_path, capture_output=True,
-                             text=True, check=True).stdout.split()
-    assert written == expected
-    torch_lines = [w for w in written if re.match(r"^torch(vision)?==", w)]
+    written = [subprocess.run([sys.executable, "-c", e], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.split("\n")[:-1] for e in extracts]
+    assert written[0] == PYPROJECT["project"]["dependencies"] + cluster_extra()
+    assert written[1] == PYPROJECT["build-system"]["requires"]
+    torch_lines = [w for w in written[0] if re.match(r"^torch(vision)?==", w)]
     assert torch_lines == [f"torch=={pins()['torch']}", f"torchvision=={pins()['torchvision']}"]
     assert ["grep", "-E", "^torch(vision)?==", "/tmp/requirements.txt"] in commands
     assert ["pip", "check"] in commands  # the build fails if any installed pin disagrees
-    copies = [i.args.split()[0] for i in ins if i.name == "COPY"]
-    assert {"pyproject.toml", "bvit", "orchestrator", "sweeps"} <= set(copies)
+
+
+def test_dependency_layer_is_cached_while_only_the_source_or_readme_change():
+    ins = read_dockerfile(DOCKERFILES[0])
+    copies = [(n, i.args.split()[0]) for n, i in enumerate(ins) if i.name == "COPY"]
+    deps = next(n for n, i in enumerate(ins) if i.name == "RUN" and "/tmp/requirements.txt" in i.args)
+    assert [src for n, src in copies if n < deps] == ["pyproject.toml"], "only pyproject.toml may precede the dependencies"
+    assert {"README.md", "bvit", "orchestrator", "sweeps"} <= {src for n, src in copies if n > deps}
+
+
+def test_build_secrets_leave_nothing_in_the_image():
+    """A proxy's CA and a private pip index are build secrets: mounted for the install step, never persisted."""
+    ins = read_dockerfile(DOCKERFILES[0])
+    deps = next(i for i in ins if i.name == "RUN" and "/tmp/requirements.txt" in i.args)
+    assert "--mount=type=secret,id=ca_certs" in deps.args and "--mount=type=secret,id=pip_conf" in deps.args
+    assert "export PIP_CERT=/tmp/ca.pem" in deps.args and "export PIP_CONFIG_FILE=/run/secrets/pip_conf" in deps.args
+    assert shell_commands(deps.args)[-1][:2] == ["rm", "-f"] and "/tmp/ca.pem" in shell_commands(deps.args)[-1]
+    persisted = {w.split("=", 1)[0] for i in ins if i.name in ("ENV", "ARG") for w in shlex.split(i.args)}
+    leaky = {"PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT", "PIP_CONFIG_FILE",
+             "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE"}
+    assert persisted & leaky == set(), f"{persisted & leaky} would stay in the image's config or history"
+    assert not any(i.name == "COPY" and re.search(r"\.(pem|crt)\b|pip\.conf", i.args) for i in ins)
 
 
 def test_cluster_extra_pins_what_the_cluster_services_need():
@@ -130,18 +153,26 @@ def test_cluster_extra_pins_what_the_cluster_services_need():
     assert {"psycopg2-binary", "boto3"} <= set(cluster)  # MLflow on PostgreSQL; `ray up`'s AWS autoscaler
 
 
-def test_cuda_base_matches_the_torch_build():
+def test_base_is_a_pinned_debian_bookworm_and_gpu_nodes_get_the_nvidia_toolkit_variables():
+    """Bookworm ships Python 3.11 (no PPA); PyPI's CUDA torch brings CUDA, the toolkit's variables expose the GPU."""
     import torch
 
-    base = arg_defaults(read_dockerfile(DOCKERFILES[0]))["BASE_IMAGE"]
-    m = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.(\d+)-runtime-ubuntu(\d+\.\d+)", base)
-    assert m, f"BASE_IMAGE {base!r} is not a pinned nvidia/cuda runtime tag"
+    ins = read_dockerfile(DOCKERFILES[0])
+    base = arg_defaults(ins)["BASE_IMAGE"]
+    assert re.fullmatch(r"debian:12\.\d+-slim", base), f"BASE_IMAGE {base!r} is not a pinned Debian 12 (bookworm) tag"
+    for other in DOCKERFILES[1:]:
+        assert arg_defaults(read_dockerfile(other))["BASE_IMAGE"] == base, f"{other.name} builds on another base"
+    assert "python3" in {p for i in ins if i.name == "RUN" for p in apt_installs(i.args)}
+    env = {k: v for i in ins if i.name == "ENV" for k, _, v in (w.partition("=") for w in shlex.split(i.args))}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all" and "compute" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+    m = re.fullmatch(r"cuda>=(\d+\.\d+)", env["NVIDIA_REQUIRE_CUDA"])
+    assert m, f"NVIDIA_REQUIRE_CUDA {env['NVIDIA_REQUIRE_CUDA']!r}: want cuda>=MAJOR.MINOR"
     assert version("torch") == pins()["torch"], f"installed torch {version('torch')} is not pyproject's pin"
     if torch.version.cuda is None:
         pytest.skip(f"this environment has a CPU build of torch ({torch.__version__}); the pairing needs a CUDA one")
-    assert torch.version.cuda == f"{m.group(1)}.{m.group(2)}", f"torch {torch.__version__} vs base {base}"
-    compose_cpu_base = load_yaml("compose.yaml")["services"]["mlflow"]["build"]["args"]["BASE_IMAGE"]
-    assert compose_cpu_base == f"ubuntu:{m.group(4)}", "the CPU variant must share the GPU base's Ubuntu release"
+    assert torch.version.cuda == m.group(1), f"torch {torch.__version__} is built for CUDA {torch.version.cuda}"
+    defaults = interpolate(compose(), {k: "x" for k in ENV_EXAMPLE if SECRET.search(k)})
+    assert defaults["services"]["mlflow"]["build"]["args"]["BASE_IMAGE"] == base, "compose.yaml builds on another base"
 
 
 def test_apt_packages_are_setup_sh_packages():
@@ -241,12 +272,26 @@ def test_compose_wires_mlflow_postgres_and_ray_together():
     env = filled_env()
     assert uri == f"postgresql+psycopg2://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/mlflow"
     port = next(a.split("=", 1)[1] for a in mlflow["command"] if a.startswith("--port="))
-    for node in ("ray-head", "ray-worker"):
+    for node in ("ray-head", "ray-worker", "ray-worker-gpu"):
         assert s[node]["environment"]["MLFLOW_TRACKING_URI"] == f"http://mlflow:{port}"
         assert s[node]["environment"]["RAY_AUTH_MODE"] == "token"
-    assert "--address=ray-head:6379" in s["ray-worker"]["command"]
-    gpus = s["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    for worker in ("ray-worker", "ray-worker-gpu"):
+        assert "--address=ray-head:6379" in s[worker]["command"]
+    # CPU workers by default, at least two (a trial can resume on another); the GPU worker behind a profile.
+    assert int(s["ray-worker"]["deploy"]["replicas"]) >= 2 and "--num-gpus=0" in s["ray-worker"]["command"]
+    assert "profiles" not in s["ray-worker"] and s["ray-worker-gpu"]["profiles"] == ["gpu"]
+    gpus = s["ray-worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert gpus[0]["capabilities"] == ["gpu"]
+
+
+def test_compose_defaults_are_official_pinned_images_and_stand_ins_are_variables():
+    """Unset, every image is an official pinned one; POSTGRES_IMAGE / BASE_IMAGE let a test or mirror replace it."""
+    defaults = interpolate(compose(), {k: "x" for k in ENV_EXAMPLE if SECRET.search(k)})["services"]
+    assert defaults["postgres"]["image"] == "postgres:17.6-bookworm"
+    assert ENV_EXAMPLE["POSTGRES_IMAGE"] == defaults["postgres"]["image"]
+    assert ENV_EXAMPLE["BASE_IMAGE"] == arg_defaults(read_dockerfile(DOCKERFILES[0]))["BASE_IMAGE"]
+    stand_in = interpolate(compose(), {**filled_env(), "POSTGRES_IMAGE": "local/postgres:15-bookworm"})
+    assert stand_in["services"]["postgres"]["image"] == "local/postgres:15-bookworm"
 
 
 def test_env_file_is_ignored_by_git():
@@ -328,7 +373,11 @@ def test_every_manifest_names_the_same_image_at_this_version():
     images |= {c["image"] for pod in pods for c in pod["containers"]}
     assert len(images) == 1, f"ray-cluster.yaml and rayjob.yaml disagree on the image: {images}"
     _, repo, tag = image_parts(images.pop())
-    gpu_compose = interpolate(compose(), filled_env())["services"]["ray-worker"]["image"]
+    base = arg_defaults(read_dockerfile(DOCKERFILES[0]))["BASE_IMAGE"]
+    for name in ("ray-cluster.yaml", "rayjob.yaml"):  # the comments name the base the image is built on
+        text = (DOCKER / name).read_text()
+        assert f"docker/Dockerfile (base {base})" in text, f"{name} does not say the image is built on {base}"
+    gpu_compose = interpolate(compose(), filled_env())["services"]["ray-worker-gpu"]["image"]
     assert (repo, tag) == image_parts(gpu_compose)[1:] == ("bvit-sweep", PROJECT_VERSION)
 
 
@@ -340,7 +389,7 @@ MOUNT_POINTS = {"/data", "/shared", "/app/results"}  # docker/Dockerfile's stora
 def mount_targets() -> dict[str, set[str]]:
     """{where: container paths mounted} for every Ray node definition in docker/."""
     out = {}
-    for name in ("ray-head", "ray-worker"):
+    for name in ("ray-head", "ray-worker", "ray-worker-gpu"):
         volumes = interpolate(compose(), filled_env())["services"][name]["volumes"]
         out[f"compose.yaml {name}"] = {v.split(":")[1] for v in volumes}
     options = load_yaml("ray-cluster.yaml")["docker"]["run_options"]
