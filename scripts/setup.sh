@@ -4,14 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+APT_PACKAGES=(libopencv-dev libturbojpeg0-dev dataset-fashion-mnist pkg-config g++)  # what the project runs on (the image has them too)
 # chromium: the browser tests/test_dashboard.py drives through Playwright (its real binary, no download).
-APT_PACKAGES=(libopencv-dev libturbojpeg0-dev dataset-fashion-mnist pkg-config g++ chromium)
+TEST_APT_PACKAGES=(chromium)
 VENV=.venv
 PYTHON=${PYTHON:-python3}
 
 missing=()
 if command -v dpkg-query >/dev/null 2>&1; then
-  for p in "${APT_PACKAGES[@]}"; do
+  for p in "${APT_PACKAGES[@]}" "${TEST_APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
 fi

@@ -176,7 +176,7 @@ def test_base_is_a_pinned_debian_bookworm_and_gpu_nodes_get_the_nvidia_toolkit_v
 
 
 def test_apt_packages_are_setup_sh_packages():
-    setup = re.search(r"APT_PACKAGES=\(([^)]*)\)", (ROOT / "scripts/setup.sh").read_text())
+    setup = re.search(r"^APT_PACKAGES=\(([^)]*)\)", (ROOT / "scripts/setup.sh").read_text(), re.M)
     assert setup, "scripts/setup.sh no longer defines APT_PACKAGES=(...)"
     wanted = set(setup.group(1).split())
     installed = {p for i in read_dockerfile(DOCKERFILES[0]) if i.name == "RUN" for p in apt_installs(i.args)}
