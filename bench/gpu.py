@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -294,6 +295,17 @@ class Report:
         self.path.with_suffix(".json").write_text(json.dumps(self.data, indent=1, default=float) + "\n")
 
 
+def _git_sha() -> str:
+    """HEAD (BVIT_GIT_SHA where the tree travelled without .git, as on the device machine)."""
+    if sha := os.environ.get("BVIT_GIT_SHA"):
+        return sha
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def _gflops(n: float) -> str:
     return f"{n / 1e9:,.2f}" if n >= 1e8 else f"{n / 1e9:.2g}"
 
@@ -314,15 +326,13 @@ def run(*, tiny: bool, out: Path, budget_s: float, data: Path | None, compile_mo
         print("bench/gpu.py: no CUDA device; use --tiny for the CPU check", file=sys.stderr)
     peak, peak_note = peak_flops(device)
     now = dt.datetime.now(dt.UTC)
-    from orchestrator.results import git_sha
-
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     suffix = "-tiny" if tiny else ""
     report = Report(out / f"{now:%Y-%m-%d}{suffix}.md", [
         f"# GPU benchmark{' (--tiny: tiny shapes on ' + device.type + ', a code-path check, not a measurement)' if tiny else ''}"
         f" {now:%Y-%m-%d %H:%M} UTC", "",
         f"device: {dev_name}; torch {torch.__version__} (CUDA {torch.version.cuda}); timm {timm.__version__}; "
-        f"Python {platform.python_version()}; git {git_sha(ROOT)}; command: `python bench/gpu.py"
+        f"Python {platform.python_version()}; git {_git_sha()}; command: `python bench/gpu.py"
         f"{' --tiny' if tiny else ''}`", "",
         f"peak: {peak_note}", ""])
     report.data.update(device=dev_name, tiny=tiny, torch=torch.__version__, peak_flops=peak, sections={})
