@@ -4,7 +4,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 SPEC  ?= sweeps/width.yaml
 
-.PHONY: setup sweep smoke test test-slow test-cluster lint bench clean
+.PHONY: setup sweep smoke test test-slow test-cluster lint bench bench-gpu gpu-bundle gpu-check-tiny clean
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,15 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+bench-gpu: setup  ## bViT-B/16 vs ViT-B/16 on the GPU: results/gpu/<date>.md (TINY=1: the CPU check)
+	$(BIN)/python bench/gpu.py $(if $(TINY),--tiny --out .gpu-out/results/gpu)
+
+gpu-bundle:  ## what the device machine lacks, in carry-sized parts: .gpu-bundle/ (prints the device calls)
+	scripts/gpu-bundle.sh
+
+gpu-check-tiny: setup  ## the device script's whole path on this CPU, tiny shapes (a few minutes)
+	scripts/gpu-check.sh --tiny
 
 clean:
 	rm -rf $(VENV) .pytest_cache
