@@ -23,10 +23,11 @@ from bvit.config import ModelConfig, TrialConfig
 from orchestrator.envelope import TRIAL_KEY, Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.progress import ProgressTable
+from orchestrator.provenance import code_version
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
 from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
 from orchestrator.sweep_dir import SNAPSHOT, sweep_dir_for
-from orchestrator.tracking import MlflowProgressCallback, code_version, resolve_tracking
+from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
 from orchestrator.trainable import tune_trainable
 
 __all__ = ["launch", "LaunchResult", "sweep_dir_for"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from orchestrator.envelope import TrialEnvelope
+from orchestrator.provenance import git_sha
 from orchestrator.spec import SweepSpec, Trial
 
 __all__ = ["collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes", "COLUMNS"]
@@ -87,18 +87,6 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> lis
     return rows
 
 
-def git_sha(cwd: Path | None = None) -> str:
-    """HEAD's SHA, with '-dirty' when the work tree has uncommitted changes; 'unknown' outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Path, results_dir: Path,
                   smoke: bool, sweep_dir: Path, sha: str | None = None) -> Path:
     """results/<name>[-smoke]/: trials.csv, spec.yaml (resolved), run.json (SHA, command, sweep dir)."""
@@ -152,8 +140,11 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     try:
         root = Path(artifact_root) if artifact_root else None
         out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root)
-        publish_sweep(sweep_dir=sweep_dir, results_dir=results_dir, table=table, summary=summary, uri=uri,
-                      experiment=experiment, sweep=sweep, artifact_root=root, complete=complete)
+        ids = {row["trial_id"] for row in table}
+        configs = {tid: env.resolved for tid, env in trial_envelopes(sweep_dir).items() if tid in ids}
+        publish_sweep(results_dir=results_dir, table=table, summary=summary, uri=uri, experiment=experiment,
+                      sweep=sweep, artifact_root=root, complete=complete, configs=configs,
+                      best=best_checkpoint(sweep_dir, table))
     except Exception as e:  # tracking must never lose a finished sweep
         print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
               f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")

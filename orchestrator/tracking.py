@@ -32,9 +32,10 @@ from ray import tune
 
 from bvit.config import TrialConfig
 from orchestrator.envelope import TrialEnvelope
+from orchestrator.provenance import code_version
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
-           "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID", "code_version"]
+           "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID"]
 
 TAG_SWEEP, TAG_TRIAL, TAG_ROLE, TAG_RANK = "bvit.sweep", "bvit.trial_id", "bvit.role", "bvit.rank"
 # A saved view of the runs page: its id goes in the URL as ?viewStateShareKey=<id> (see orchestrator/dashboard.py).
@@ -104,19 +105,6 @@ def prepare_experiment(uri: str, experiment: str | None) -> str | None:
         return None
     SweepTracker(uri=uri, experiment=experiment, sweep=experiment)  # saves the view when missing
     return exp.experiment_id
-
-
-def code_version(results_dir: Path | None = None) -> str:
-    """The git SHA of the code a sweep ran: run.json's (recorded at launch), else the checkout this package
-    lives in, else the working directory's; 'unknown' only when none is a git checkout."""
-    from orchestrator.results import git_sha
-
-    if results_dir is not None and (results_dir / "run.json").exists():
-        sha = json.loads((results_dir / "run.json").read_text()).get("git_sha")
-        if sha and sha != "unknown":
-            return sha
-    sha = git_sha(Path(__file__).resolve().parent)
-    return sha if sha != "unknown" else git_sha()
 
 
 class SweepTracker:
@@ -362,18 +350,18 @@ def _rank_and_name_children(tracker: SweepTracker, table: list[dict[str, Any]], 
                 tracker.client.set_tag(run.info.run_id, key, value)
 
 
-def publish_sweep(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]], summary: tuple | None,
-                  uri: str, experiment: str, sweep: str, artifact_root: Path | None, complete: bool) -> None:
+def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tuple | None, uri: str,
+                  experiment: str, sweep: str, artifact_root: Path | None, complete: bool,
+                  configs: dict[str, TrialConfig], best: tuple[str, Path] | None) -> None:
     """The sweep's front page in MLflow, idempotent: any number of calls leave one copy of everything.
 
     `summary` is frontier.summarize's (kind, cells, {name: path}) or None before any trial finished. On the
     parent: the frontier files and table, trials.csv, spec.yaml, run.json, the command (as its source), the
     git SHA (as its version), a few sweep parameters and the description; the best trial's checkpoint on
-    its child; each child's name and rank.
+    its child; each child's name and rank. `configs`: {trial id: resolved config} of the table's trials;
+    `best`: (trial id, checkpoint) of the best finished trial, or None.
     """
     from mlflow.entities import Param
-
-    from orchestrator.results import best_checkpoint, trial_envelopes
 
     tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)
     client, parent = tracker.client, tracker.parent_run_id()
@@ -390,8 +378,6 @@ def publish_sweep(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, A
     run_json = json.loads((results_dir / "run.json").read_text()) if (results_dir / "run.json").exists() else {}
     command = run_json.get("command", f"bvit-sweep launch {sweep}")
     sha = code_version(results_dir)
-    ids = {r["trial_id"] for r in table}
-    configs = {tid: env.resolved for tid, env in trial_envelopes(sweep_dir).items() if tid in ids}
     run = client.get_run(parent)
     params = {"sweep.trials": str(len(table)), "sweep.command": command}
     if configs:
@@ -412,7 +398,6 @@ def publish_sweep(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, A
         if run.data.tags.get(key) != value:
             client.set_tag(parent, key, value)
 
-    best = best_checkpoint(sweep_dir, table)
     if best is not None and best[0] in configs:
         trial_id, ckpt = best
         row = next(r for r in table if r["trial_id"] == trial_id)

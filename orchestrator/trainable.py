@@ -12,6 +12,9 @@ Train's own storage (named by trial id) keeps the checkpoints that a restarted t
 
 Tests crash a trial on purpose by setting `BVIT_SWEEP_TEST_FAULT` (JSON `{"crash_at_epoch": N,
 "marker_dir": DIR}`) in the launching process: `tune_trainable` reads it there and hands it to the trials.
+The trial crashes once after epoch N, at the end of epoch N+1 before reporting it: epoch N's result and
+checkpoint were handed to Tune a whole epoch earlier, and epoch N+1's work is lost, as in a real crash.
+(Raising right after `tune.report` races Tune's driver, which may not have recorded that result yet.)
 """
 from __future__ import annotations
 
@@ -52,7 +55,8 @@ def tune_trainable(resources: Resources):
 
 
 def _maybe_crash(fault: dict[str, Any] | None, trial_id: str, epoch: int) -> None:
-    """Test-only: crash once when `epoch` reaches `fault["crash_at_epoch"]` (a marker file makes it once)."""
+    """Test-only: crash once when `epoch` (the last one reported) is `fault["crash_at_epoch"]` (a marker
+    file makes it once)."""
     if not fault or epoch != fault["crash_at_epoch"]:
         return
     marker = Path(fault["marker_dir"]) / f"{trial_id}.crashed"
@@ -94,9 +98,9 @@ def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> No
         retries = _restore_into(local, tune.get_checkpoint())
 
         def report(metrics: dict[str, Any]) -> None:
+            _maybe_crash(fault, env.trial_id, metrics["epoch"] - 1)
             metrics = {**metrics, "retries": retries, "node_id": ray.get_runtime_context().get_node_id()}
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
-            _maybe_crash(fault, env.trial_id, metrics["epoch"])
 
         train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id)
 
@@ -114,11 +118,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         retries = _restore_into(local, ray.train.get_checkpoint())
 
         def report(metrics: dict[str, Any]) -> None:
+            if rank == 0:
+                _maybe_crash(fault, env.trial_id, metrics["epoch"] - 1)
             metrics = {**metrics, "retries": retries}
             ckpt = ray.train.Checkpoint.from_directory(str(local)) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)
-            if rank == 0:
-                _maybe_crash(fault, env.trial_id, metrics["epoch"])
 
         train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id)
 
