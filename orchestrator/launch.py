@@ -4,6 +4,10 @@
     launch(spec_path=..., address="ray://head:10001")     # or RAY_ADDRESS, or inside `ray job submit`
     launch(spec_path=..., resume=True)                    # Tuner.restore: finished trials are not rerun
 
+One launcher per sweep: a second launcher of the same sweep (new or --resume) is refused at once with the
+holder's pid and host (`orchestrator.lock`; it does not wait). The embedded local Ray listens on 127.0.0.1
+only and is watched by `orchestrator.reaper`: a SIGKILLed launcher leaves no Ray process behind.
+
 Data is prepared once, before any trial starts, at the path in the trial configs (relative paths are
 resolved against the launching directory and handed to trials as absolute paths; on a multi-node
 cluster that path must be on storage every node mounts, e.g. NFS, or prepared on each node first).
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +28,9 @@ from ray import tune
 from bvit.config import ModelConfig, TrialConfig
 from orchestrator.envelope import TRIAL_KEY, Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
+from orchestrator.lock import sweep_lock
 from orchestrator.progress import ProgressTable
+from orchestrator.reaper import Reaper
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
 from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
 from orchestrator.sweep_dir import SNAPSHOT, sweep_dir_for
@@ -129,15 +137,60 @@ def resolve_pretrained(trials: list[TrialConfig], data_paths: dict[str, str], *,
     return out
 
 
-def _connect(address: str | None, spec: SweepSpec) -> str:
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make `ray.init(address="local")` put every server it starts on 127.0.0.1.
+
+    Ray 2.60 binds the GCS, the raylet, the workers' gRPC servers and the runtime-env agent to the node's
+    IP address, and it turns a loopback `_node_ip_address` into the machine's routable address
+    (`services.resolve_ip_for_localhost`) unless Ray "clusters are disabled" (`ENABLE_RAY_CLUSTER`, the
+    setting behind RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read only by `get_node_ip_address`): then the
+    node's address is the loopback one and every server it starts listens there. The dashboard is not
+    started (include_dashboard=False) and the dashboard agent opens no TCP listener without it.
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+@contextmanager
+def ray_session(address: str | None, spec: SweepSpec) -> Iterator[str]:
+    """Ray for the sweep: the running one, a cluster by address (RAY_ADDRESS, the spec's), else an embedded
+    local Ray on loopback, watched by a `Reaper` so that nothing it starts outlives a killed launcher.
+
+    Yields "existing", the address, or "local"; shuts down (disconnects) what it started on the way out.
+    """
     address = address or os.environ.get("RAY_ADDRESS") or spec.ray_address
     if ray.is_initialized():
-        return "existing"
+        yield "existing"
+        return
     if address:
-        ray.init(address=address, log_to_driver=False)
-        return address
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    return "local"
+        connect_cluster(address)
+        try:
+            yield address
+        finally:
+            ray.shutdown()
+        return
+    reaper = Reaper.start()  # before ray.init: a SIGKILL while Ray starts is covered too
+    try:
+        with _loopback_only():
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            yield "local"
+        finally:
+            ray.shutdown()
+    finally:
+        reaper.stop()
+
+
+def connect_cluster(address: str) -> None:
+    """Join the Ray cluster at `address`."""
+    ray.init(address=address, log_to_driver=False)
 
 
 def _scheduler(spec: SweepSpec, trials: list[TrialConfig]):
@@ -185,6 +238,19 @@ def launch(
             raise UserError([f"{spec_path}: scheduler.type: asha compares {spec.scheduler.metric} every epoch, "
                              f"but eval_every={late[0]} scores the test set less often; set eval_every: 1"])
     sweep_dir = sweep_dir_for(spec, storage, smoke=smoke)
+    if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
+        raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
+    # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
+    with sweep_lock(sweep_dir):
+        return _launch_locked(spec=spec, spec_path=Path(spec_path), trials=trials, sweep_dir=sweep_dir,
+                              address=address, smoke=smoke, resume=resume, force=force,
+                              results_root=Path(results_root), tracking_uri=tracking_uri, verbose=verbose)
+
+
+def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], sweep_dir: Path, address: str | None,
+                   smoke: bool, resume: bool, force: bool, results_root: Path, tracking_uri: str | None,
+                   verbose: bool) -> LaunchResult:
+    configs = [t.config for t in trials]
     name = sweep_dir.name
     snapshot = _snapshot(spec, smoke, trials)
     snap_file = sweep_dir / SNAPSHOT
@@ -201,55 +267,58 @@ def launch(
                              "(pass --force to resume anyway):", *("  " + c for c in changes)])
 
     sha = code_version()  # the code the trials run (its checkout, wherever launched), recorded before anything changes
-    if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
-        raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
     data_paths = prepare_data(configs, cwd=Path.cwd())
     pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=str(spec_path))
-    _connect(address, spec)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not resume or force:
-        snap_file.write_text(json.dumps(snapshot, indent=1))
-
-    results_dir = Path(results_root) / name
-    uri, experiment = resolve_tracking(spec, results_dir, tracking_uri)
-    tracking = dict(uri=uri, experiment=experiment, sweep=name, artifact_root=str(results_dir / "mlflow" / "artifacts"))
-    callbacks = [ProgressTable(total=len(trials))] if verbose else []
-    callbacks.append(MlflowProgressCallback(**tracking))
-    trainable = tune_trainable(spec.resources)
-    if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
-    else:
-        envelopes = build_envelopes(spec, trials, data_paths=data_paths, pretrained=pretrained, sweep_dir=sweep_dir)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])},
-            tune_config=tune.TuneConfig(
-                # A metric only for ASHA: FIFO trials may score the test set only at the end (eval_every).
-                metric=spec.scheduler.metric if spec.scheduler.type == "asha" else None,
-                mode=spec.scheduler.mode if spec.scheduler.type == "asha" else None,
-                scheduler=_scheduler(spec, configs),
-                max_concurrent_trials=spec.max_concurrent_trials,
-                # One process per concurrent slot, reused by the next trial: no interpreter start and
-                # torch import per trial (seconds each on a small CPU). Data-parallel trials own workers.
-                reuse_actors=spec.resources.workers == 1,
-                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=name, storage_path=str(sweep_dir.parent), verbose=0, callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            ),
-        )
-    interrupted = False
-    try:
-        tuner.fit()
-    except KeyboardInterrupt:
-        interrupted = True
-    table = collect_trials(sweep_dir, trials=trials)
-    interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
-    write_results(table, spec=spec, spec_path=Path(spec_path), results_dir=results_dir, smoke=smoke,
-                  sweep_dir=sweep_dir, sha=sha)
-    finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
-             complete=not interrupted, **tracking)
+    with ray_session(address, spec):
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not resume or force:
+            snap_file.write_text(json.dumps(snapshot, indent=1))
+        results_dir = results_root / name
+        uri, experiment = resolve_tracking(spec, results_dir, tracking_uri)
+        tracking = dict(uri=uri, experiment=experiment, sweep=name,
+                        artifact_root=str(results_dir / "mlflow" / "artifacts"))
+        callbacks = [ProgressTable(total=len(trials))] if verbose else []
+        callbacks.append(MlflowProgressCallback(**tracking))
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=tune_trainable(spec.resources),
+                                       resume_unfinished=True, resume_errored=True, restart_errored=False)
+        else:
+            envelopes = build_envelopes(spec, trials, data_paths=data_paths, pretrained=pretrained,
+                                        sweep_dir=sweep_dir)
+            tuner = _new_tuner(spec, configs, envelopes, sweep_dir=sweep_dir, callbacks=callbacks)
+        interrupted = False
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            interrupted = True
+        table = collect_trials(sweep_dir, trials=trials)
+        interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
+        write_results(table, spec=spec, spec_path=spec_path, results_dir=results_dir, smoke=smoke,
+                      sweep_dir=sweep_dir, sha=sha)
+        finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
+                 complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)
+
+
+def _new_tuner(spec: SweepSpec, configs: list[TrialConfig], envelopes: list[TrialEnvelope], *, sweep_dir: Path,
+               callbacks: list) -> tune.Tuner:
+    return tune.Tuner(
+        tune_trainable(spec.resources),
+        param_space={TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])},
+        tune_config=tune.TuneConfig(
+            # A metric only for ASHA: FIFO trials may score the test set only at the end (eval_every).
+            metric=spec.scheduler.metric if spec.scheduler.type == "asha" else None,
+            mode=spec.scheduler.mode if spec.scheduler.type == "asha" else None,
+            scheduler=_scheduler(spec, configs),
+            max_concurrent_trials=spec.max_concurrent_trials,
+            # One process per concurrent slot, reused by the next trial: no interpreter start and
+            # torch import per trial (seconds each on a small CPU). Data-parallel trials own workers.
+            reuse_actors=spec.resources.workers == 1,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0, callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )
