@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -165,7 +166,7 @@ def ray_session(address: str | None, spec: SweepSpec) -> Iterator[str]:
 
     Yields "existing", the address, or "local"; shuts down (disconnects) what it started on the way out.
     """
-    address = address or os.environ.get("RAY_ADDRESS") or spec.ray_address
+    address = _cluster_address(address, spec)
     if ray.is_initialized():
         yield "existing"
         return
@@ -188,9 +189,64 @@ def ray_session(address: str | None, spec: SweepSpec) -> Iterator[str]:
         reaper.stop()
 
 
+PROBE_S = 5.0  # how long the cluster's GCS port has to accept a TCP connection
+JOIN_RETRIES = 5  # attempts (~1 s apart) to get the cluster's id from its GCS: a refused token fails them all
+
+
+def _cluster_address(address: str | None, spec: SweepSpec) -> str | None:
+    """The cluster to join: --address, else RAY_ADDRESS, else the spec's; None for an embedded local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS") or spec.ray_address
+    return None if address == "local" else address
+
+
+_HINT = ("check --address, RAY_ADDRESS or the spec's ray_address (`ray status` on the head node prints it), "
+         "or leave them all unset to run on a local Ray")
+
+
+def probe_cluster(address: str) -> None:
+    """A `UserError` unless something accepts a TCP connection at the cluster's GCS address within PROBE_S.
+
+    `ray.init` retries an address where nothing listens for minutes (20 attempts of ~35 s each in Ray
+    2.60) before it gives up; this says so in a moment, before data is prepared.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    where, hint = f"{address}: cannot join the Ray cluster there", _HINT
+    target = address.removeprefix("ray://")
+    try:
+        gcs = canonicalize_bootstrap_address(target) if not address.startswith("ray://") else target
+    except (ConnectionError, ValueError) as e:
+        raise UserError([f"{where} ({_first_line(e)}); {hint}"]) from None
+    host, _, port = (gcs or "").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
+    except (OSError, ValueError) as e:
+        reason = "nothing answers at that port" if isinstance(e, ConnectionRefusedError) else _first_line(e)
+        raise UserError([f"{where} ({gcs}: {reason}); {hint}"]) from None
+
+
 def connect_cluster(address: str) -> None:
-    """Join the Ray cluster at `address`."""
-    ray.init(address=address, log_to_driver=False)
+    """Join the Ray cluster at `address` (host:port, `auto`, or ray://host:port); a `UserError` when it
+    cannot be joined (nothing answers there, a malformed address, the connection is refused)."""
+    from ray._private import ray_constants
+
+    probe_cluster(address)
+    retries = ray_constants.NUM_REDIS_GET_RETRIES
+    ray_constants.NUM_REDIS_GET_RETRIES = JOIN_RETRIES  # a refused token: 5 s, not Ray's 20
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        ray.shutdown()
+        raise UserError([f"{address}: cannot join the Ray cluster there ({type(e).__name__}: {_first_line(e)}); "
+                         "if the cluster uses token authentication, set RAY_AUTH_TOKEN to its token; "
+                         f"{_HINT}"]) from None
+    finally:
+        ray_constants.NUM_REDIS_GET_RETRIES = retries
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _scheduler(spec: SweepSpec, trials: list[TrialConfig]):
@@ -266,6 +322,8 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
             raise UserError([f"{spec_path}: the spec changed since the sweep started; refusing to resume "
                              "(pass --force to resume anyway):", *("  " + c for c in changes)])
 
+    if (cluster := _cluster_address(address, spec)) and not ray.is_initialized():
+        probe_cluster(cluster)  # in a moment, before data is prepared
     sha = code_version()  # the code the trials run (its checkout, wherever launched), recorded before anything changes
     data_paths = prepare_data(configs, cwd=Path.cwd())
     pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=str(spec_path))

@@ -292,3 +292,16 @@ def test_missing_data_that_cannot_be_prepared_is_a_clear_error(workdir, fmnist_d
         launch(spec_path=spec, verbose=False)
     assert str(workdir / "imagenet") in e.value.lines[0]
     assert not (workdir / "runs" / "nodata").exists()  # failed before any compute was spent
+
+
+def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(tmp_path, free_port):
+    """Not Ray's minutes of retries: the address is probed before data is prepared (none exists here)."""
+    (tmp_path / "s.yaml").write_text("name: far\nbase: {data: {path: /nonexistent/data}}\n")
+    for address in (f"127.0.0.1:{free_port}", f"ray://127.0.0.1:{free_port}"):
+        r = subprocess.run([sys.executable, "-c", "from orchestrator.cli import app; app()", "launch", "s.yaml",
+                            "--address", address], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        (line,) = r.stderr.splitlines()
+        assert line.startswith(f"{address}: cannot join the Ray cluster there (")
+        assert f":{free_port}: nothing answers at that port); check --address, RAY_ADDRESS" in line, line
+        assert not (tmp_path / "runs" / "far").exists()  # only the lock beside it
