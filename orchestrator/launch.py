@@ -272,6 +272,53 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
+# Spec fields that decide how each trial runs (the trials themselves are compared by id, a hash of the config).
+TRIAL_FIELDS = ("resources", "scheduler", "max_failures")
+
+
+def _check_resume(old: dict[str, Any], new: dict[str, Any], *, force: bool, spec_path: Path) -> None:
+    """Resume only the sweep that was started: any change is refused without --force; with --force only
+    changes that leave every trial as it was (description, tracking, ray_address, ...)."""
+    changes = _diff(old, new)
+    if not changes:
+        return
+    if not force:
+        raise UserError([f"{spec_path}: the spec changed since the sweep started; refusing to resume "
+                         "(--force resumes edits that change no trial, e.g. description or tracking):",
+                         *("  " + c for c in changes)])
+    was, now = old.get("trial_ids", []), new["trial_ids"]
+    what = []
+    if added := [t for t in now if t not in was]:
+        what.append(f"{len(added)} trials added (ids {', '.join(added[:3])}{', ...' if len(added) > 3 else ''})")
+    if removed := [t for t in was if t not in now]:
+        what.append(f"{len(removed)} trials removed or changed (ids {', '.join(removed[:3])}"
+                    f"{', ...' if len(removed) > 3 else ''})")
+    if old.get("smoke") != new["smoke"]:
+        what.append(f"smoke: {json.dumps(old.get('smoke'))} -> {json.dumps(new['smoke'])}")
+    before, after = SweepSpec.model_validate(old["spec"]), SweepSpec.model_validate(new["spec"])
+    for name in TRIAL_FIELDS:
+        what += _diff(_as_data(getattr(before, name)), _as_data(getattr(after, name)), name)
+    if what:
+        shown = "; ".join(what[:5]) + (f"; and {len(what) - 5} more" if len(what) > 5 else "")
+        raise UserError([f"{spec_path}: the sweep's trials changed since it started ({shown}); --force resumes "
+                         "only edits that change no trial: start these trials as a new sweep (a new name or --storage)"])
+
+
+def _as_data(value: Any) -> Any:
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def launch_command(spec_path: Path | str, **flags: Any) -> str:
+    """The `bvit-sweep launch` command line of these arguments: the flags that differ from their defaults."""
+    out = f"bvit-sweep launch {spec_path}"
+    for name, value in flags.items():
+        if value is True:
+            out += f" --{name.replace('_', '-')}"
+        elif value not in (None, False):
+            out += f" --{name.replace('_', '-')} {value}"
+    return out
+
+
 def launch(
         *,
         spec_path: Path | str,
@@ -297,15 +344,17 @@ def launch(
     if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
         raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
     # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
+    command = launch_command(spec_path, address=address, storage=storage, smoke=smoke, resume=resume, force=force,
+                             tracking_uri=tracking_uri)
     with sweep_lock(sweep_dir):
         return _launch_locked(spec=spec, spec_path=Path(spec_path), trials=trials, sweep_dir=sweep_dir,
-                              address=address, smoke=smoke, resume=resume, force=force,
+                              address=address, smoke=smoke, resume=resume, force=force, command=command,
                               results_root=Path(results_root), tracking_uri=tracking_uri, verbose=verbose)
 
 
 def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], sweep_dir: Path, address: str | None,
-                   smoke: bool, resume: bool, force: bool, results_root: Path, tracking_uri: str | None,
-                   verbose: bool) -> LaunchResult:
+                   smoke: bool, resume: bool, force: bool, command: str, results_root: Path,
+                   tracking_uri: str | None, verbose: bool) -> LaunchResult:
     configs = [t.config for t in trials]
     name = sweep_dir.name
     snapshot = _snapshot(spec, smoke, trials)
@@ -317,10 +366,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
     if resume and not exists:
         raise UserError([f"{sweep_dir}: no sweep state to resume; run without --resume to start it"])
     if resume and snap_file.exists():
-        changes = _diff(json.loads(snap_file.read_text()), snapshot)
-        if changes and not force:
-            raise UserError([f"{spec_path}: the spec changed since the sweep started; refusing to resume "
-                             "(pass --force to resume anyway):", *("  " + c for c in changes)])
+        _check_resume(json.loads(snap_file.read_text()), snapshot, force=force, spec_path=spec_path)
 
     if (cluster := _cluster_address(address, spec)) and not ray.is_initialized():
         probe_cluster(cluster)  # in a moment, before data is prepared
@@ -351,8 +397,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
             interrupted = True
         table = collect_trials(sweep_dir, trials=trials)
         interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
-        write_results(table, spec=spec, spec_path=spec_path, results_dir=results_dir, smoke=smoke,
-                      sweep_dir=sweep_dir, sha=sha)
+        write_results(table, spec=spec, command=command, results_dir=results_dir, sweep_dir=sweep_dir, sha=sha)
         finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
                  complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)

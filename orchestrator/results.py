@@ -99,9 +99,10 @@ def git_sha(cwd: Path | None = None) -> str:
         return "unknown"
 
 
-def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Path, results_dir: Path,
-                  smoke: bool, sweep_dir: Path, sha: str | None = None) -> Path:
-    """results/<name>[-smoke]/: trials.csv, spec.yaml (resolved), run.json (SHA, command, sweep dir)."""
+def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, command: str, results_dir: Path,
+                  sweep_dir: Path, sha: str | None = None) -> Path:
+    """results/<name>[-smoke]/: trials.csv, spec.yaml (resolved), run.json (SHA, the launch command as run,
+    sweep dir)."""
     out = results_dir
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(COLUMNS[:7] + [k for r in rows for k in r] + COLUMNS[7:]))
@@ -113,7 +114,6 @@ def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Pat
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     tmp.replace(out / "trials.csv")
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False))
-    command = f"bvit-sweep launch {spec_path}" + (" --smoke" if smoke else "")
     (out / "run.json").write_text(json.dumps({
         "git_sha": sha or git_sha(), "command": command, "sweep_dir": str(sweep_dir), "python": sys.version.split()[0],
         "trials": len(rows), "terminated": sum(r["status"] == "TERMINATED" for r in rows),

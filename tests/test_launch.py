@@ -132,14 +132,37 @@ def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir, mo
     assert epochs == [1, 2, 3]  # epochs 1-2 kept, only epoch 3 ran after the crash
 
 
-def test_changed_spec_is_refused_on_resume_unless_forced(workdir, fmnist_dir):
+def test_changed_spec_is_refused_on_resume_and_force_accepts_only_edits_that_change_no_trial(workdir, fmnist_dir):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="chg", epochs=1, axes={"model.arch": ["bvit"]})
     launch(spec_path=spec, verbose=False)
-    write_spec(spec, fmnist_dir, name="chg", epochs=2, axes={"model.arch": ["bvit"]})
+    (trial_id,) = json.loads((workdir / "runs" / "chg" / "bvit_sweep.json").read_text())["trial_ids"]
+
+    write_spec(spec, fmnist_dir, name="chg", epochs=1, axes={"model.arch": ["bvit"]}, description="now described",
+               tracking={"experiment": "chg-2"})
     with pytest.raises(UserError) as e:
         launch(spec_path=spec, resume=True, verbose=False)
-    assert "spec changed" in e.value.lines[0]
-    assert any("optim" in line and "1 -> 2" in line for line in e.value.lines[1:])
+    assert "spec changed" in e.value.lines[0] and "--force resumes edits that change no trial" in e.value.lines[0]
+    assert '  spec.description: null -> "now described"' in e.value.lines[1:]
+    r = CliRunner().invoke(app, ["launch", str(spec), "--resume", "--force", "--json"])
+    assert r.exit_code == 0, r.output
+    snapshot = json.loads((workdir / "runs" / "chg" / "bvit_sweep.json").read_text())
+    assert snapshot["spec"]["description"] == "now described" and snapshot["trial_ids"] == [trial_id]
+    assert yaml.safe_load((workdir / "results" / "chg" / "spec.yaml").read_text())["description"] == "now described"
+    run = json.loads((workdir / "results" / "chg" / "run.json").read_text())
+    assert run["command"] == f"bvit-sweep launch {spec} --resume --force" and run["terminated"] == 1
+
+    write_spec(spec, fmnist_dir, name="chg", epochs=2, axes={"model.arch": ["bvit"]}, description="now described",
+               tracking={"experiment": "chg-2"}, resources={"cpus": 2})
+    r = CliRunner().invoke(app, ["launch", str(spec), "--resume", "--force"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"{spec}: the sweep's trials changed since it started (1 trials added (ids "), line
+    assert f"1 trials removed or changed (ids {trial_id}); resources.cpus: 1.0 -> 2.0); --force resumes only" in line
+    assert json.loads((workdir / "runs" / "chg" / "bvit_sweep.json").read_text()) == snapshot  # left as it was
 
 
 def test_finetune_method_is_a_sweep_axis_over_a_pretraining_sweeps_best_trial(workdir, fmnist_dir):
