@@ -34,7 +34,7 @@ from orchestrator.progress import ProgressTable
 from orchestrator.reaper import Reaper
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
 from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
-from orchestrator.sweep_dir import SNAPSHOT, sweep_dir_for
+from orchestrator.sweep_dir import SNAPSHOT, check_tune_state, read_snapshot, sweep_dir_for
 from orchestrator.tracking import MlflowProgressCallback, code_version, resolve_tracking
 from orchestrator.trainable import tune_trainable
 
@@ -365,8 +365,10 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
                          "pass --resume to continue it, or --storage DIR / a new name to start another"])
     if resume and not exists:
         raise UserError([f"{sweep_dir}: no sweep state to resume; run without --resume to start it"])
+    if exists:
+        check_tune_state(sweep_dir)
     if resume and snap_file.exists():
-        _check_resume(json.loads(snap_file.read_text()), snapshot, force=force, spec_path=spec_path)
+        _check_resume(read_snapshot(sweep_dir)[0], snapshot, force=force, spec_path=spec_path)
 
     if (cluster := _cluster_address(address, spec)) and not ray.is_initialized():
         probe_cluster(cluster)  # in a moment, before data is prepared

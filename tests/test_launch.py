@@ -328,3 +328,26 @@ def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(tmp_path, f
         assert line.startswith(f"{address}: cannot join the Ray cluster there (")
         assert f":{free_port}: nothing answers at that port); check --address, RAY_ADDRESS" in line, line
         assert not (tmp_path / "runs" / "far").exists()  # only the lock beside it
+
+
+def test_damaged_sweep_state_is_one_line_naming_the_file_for_status_and_resume(workdir, fmnist_dir):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="dmg", epochs=1, axes={"model.arch": ["bvit"]})
+    assert launch(spec_path=spec, verbose=False).ok
+    sweep = workdir / "runs" / "dmg"
+    snapshot = sweep / "bvit_sweep.json"
+    (state,) = sweep.glob("experiment_state-*.json")
+    for damaged, advice in ((snapshot, "remove it and run `bvit-sweep launch SPEC --resume --force`"),
+                            (state, "restore the file from a backup, or launch the trials again as a new sweep")):
+        intact = damaged.read_bytes()
+        damaged.write_bytes(intact[: len(intact) // 2])  # truncated, as a full disk or a killed copy leaves it
+        for args in (["status", str(sweep)], ["launch", str(spec), "--resume"]):
+            r = CliRunner().invoke(app, args)
+            assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+            (line,) = r.stderr.splitlines()
+            assert line.startswith(f"{damaged}: damaged (") and advice in line, line
+        damaged.write_bytes(intact)
+    assert CliRunner().invoke(app, ["status", str(sweep), "--json"]).exit_code == 0
