@@ -30,6 +30,7 @@ from bvit.config import ModelConfig, TrialConfig
 from orchestrator.envelope import TRIAL_KEY, Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
+from orchestrator.preflight import data_problems, memory_problems, resource_problems
 from orchestrator.progress import ProgressTable
 from orchestrator.reaper import Reaper
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
@@ -343,6 +344,10 @@ def launch(
     sweep_dir = sweep_dir_for(spec, storage, smoke=smoke)
     if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
         raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
+    local = _cluster_address(address, spec) is None  # an embedded local Ray: the trials run on this machine
+    if problems := (resource_problems(spec.resources, source=str(spec_path)) if local else []) + memory_problems(
+            configs, source=str(spec_path)):
+        raise UserError(problems)
     # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
     command = launch_command(spec_path, address=address, storage=storage, smoke=smoke, resume=resume, force=force,
                              tracking_uri=tracking_uri)
@@ -374,6 +379,8 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
         probe_cluster(cluster)  # in a moment, before data is prepared
     sha = code_version()  # the code the trials run (its checkout, wherever launched), recorded before anything changes
     data_paths = prepare_data(configs, cwd=Path.cwd())
+    if problems := data_problems(configs, data_paths, source=str(spec_path)):
+        raise UserError(problems)
     pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=str(spec_path))
     with ray_session(address, spec):
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -351,3 +351,43 @@ def test_damaged_sweep_state_is_one_line_naming_the_file_for_status_and_resume(w
             assert line.startswith(f"{damaged}: damaged (") and advice in line, line
         damaged.write_bytes(intact)
     assert CliRunner().invoke(app, ["status", str(sweep), "--json"]).exit_code == 0
+
+
+def _refused(tmp_path, spec: dict) -> list[str]:
+    """`bvit-sweep launch` of `spec`: exit 2, no traceback, nothing started; the stderr lines."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    r = CliRunner().invoke(app, ["launch", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "runs" / spec["name"]).exists()
+    return r.stderr.splitlines()
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_before_ray(tmp_path, fmnist_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = _refused(tmp_path, {"name": "fit", "base": {"data": {"path": str(fmnist_dir)}, "model": {
+        "in_chans": 3, "num_classes": 100, "img_size": 32}}})
+    where = f"{tmp_path / 's.yaml'}: data.path {fmnist_dir}"
+    assert lines == [f"{where} holds 1-channel images but model.in_chans=3; set model.in_chans: 1",
+                     f"{where} has 10 classes but model.num_classes=100; set model.num_classes: 10",
+                     f"{where} holds 28x28 images (used at their stored size) but model.img_size=32; "
+                     "set model.img_size: 28"]
+
+
+def test_trials_larger_than_this_machine_are_refused_before_ray(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "s.yaml"
+    cpus = os.cpu_count() + 1
+    (line,) = _refused(tmp_path, {"name": "big", "resources": {"cpus": cpus}})
+    assert line == (f"{source}: resources.cpus: {cpus} CPUs per trial, but this machine has {os.cpu_count()}; lower "
+                    "it, or pass --address to run on a cluster that has them")
+    import torch
+    gpus = torch.cuda.device_count() + 1
+    (line,) = _refused(tmp_path, {"name": "big", "resources": {"gpus": gpus, "workers": gpus}})
+    assert line.startswith(f"{source}: resources.gpus: {gpus} GPUs per trial, but this machine has {gpus - 1}; ")
+    (line,) = _refused(tmp_path, {"name": "wide", "base": {"model": {"width": 10**9, "heads": 1}}})
+    assert line.startswith(f"{source}: model.width=1000000000 (bvit, 6 steps): 1.2e+19 parameters need at least ")
+    assert "GiB to train (weights, gradients, AdamW moments, 4 bytes each), but " in line
