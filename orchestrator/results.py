@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from orchestrator.envelope import TrialEnvelope
+from orchestrator.envelope import FAILED_KEY, TrialEnvelope
 from orchestrator.spec import SweepSpec, Trial
 
-__all__ = ["collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes", "COLUMNS"]
+__all__ = ["trial_status", "collect_trials", "write_results", "best_checkpoint", "git_sha", "trial_envelopes", "COLUMNS"]
 
 COLUMNS = [
     "trial_id", "status", "arch", "width", "steps", "heads", "seed", "params", "flops_per_image",
@@ -40,6 +40,11 @@ def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
 
     envelopes = (TrialEnvelope.of(t.config) for t in ExperimentAnalysis(str(sweep_dir)).trials)
     return {env.trial_id: env for env in envelopes}
+
+
+def trial_status(trial) -> str:
+    """Tune's status of a trial, except ERROR for one that ended itself as failed (see `trainable.FAILED_KEY`)."""
+    return "ERROR" if isinstance((trial.last_result or {}).get(FAILED_KEY), str) else trial.status
 
 
 def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> list[dict[str, Any]]:
@@ -79,8 +84,11 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> lis
             row["best_test_top1"], row["best_epoch"] = float(best["test_top1"]), int(best["epoch"])
         else:
             row["best_test_top1"], row["best_epoch"] = None, None
-        if trial.status == "ERROR" and trial.error_file:
-            row["error"] = f"see {trial.error_file}"
+        if isinstance(last.get(FAILED_KEY), str):  # failed for good (diverged, bad data): not retried
+            row["status"], row["error"] = "ERROR", last[FAILED_KEY]
+        elif trial.status == "ERROR":  # Tune's copy in the sweep directory, not the node's temporary one
+            kept = Path(sweep_dir) / env.trial_id / "error.txt"
+            row["error"] = f"see {kept}" if kept.exists() else (f"see {trial.error_file}" if trial.error_file else "")
         rows.append(row)
     order = {t.id: i for i, t in enumerate(trials or [])}
     rows.sort(key=lambda r: (order.get(r["trial_id"], len(order)), r["trial_id"]))
@@ -129,36 +137,4 @@ def best_checkpoint(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, P
     best = max(done, key=lambda r: r["final_test_top1"])
     ckpts = sorted((sweep_dir / best["trial_id"]).glob("checkpoint_*/checkpoint.pt"))
     return (best["trial_id"], ckpts[-1]) if ckpts else None
-
-
-def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]], uri: str, experiment: str,
-             sweep: str, artifact_root: str | None, complete: bool, verbose: bool = True) -> dict[str, Any]:
-    """After a sweep: frontier files, MLflow back-fill, frontier + best model on the parent run.
-
-    MLflow problems are reported, never raised: Ray's results stay the source of truth and
-    `bvit-sweep sync` repeats this step later.
-    """
-    from orchestrator.frontier import summarize
-    from orchestrator.tracking import publish_sweep, sync_sweep
-
-    out: dict[str, Any] = {"frontier": None, "synced": None}
-    summary = None
-    try:
-        summary = summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
-        out["frontier"] = str(next(iter(summary[2].values())))
-    except ValueError as e:
-        if verbose:
-            print(f"no frontier yet: {e}")
-    try:
-        root = Path(artifact_root) if artifact_root else None
-        out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root)
-        publish_sweep(sweep_dir=sweep_dir, results_dir=results_dir, table=table, summary=summary, uri=uri,
-                      experiment=experiment, sweep=sweep, artifact_root=root, complete=complete)
-    except Exception as e:  # tracking must never lose a finished sweep
-        print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
-              f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")
-    if verbose and out["synced"]:
-        print(f"MLflow: {uri} (experiment {experiment!r}): {out['synced']['trials']} trial runs, "
-              f"{out['synced']['epochs_logged']} epochs back-filled")
-    return out
 

@@ -96,8 +96,7 @@ def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str
     """Recompute frontier.csv and plots (transfer.* for a fine-tuning sweep) into results/<sweep>/ and log
     them to the parent MLflow run."""
     from orchestrator.frontier import summarize
-    from orchestrator.results import finalize
-    from orchestrator.tracking import resolve_tracking
+    from orchestrator.tracking import finalize, resolve_tracking
 
     table = sweep_status(sweep)
     try:

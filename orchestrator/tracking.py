@@ -31,10 +31,10 @@ from typing import Any
 from ray import tune
 
 from bvit.config import TrialConfig
-from orchestrator.envelope import TrialEnvelope
+from orchestrator.envelope import FAILED_KEY, TrialEnvelope
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
-           "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID", "code_version"]
+           "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID", "code_version", "finalize"]
 
 TAG_SWEEP, TAG_TRIAL, TAG_ROLE, TAG_RANK = "bvit.sweep", "bvit.trial_id", "bvit.role", "bvit.rank"
 # A saved view of the runs page: its id goes in the URL as ?viewStateShareKey=<id> (see orchestrator/dashboard.py).
@@ -190,6 +190,8 @@ class SweepTracker:
         done = self._logged_epochs(rid)
         logged = 0
         for r in sorted(records, key=lambda r: r["epoch"]):
+            if isinstance(r.get(FAILED_KEY), str):  # the failure itself: the run's status, not an epoch
+                continue
             epoch = int(r["epoch"])
             if epoch in done:
                 continue
@@ -258,8 +260,10 @@ class MlflowProgressCallback(tune.Callback):
         self._put(("epoch", env.trial_id, env.resolved, dict(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        from orchestrator.results import trial_status
+
         env = TrialEnvelope.of(trial.config)
-        self._put(("end", env.trial_id, env.resolved, "TERMINATED"))
+        self._put(("end", env.trial_id, env.resolved, trial_status(trial)))
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._thread is not None:
@@ -273,6 +277,8 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
     """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent."""
     from ray.tune import ExperimentAnalysis
 
+    from orchestrator.results import trial_status
+
     analysis = ExperimentAnalysis(str(sweep_dir))
     tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)
     tracker.parent_run_id()
@@ -282,8 +288,8 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
         df = analysis.trial_dataframes.get(trial.trial_id)
         records = [] if df is None or df.empty else df.to_dict("records")
         logged += tracker.log_epochs(env.trial_id, env.resolved, records)
-        if trial.status in ("TERMINATED", "ERROR"):
-            tracker.finish(env.trial_id, env.resolved, trial.status)
+        if (status := trial_status(trial)) in ("TERMINATED", "ERROR"):
+            tracker.finish(env.trial_id, env.resolved, status)
         trials += 1
     return {"trials": trials, "epochs_logged": logged}
 
@@ -424,3 +430,35 @@ def publish_sweep(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, A
     _rank_and_name_children(tracker, table, configs)
     if complete:
         tracker.finish_parent(ok=all(r["status"] == "TERMINATED" for r in table))
+
+
+def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]], uri: str, experiment: str,
+             sweep: str, artifact_root: str | None, complete: bool, verbose: bool = True) -> dict[str, Any]:
+    """After a sweep: frontier files, MLflow back-fill, frontier + best model on the parent run.
+
+    MLflow problems are reported, never raised: Ray's results stay the source of truth and
+    `bvit-sweep sync` repeats this step later.
+    """
+    from orchestrator.frontier import summarize
+
+    out: dict[str, Any] = {"frontier": None, "synced": None}
+    summary = None
+    try:
+        summary = summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
+        out["frontier"] = str(next(iter(summary[2].values())))
+    except ValueError as e:
+        if verbose:
+            print(f"no frontier yet: {e}")
+    try:
+        root = Path(artifact_root) if artifact_root else None
+        out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root)
+        publish_sweep(sweep_dir=sweep_dir, results_dir=results_dir, table=table, summary=summary, uri=uri,
+                      experiment=experiment, sweep=sweep, artifact_root=root, complete=complete)
+    except Exception as e:  # tracking must never lose a finished sweep
+        print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
+              f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")
+    if verbose and out["synced"]:
+        print(f"MLflow: {uri} (experiment {experiment!r}): {out['synced']['trials']} trial runs, "
+              f"{out['synced']['epochs_logged']} epochs back-filled")
+    return out
+

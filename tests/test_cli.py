@@ -122,7 +122,12 @@ def test_exit_codes_follow_one_policy(tmp_path, fmnist_dir):
     tiny = ["--set", f"data.path={fmnist_dir}", "--set", "data.train_subset=512", "--set", "data.num_workers=1",
             "--set", "model.width=32", "--set", "model.heads=2", "--set", "model.steps=2"]
     result = invoke("train", *tiny, *diverge, "--json")
-    assert result.exit_code == 1 and re.search(r"loss became \S+ at epoch \d+, step \d+", result.stderr), result.output
+    assert result.exit_code == 1, result.output
+    assert re.search(r"the loss became non-finite \(\S+\) at epoch \d+, step \d+ \(lr \S+\); lower optim.lr, or set "
+                     r"optim.grad_clip", result.stderr), result.output
+    result = invoke("train", *tiny, "--set", "model.in_chans=3", "--json")  # data that does not fit the model
+    assert result.exit_code == 2 and result.stderr == (f"{fmnist_dir}: data has 1 channel(s) and 10 classes but the "
+                                                       "model asks for model.in_chans=3, model.num_classes=10\n")
 
 
 def test_validate_prints_the_trial_counts(tmp_path):

@@ -3,6 +3,7 @@ data-parallel trials, and a 2-node cluster that loses a node."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -391,3 +392,22 @@ def test_trials_larger_than_this_machine_are_refused_before_ray(tmp_path, monkey
     (line,) = _refused(tmp_path, {"name": "wide", "base": {"model": {"width": 10**9, "heads": 1}}})
     assert line.startswith(f"{source}: model.width=1000000000 (bvit, 6 steps): 1.2e+19 parameters need at least ")
     assert "GiB to train (weights, gradients, AdamW moments, 4 bytes each), but " in line
+
+
+def test_a_diverging_trial_fails_at_once_while_a_crashed_one_is_retried(workdir, fmnist_dir, monkeypatch):
+    """Divergence is deterministic: retrying it from its checkpoint would diverge again. A crash is not."""
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="div", epochs=2, axes={"optim.lr": [1e-3, 1e6]},
+                      max_failures=1)
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["optim"].update(grad_clip=None, min_lr=0.0)
+    spec.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"crash_at_epoch": 1, "marker_dir": str(workdir / "faults")}))
+    result = launch(spec_path=spec, verbose=False)
+    assert not result.ok and not result.interrupted
+    ok, diverged = result.trials
+    assert (ok["status"], ok["epochs"], ok["retries"], ok["error"]) == ("TERMINATED", 2, 1, "")  # crashed once
+    assert (diverged["status"], diverged["retries"], diverged["epochs"]) == ("ERROR", 0, 0)
+    assert re.fullmatch(r"TrainingError: the loss became non-finite \(\S+\) at epoch 1, step \d+ \(lr \S+\); "
+                        r"lower optim.lr, or set optim.grad_clip \(e.g. 1.0\)", diverged["error"]), diverged["error"]
+    rows = read_csv(workdir / "results" / "div" / "trials.csv")
+    assert [r["status"] for r in rows] == ["TERMINATED", "ERROR"] and rows[1]["error"] == diverged["error"]
