@@ -348,9 +348,9 @@ def launch(
     if problems := (resource_problems(spec.resources, source=str(spec_path)) if local else []) + memory_problems(
             configs, source=str(spec_path)):
         raise UserError(problems)
-    # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
     command = launch_command(spec_path, address=address, storage=storage, smoke=smoke, resume=resume, force=force,
                              tracking_uri=tracking_uri)
+    # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
     with sweep_lock(sweep_dir):
         return _launch_locked(spec=spec, spec_path=Path(spec_path), trials=trials, sweep_dir=sweep_dir,
                               address=address, smoke=smoke, resume=resume, force=force, command=command,
