@@ -40,7 +40,7 @@ Report = Callable[[dict[str, Any]], None]
 
 
 class TrainingError(RuntimeError):
-    """A trial cannot go on (diverged loss, incompatible checkpoint, data/config mismatch)."""
+    """A trial cannot go on (diverged loss, a checkpoint written by another config)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -125,8 +125,11 @@ def train_one_epoch(
     for step, (images, target) in enumerate(batches, start=1):
         loss = train_step(model, images, target, optimizer, cfg=cfg, device=device)
         if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {loss.item()} at epoch {epoch}, step {step} "
-                                f"(lr {optimizer.param_groups[0]['lr']:.3g}); lower optim.lr or enable optim.grad_clip")
+            clip = cfg.optim.grad_clip
+            advice = (f"lower optim.lr (gradients were already clipped to norm {clip:g})" if clip is not None
+                      else "lower optim.lr, or set optim.grad_clip (e.g. 1.0)")
+            raise TrainingError(f"the loss became non-finite ({loss.item()}) at epoch {epoch}, step {step} "
+                                f"(lr {optimizer.param_groups[0]['lr']:.3g}); {advice}")
         num_updates += 1
         scheduler.step_update(num_updates=num_updates)
         loss_sum += loss.double() * images.shape[0]

@@ -39,7 +39,7 @@ from bvit.checkpoint import (
     set_rng_state,
 )
 from bvit.config import CHECKPOINT_NAME, FINETUNED_NAME, DataConfig, FinetuneConfig, OptimConfig, TrialConfig
-from bvit.data.format import load_metadata
+from bvit.data.format import DataError, load_metadata
 from bvit.data.loaders import make_loaders
 from bvit.engine import (
     Report,
@@ -103,7 +103,7 @@ def _train(cfg: TrialConfig, *, trial_id: str, report: Report | None, checkpoint
     c = meta["image_shape"][0]
     m = cfg.model
     if m.in_chans != c or m.num_classes != meta["num_classes"]:
-        raise TrainingError(
+        raise DataError(
             f"{cfg.data.path}: data has {c} channel(s) and {meta['num_classes']} classes but the model asks for "
             f"model.in_chans={m.in_chans}, model.num_classes={m.num_classes}")
 
@@ -154,7 +154,7 @@ def _finetune(cfg: TrialConfig, *, trial_id: str, report: Report | None, progres
     c, h, w = meta["image_shape"]
     embed = model.patch_embed
     if (c, h, w) != (embed.proj.in_channels, *embed.img_size):
-        raise TrainingError(f"{cfg.data.path}: images are {c}x{h}x{w} but the pretrained model reads "
+        raise DataError(f"{cfg.data.path}: images are {c}x{h}x{w} but the pretrained model reads "
                             f"{embed.proj.in_channels}x{embed.img_size[0]}x{embed.img_size[1]}; prepare the "
                             "downstream data at the pretraining resolution and channels")
     apply_peft(model, method=ft.method, num_classes=meta["num_classes"], rank=ft.rank, alpha=ft.alpha)

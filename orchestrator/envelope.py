@@ -24,9 +24,10 @@ from pydantic import BaseModel, ConfigDict
 from bvit.config import ModelConfig, TrialConfig
 from orchestrator.spec import Resources, SweepSpec, Trial
 
-__all__ = ["TRIAL_KEY", "Pretrained", "TrialEnvelope", "build_envelopes", "resolve_config"]
+__all__ = ["FAILED_KEY", "TRIAL_KEY", "Pretrained", "TrialEnvelope", "build_envelopes", "resolve_config"]
 
 TRIAL_KEY = "trial"  # the one key of a Tune trial's config: {"trial": TrialEnvelope}
+FAILED_KEY = "failed"  # in a trial's last result: the error it failed with for good (not retried)
 
 Pretrained = dict[tuple[str, str], tuple[str, ModelConfig]]  # (spec checkpoint, spec data) -> (file, model)
 

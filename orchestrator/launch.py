@@ -4,6 +4,10 @@
     launch(spec_path=..., address="ray://head:10001")     # or RAY_ADDRESS, or inside `ray job submit`
     launch(spec_path=..., resume=True)                    # Tuner.restore: finished trials are not rerun
 
+One launcher per sweep: a second launcher of the same sweep (new or --resume) is refused at once with the
+holder's pid and host (`orchestrator.lock`; it does not wait). The embedded local Ray listens on 127.0.0.1
+only and is watched by `orchestrator.reaper`: a SIGKILLed launcher leaves no Ray process behind.
+
 Data is prepared once, before any trial starts, at the path in the trial configs (relative paths are
 resolved against the launching directory and handed to trials as absolute paths; on a multi-node
 cluster that path must be on storage every node mounts, e.g. NFS, or prepared on each node first).
@@ -12,6 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +29,14 @@ from ray import tune
 from bvit.config import ModelConfig, TrialConfig
 from orchestrator.envelope import TRIAL_KEY, Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
+from orchestrator.lock import sweep_lock
+from orchestrator.preflight import data_problems, memory_problems, resource_problems
 from orchestrator.progress import ProgressTable
 from orchestrator.provenance import code_version
+from orchestrator.reaper import Reaper
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
 from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
-from orchestrator.sweep_dir import SNAPSHOT, sweep_dir_for
+from orchestrator.sweep_dir import SNAPSHOT, check_tune_state, read_snapshot, sweep_dir_for
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
 from orchestrator.trainable import tune_trainable
 
@@ -130,15 +140,115 @@ def resolve_pretrained(trials: list[TrialConfig], data_paths: dict[str, str], *,
     return out
 
 
-def _connect(address: str | None, spec: SweepSpec) -> str:
-    address = address or os.environ.get("RAY_ADDRESS") or spec.ray_address
+@contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make `ray.init(address="local")` put every server it starts on 127.0.0.1.
+
+    Ray 2.60 binds the GCS, the raylet, the workers' gRPC servers and the runtime-env agent to the node's
+    IP address, and it turns a loopback `_node_ip_address` into the machine's routable address
+    (`services.resolve_ip_for_localhost`) unless Ray "clusters are disabled" (`ENABLE_RAY_CLUSTER`, the
+    setting behind RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read only by `get_node_ip_address`): then the
+    node's address is the loopback one and every server it starts listens there. The dashboard is not
+    started (include_dashboard=False) and the dashboard agent opens no TCP listener without it.
+    """
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+@contextmanager
+def ray_session(address: str | None, spec: SweepSpec) -> Iterator[str]:
+    """Ray for the sweep: the running one, a cluster by address (RAY_ADDRESS, the spec's), else an embedded
+    local Ray on loopback, watched by a `Reaper` so that nothing it starts outlives a killed launcher.
+
+    Yields "existing", the address, or "local"; shuts down (disconnects) what it started on the way out.
+    """
+    address = _cluster_address(address, spec)
     if ray.is_initialized():
-        return "existing"
+        yield "existing"
+        return
     if address:
+        connect_cluster(address)
+        try:
+            yield address
+        finally:
+            ray.shutdown()
+        return
+    reaper = Reaper.start()  # before ray.init: a SIGKILL while Ray starts is covered too
+    try:
+        with _loopback_only():
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        try:
+            yield "local"
+        finally:
+            ray.shutdown()
+    finally:
+        reaper.stop()
+
+
+PROBE_S = 5.0  # how long the cluster's GCS port has to accept a TCP connection
+JOIN_RETRIES = 5  # attempts (~1 s apart) to get the cluster's id from its GCS: a refused token fails them all
+
+
+def _cluster_address(address: str | None, spec: SweepSpec) -> str | None:
+    """The cluster to join: --address, else RAY_ADDRESS, else the spec's; None for an embedded local Ray."""
+    address = address or os.environ.get("RAY_ADDRESS") or spec.ray_address
+    return None if address == "local" else address
+
+
+_HINT = ("check --address, RAY_ADDRESS or the spec's ray_address (`ray status` on the head node prints it), "
+         "or leave them all unset to run on a local Ray")
+
+
+def probe_cluster(address: str) -> None:
+    """A `UserError` unless something accepts a TCP connection at the cluster's GCS address within PROBE_S.
+
+    `ray.init` retries an address where nothing listens for minutes (20 attempts of ~35 s each in Ray
+    2.60) before it gives up; this says so in a moment, before data is prepared.
+    """
+    from ray._private.services import canonicalize_bootstrap_address
+
+    where, hint = f"{address}: cannot join the Ray cluster there", _HINT
+    target = address.removeprefix("ray://")
+    try:
+        gcs = canonicalize_bootstrap_address(target) if not address.startswith("ray://") else target
+    except (ConnectionError, ValueError) as e:
+        raise UserError([f"{where} ({_first_line(e)}); {hint}"]) from None
+    host, _, port = (gcs or "").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_S).close()
+    except (OSError, ValueError) as e:
+        reason = "nothing answers at that port" if isinstance(e, ConnectionRefusedError) else _first_line(e)
+        raise UserError([f"{where} ({gcs}: {reason}); {hint}"]) from None
+
+
+def connect_cluster(address: str) -> None:
+    """Join the Ray cluster at `address` (host:port, `auto`, or ray://host:port); a `UserError` when it
+    cannot be joined (nothing answers there, a malformed address, the connection is refused)."""
+    from ray._private import ray_constants
+
+    probe_cluster(address)
+    retries = ray_constants.NUM_REDIS_GET_RETRIES
+    ray_constants.NUM_REDIS_GET_RETRIES = JOIN_RETRIES  # a refused token: 5 s, not Ray's 20
+    try:
         ray.init(address=address, log_to_driver=False)
-        return address
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    return "local"
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        ray.shutdown()
+        raise UserError([f"{address}: cannot join the Ray cluster there ({type(e).__name__}: {_first_line(e)}); "
+                         "if the cluster uses token authentication, set RAY_AUTH_TOKEN to its token; "
+                         f"{_HINT}"]) from None
+    finally:
+        ray_constants.NUM_REDIS_GET_RETRIES = retries
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 def _scheduler(spec: SweepSpec, trials: list[TrialConfig]):
@@ -164,6 +274,53 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix}: {json.dumps(old)} -> {json.dumps(new)}"]
 
 
+# Spec fields that decide how each trial runs (the trials themselves are compared by id, a hash of the config).
+TRIAL_FIELDS = ("resources", "scheduler", "max_failures")
+
+
+def _check_resume(old: dict[str, Any], new: dict[str, Any], *, force: bool, spec_path: Path) -> None:
+    """Resume only the sweep that was started: any change is refused without --force; with --force only
+    changes that leave every trial as it was (description, tracking, ray_address, ...)."""
+    changes = _diff(old, new)
+    if not changes:
+        return
+    if not force:
+        raise UserError([f"{spec_path}: the spec changed since the sweep started; refusing to resume "
+                         "(--force resumes edits that change no trial, e.g. description or tracking):",
+                         *("  " + c for c in changes)])
+    was, now = old.get("trial_ids", []), new["trial_ids"]
+    what = []
+    if added := [t for t in now if t not in was]:
+        what.append(f"{len(added)} trials added (ids {', '.join(added[:3])}{', ...' if len(added) > 3 else ''})")
+    if removed := [t for t in was if t not in now]:
+        what.append(f"{len(removed)} trials removed or changed (ids {', '.join(removed[:3])}"
+                    f"{', ...' if len(removed) > 3 else ''})")
+    if old.get("smoke") != new["smoke"]:
+        what.append(f"smoke: {json.dumps(old.get('smoke'))} -> {json.dumps(new['smoke'])}")
+    before, after = SweepSpec.model_validate(old["spec"]), SweepSpec.model_validate(new["spec"])
+    for name in TRIAL_FIELDS:
+        what += _diff(_as_data(getattr(before, name)), _as_data(getattr(after, name)), name)
+    if what:
+        shown = "; ".join(what[:5]) + (f"; and {len(what) - 5} more" if len(what) > 5 else "")
+        raise UserError([f"{spec_path}: the sweep's trials changed since it started ({shown}); --force resumes "
+                         "only edits that change no trial: start these trials as a new sweep (a new name or --storage)"])
+
+
+def _as_data(value: Any) -> Any:
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+def launch_command(spec_path: Path | str, **flags: Any) -> str:
+    """The `bvit-sweep launch` command line of these arguments: the flags that differ from their defaults."""
+    out = f"bvit-sweep launch {spec_path}"
+    for name, value in flags.items():
+        if value is True:
+            out += f" --{name.replace('_', '-')}"
+        elif value not in (None, False):
+            out += f" --{name.replace('_', '-')} {value}"
+    return out
+
+
 def launch(
         *,
         spec_path: Path | str,
@@ -186,6 +343,25 @@ def launch(
             raise UserError([f"{spec_path}: scheduler.type: asha compares {spec.scheduler.metric} every epoch, "
                              f"but eval_every={late[0]} scores the test set less often; set eval_every: 1"])
     sweep_dir = sweep_dir_for(spec, storage, smoke=smoke)
+    if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
+        raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
+    local = _cluster_address(address, spec) is None  # an embedded local Ray: the trials run on this machine
+    if problems := (resource_problems(spec.resources, source=str(spec_path)) if local else []) + memory_problems(
+            configs, source=str(spec_path)):
+        raise UserError(problems)
+    command = launch_command(spec_path, address=address, storage=storage, smoke=smoke, resume=resume, force=force,
+                             tracking_uri=tracking_uri)
+    # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
+    with sweep_lock(sweep_dir):
+        return _launch_locked(spec=spec, spec_path=Path(spec_path), trials=trials, sweep_dir=sweep_dir,
+                              address=address, smoke=smoke, resume=resume, force=force, command=command,
+                              results_root=Path(results_root), tracking_uri=tracking_uri, verbose=verbose)
+
+
+def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], sweep_dir: Path, address: str | None,
+                   smoke: bool, resume: bool, force: bool, command: str, results_root: Path,
+                   tracking_uri: str | None, verbose: bool) -> LaunchResult:
+    configs = [t.config for t in trials]
     name = sweep_dir.name
     snapshot = _snapshot(spec, smoke, trials)
     snap_file = sweep_dir / SNAPSHOT
@@ -195,62 +371,69 @@ def launch(
                          "pass --resume to continue it, or --storage DIR / a new name to start another"])
     if resume and not exists:
         raise UserError([f"{sweep_dir}: no sweep state to resume; run without --resume to start it"])
+    if exists:
+        check_tune_state(sweep_dir)
     if resume and snap_file.exists():
-        changes = _diff(json.loads(snap_file.read_text()), snapshot)
-        if changes and not force:
-            raise UserError([f"{spec_path}: the spec changed since the sweep started; refusing to resume "
-                             "(pass --force to resume anyway):", *("  " + c for c in changes)])
+        _check_resume(read_snapshot(sweep_dir)[0], snapshot, force=force, spec_path=spec_path)
 
+    if (cluster := _cluster_address(address, spec)) and not ray.is_initialized():
+        probe_cluster(cluster)  # in a moment, before data is prepared
     sha = code_version()  # the code the trials run (its checkout, wherever launched), recorded before anything changes
-    if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
-        raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
     data_paths = prepare_data(configs, cwd=Path.cwd())
+    if problems := data_problems(configs, data_paths, source=str(spec_path)):
+        raise UserError(problems)
     pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=str(spec_path))
-    _connect(address, spec)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    if not resume or force:
-        snap_file.write_text(json.dumps(snapshot, indent=1))
-
-    results_dir = Path(results_root) / name
-    uri, experiment = resolve_tracking(spec, results_dir, tracking_uri)
-    tracking = dict(uri=uri, experiment=experiment, sweep=name, artifact_root=str(results_dir / "mlflow" / "artifacts"))
-    callbacks = [ProgressTable(total=len(trials))] if verbose else []
-    callbacks.append(MlflowProgressCallback(**tracking))
-    trainable = tune_trainable(spec.resources)
-    if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False)
-    else:
-        envelopes = build_envelopes(spec, trials, data_paths=data_paths, pretrained=pretrained, sweep_dir=sweep_dir)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])},
-            tune_config=tune.TuneConfig(
-                # A metric only for ASHA: FIFO trials may score the test set only at the end (eval_every).
-                metric=spec.scheduler.metric if spec.scheduler.type == "asha" else None,
-                mode=spec.scheduler.mode if spec.scheduler.type == "asha" else None,
-                scheduler=_scheduler(spec, configs),
-                max_concurrent_trials=spec.max_concurrent_trials,
-                # One process per concurrent slot, reused by the next trial: no interpreter start and
-                # torch import per trial (seconds each on a small CPU). Data-parallel trials own workers.
-                reuse_actors=spec.resources.workers == 1,
-                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=name, storage_path=str(sweep_dir.parent), verbose=0, callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            ),
-        )
-    interrupted = False
-    try:
-        tuner.fit()
-    except KeyboardInterrupt:
-        interrupted = True
-    table = collect_trials(sweep_dir, trials=trials)
-    interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
-    write_results(table, spec=spec, spec_path=Path(spec_path), results_dir=results_dir, smoke=smoke,
-                  sweep_dir=sweep_dir, sha=sha)
-    finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
-             complete=not interrupted, **tracking)
+    # A trial that fails for good reports {"failed": ...} without the scheduler's metric (ASHA skips it).
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    with ray_session(address, spec):
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if not resume or force:
+            snap_file.write_text(json.dumps(snapshot, indent=1))
+        results_dir = results_root / name
+        uri, experiment = resolve_tracking(spec, results_dir, tracking_uri)
+        tracking = dict(uri=uri, experiment=experiment, sweep=name,
+                        artifact_root=str(results_dir / "mlflow" / "artifacts"))
+        callbacks = [ProgressTable(total=len(trials))] if verbose else []
+        callbacks.append(MlflowProgressCallback(**tracking))
+        if resume:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable=tune_trainable(spec.resources),
+                                       resume_unfinished=True, resume_errored=True, restart_errored=False)
+        else:
+            envelopes = build_envelopes(spec, trials, data_paths=data_paths, pretrained=pretrained,
+                                        sweep_dir=sweep_dir)
+            tuner = _new_tuner(spec, configs, envelopes, sweep_dir=sweep_dir, callbacks=callbacks)
+        interrupted = False
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            interrupted = True
+        table = collect_trials(sweep_dir, trials=trials)
+        interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
+        write_results(table, spec=spec, command=command, results_dir=results_dir, sweep_dir=sweep_dir, sha=sha)
+        finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
+                 complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)
+
+
+def _new_tuner(spec: SweepSpec, configs: list[TrialConfig], envelopes: list[TrialEnvelope], *, sweep_dir: Path,
+               callbacks: list) -> tune.Tuner:
+    return tune.Tuner(
+        tune_trainable(spec.resources),
+        param_space={TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])},
+        tune_config=tune.TuneConfig(
+            # A metric only for ASHA: FIFO trials may score the test set only at the end (eval_every).
+            metric=spec.scheduler.metric if spec.scheduler.type == "asha" else None,
+            mode=spec.scheduler.mode if spec.scheduler.type == "asha" else None,
+            scheduler=_scheduler(spec, configs),
+            max_concurrent_trials=spec.max_concurrent_trials,
+            # One process per concurrent slot, reused by the next trial: no interpreter start and
+            # torch import per trial (seconds each on a small CPU). Data-parallel trials own workers.
+            reuse_actors=spec.resources.workers == 1,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0, callbacks=callbacks,
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        ),
+    )

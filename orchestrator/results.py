@@ -13,11 +13,11 @@ from typing import Any
 
 import yaml
 
-from orchestrator.envelope import TrialEnvelope
+from orchestrator.envelope import FAILED_KEY, TrialEnvelope
 from orchestrator.provenance import git_sha
 from orchestrator.spec import SweepSpec, Trial
 
-__all__ = ["collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes", "COLUMNS"]
+__all__ = ["trial_status", "collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes", "COLUMNS"]
 
 COLUMNS = [
     "trial_id", "status", "arch", "width", "steps", "heads", "seed", "params", "flops_per_image",
@@ -40,6 +40,11 @@ def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
 
     envelopes = (TrialEnvelope.of(t.config) for t in ExperimentAnalysis(str(sweep_dir)).trials)
     return {env.trial_id: env for env in envelopes}
+
+
+def trial_status(trial) -> str:
+    """Tune's status of a trial, except ERROR for one that ended itself as failed (see `trainable.FAILED_KEY`)."""
+    return "ERROR" if isinstance((trial.last_result or {}).get(FAILED_KEY), str) else trial.status
 
 
 def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> list[dict[str, Any]]:
@@ -79,17 +84,21 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> lis
             row["best_test_top1"], row["best_epoch"] = float(best["test_top1"]), int(best["epoch"])
         else:
             row["best_test_top1"], row["best_epoch"] = None, None
-        if trial.status == "ERROR" and trial.error_file:
-            row["error"] = f"see {trial.error_file}"
+        if isinstance(last.get(FAILED_KEY), str):  # failed for good (diverged, bad data): not retried
+            row["status"], row["error"] = "ERROR", last[FAILED_KEY]
+        elif trial.status == "ERROR":  # Tune's copy in the sweep directory, not the node's temporary one
+            kept = Path(sweep_dir) / env.trial_id / "error.txt"
+            row["error"] = f"see {kept}" if kept.exists() else (f"see {trial.error_file}" if trial.error_file else "")
         rows.append(row)
     order = {t.id: i for i, t in enumerate(trials or [])}
     rows.sort(key=lambda r: (order.get(r["trial_id"], len(order)), r["trial_id"]))
     return rows
 
 
-def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Path, results_dir: Path,
-                  smoke: bool, sweep_dir: Path, sha: str | None = None) -> Path:
-    """results/<name>[-smoke]/: trials.csv, spec.yaml (resolved), run.json (SHA, command, sweep dir)."""
+def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, command: str, results_dir: Path,
+                  sweep_dir: Path, sha: str | None = None) -> Path:
+    """results/<name>[-smoke]/: trials.csv, spec.yaml (resolved), run.json (SHA, the launch command as run,
+    sweep dir)."""
     out = results_dir
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(COLUMNS[:7] + [k for r in rows for k in r] + COLUMNS[7:]))
@@ -101,7 +110,6 @@ def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, spec_path: Pat
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     tmp.replace(out / "trials.csv")
     (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False))
-    command = f"bvit-sweep launch {spec_path}" + (" --smoke" if smoke else "")
     (out / "run.json").write_text(json.dumps({
         "git_sha": sha or git_sha(), "command": command, "sweep_dir": str(sweep_dir), "python": sys.version.split()[0],
         "trials": len(rows), "terminated": sum(r["status"] == "TERMINATED" for r in rows),

@@ -13,7 +13,7 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 
-__all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "sweep_status", "sweep_frontier", "sweep_sync", "ui_store"]
+__all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "read_snapshot", "check_tune_state", "sweep_status", "sweep_frontier", "sweep_sync", "ui_store"]
 
 SNAPSHOT = "bvit_sweep.json"  # in the sweep directory: the spec it was launched with, for status and resume
 
@@ -54,8 +54,36 @@ def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool
     if not (d / SNAPSHOT).exists() or not Tuner.can_restore(str(d)):
         raise UserError([f"{arg}: no sweep found at {d}; pass a sweep directory (<storage>/<name>), "
                          "its spec file, or its name under ./runs"])
-    spec = SweepSpec.model_validate(json.loads((d / SNAPSHOT).read_text())["spec"])
+    check_tune_state(d)
+    spec = read_snapshot(d)[1]
     return Sweep(dir=d, spec=spec, results_dir=Path(results_root) / d.name)
+
+
+def read_snapshot(sweep_dir: Path) -> tuple[dict[str, Any], SweepSpec]:
+    """The sweep's `bvit_sweep.json` (the spec it was launched with, its trial ids) and that spec; a one-line
+    `UserError` naming the file when it is damaged."""
+    path = sweep_dir / SNAPSHOT
+    try:
+        snapshot = json.loads(path.read_text())
+        return snapshot, SweepSpec.model_validate(snapshot["spec"])
+    except (ValueError, KeyError, TypeError) as e:  # JSON, encoding and pydantic errors are ValueErrors
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError([f"{path}: damaged ({what}); it records the spec the sweep was launched with: remove it "
+                         "and run `bvit-sweep launch SPEC --resume --force` to record the spec again"]) from None
+
+
+def check_tune_state(sweep_dir: Path) -> None:
+    """A one-line `UserError` when Ray Tune's newest `experiment_state-*.json` in the sweep is not JSON."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not states:
+        return
+    try:
+        json.loads(states[-1].read_text())
+    except ValueError as e:
+        raise UserError([f"{states[-1]}: damaged ({str(e).splitlines()[0]}); Ray Tune's record of the trials is "
+                         "unreadable, so the sweep can neither be read nor resumed: restore the file from a backup, "
+                         f"or launch the trials again as a new sweep (the trials' results and checkpoints under "
+                         f"{sweep_dir} are left as they are)"]) from None
 
 
 def sweep_status(sweep: Sweep) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from typing import Any
 from ray import tune
 
 from bvit.config import TrialConfig
-from orchestrator.envelope import TrialEnvelope
+from orchestrator.envelope import FAILED_KEY, TrialEnvelope
 from orchestrator.provenance import code_version
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
@@ -178,6 +178,8 @@ class SweepTracker:
         done = self._logged_epochs(rid)
         logged = 0
         for r in sorted(records, key=lambda r: r["epoch"]):
+            if isinstance(r.get(FAILED_KEY), str):  # the failure itself: the run's status, not an epoch
+                continue
             epoch = int(r["epoch"])
             if epoch in done:
                 continue
@@ -246,8 +248,10 @@ class MlflowProgressCallback(tune.Callback):
         self._put(("epoch", env.trial_id, env.resolved, dict(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        from orchestrator.results import trial_status
+
         env = TrialEnvelope.of(trial.config)
-        self._put(("end", env.trial_id, env.resolved, "TERMINATED"))
+        self._put(("end", env.trial_id, env.resolved, trial_status(trial)))
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._thread is not None:
@@ -261,6 +265,8 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
     """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent."""
     from ray.tune import ExperimentAnalysis
 
+    from orchestrator.results import trial_status
+
     analysis = ExperimentAnalysis(str(sweep_dir))
     tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)
     tracker.parent_run_id()
@@ -270,8 +276,8 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
         df = analysis.trial_dataframes.get(trial.trial_id)
         records = [] if df is None or df.empty else df.to_dict("records")
         logged += tracker.log_epochs(env.trial_id, env.resolved, records)
-        if trial.status in ("TERMINATED", "ERROR"):
-            tracker.finish(env.trial_id, env.resolved, trial.status)
+        if (status := trial_status(trial)) in ("TERMINATED", "ERROR"):
+            tracker.finish(env.trial_id, env.resolved, status)
         trials += 1
     return {"trials": trials, "epochs_logged": logged}
 
@@ -409,3 +415,4 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
     _rank_and_name_children(tracker, table, configs)
     if complete:
         tracker.finish_parent(ok=all(r["status"] == "TERMINATED" for r in table))
+

@@ -10,6 +10,11 @@ With `workers > 1` the trial runs as a Ray Train `TorchTrainer` (data-parallel, 
 GPU) inside the Tune trial; worker metrics flow back to Tune through `TuneReportCallback`, and Ray
 Train's own storage (named by trial id) keeps the checkpoints that a restarted trial resumes from.
 
+A failure that a retry would only repeat (bvit's TrainingError: the loss diverged; CheckpointError; DataError)
+does not go to Tune's retries (`max_failures`): the trial reports `{"failed": "<error>", "epoch": N}` and ends;
+`results.collect_trials` shows it as ERROR with that message. Anything else (a crash, a killed worker) raises
+and is retried from the last checkpoint.
+
 Tests crash a trial on purpose by setting `BVIT_SWEEP_TEST_FAULT` (JSON `{"crash_at_epoch": N,
 "marker_dir": DIR}`) in the launching process: `tune_trainable` reads it there and hands it to the trials.
 The trial crashes once after epoch N, at the end of epoch N+1 before reporting it: epoch N's result and
@@ -29,7 +34,7 @@ import ray
 from ray import tune
 
 from bvit.config import CHECKPOINT_NAME
-from orchestrator.envelope import TRIAL_KEY, TrialEnvelope
+from orchestrator.envelope import FAILED_KEY, TRIAL_KEY, TrialEnvelope
 from orchestrator.spec import Resources
 
 # bvit.trial (torch, timm, FFCV) is imported inside the trial processes only: the launching process
@@ -39,6 +44,16 @@ __all__ = ["FAULT_ENV", "FaultInjected", "run_trial", "tune_trainable"]
 
 RETRIES_FILE = "retries.json"
 FAULT_ENV = "BVIT_SWEEP_TEST_FAULT"
+
+
+def _deterministic() -> tuple[type[BaseException], ...]:
+    """bvit's errors that a retry would only repeat: divergence (TrainingError), a damaged or refused
+    checkpoint (CheckpointError), data that is missing or does not fit the model (DataError)."""
+    from bvit.data.format import DataError
+    from bvit.engine import TrainingError
+    from bvit.serialization import CheckpointError
+
+    return TrainingError, CheckpointError, DataError
 
 
 class FaultInjected(RuntimeError):
@@ -87,6 +102,7 @@ def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> No
     """Tune function trainable for one trial (single process, or data-parallel when workers > 1)."""
     from bvit.trial import run_trial as train
 
+    DETERMINISTIC = _deterministic()  # noqa: N806
     env = TrialEnvelope.of(config)
     if env.resources.workers > 1:
         _run_data_parallel(env, fault)
@@ -97,12 +113,18 @@ def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> No
         local = Path(tmp)
         retries = _restore_into(local, tune.get_checkpoint())
 
+        reached = {"epoch": 0}
+
         def report(metrics: dict[str, Any]) -> None:
             _maybe_crash(fault, env.trial_id, metrics["epoch"] - 1)
             metrics = {**metrics, "retries": retries, "node_id": ray.get_runtime_context().get_node_id()}
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
+            reached["epoch"] = metrics["epoch"]
 
-        train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id)
+        try:
+            train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id)
+        except DETERMINISTIC as e:  # the same input fails the same way again: end the trial, no retry
+            tune.report({FAILED_KEY: f"{type(e).__name__}: {e}", "epoch": reached["epoch"], "retries": retries})
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from orchestrator.errors import format_loc
-from orchestrator.spec import LEAVES, Resources, Scheduler, SweepSpec, Tracking
+from orchestrator.spec import LEAVES, MAX_TRIALS, Resources, Scheduler, SweepSpec, Tracking
+from orchestrator.spec.schema import MAX_NAME
 
 runner = CliRunner()
 
@@ -122,7 +123,12 @@ def test_exit_codes_follow_one_policy(tmp_path, fmnist_dir):
     tiny = ["--set", f"data.path={fmnist_dir}", "--set", "data.train_subset=512", "--set", "data.num_workers=1",
             "--set", "model.width=32", "--set", "model.heads=2", "--set", "model.steps=2"]
     result = invoke("train", *tiny, *diverge, "--json")
-    assert result.exit_code == 1 and re.search(r"loss became \S+ at epoch \d+, step \d+", result.stderr), result.output
+    assert result.exit_code == 1, result.output
+    assert re.search(r"the loss became non-finite \(\S+\) at epoch \d+, step \d+ \(lr \S+\); lower optim.lr, or set "
+                     r"optim.grad_clip", result.stderr), result.output
+    result = invoke("train", *tiny, "--set", "model.in_chans=3", "--json")  # data that does not fit the model
+    assert result.exit_code == 2 and result.stderr == (f"{fmnist_dir}: data has 1 channel(s) and 10 classes but the "
+                                                       "model asks for model.in_chans=3, model.num_classes=10\n")
 
 
 def test_validate_prints_the_trial_counts(tmp_path):
@@ -244,7 +250,9 @@ def test_plan_measures_this_machine_by_default_and_times_follow_the_rate(tmp_pat
 # ---- fuzzing: >= 1,000 malformed specs, each one exit 2 and a field-path message --------------------------
 
 TYPED_LEAVES = {  # location -> a strategy of values that are invalid there
-    ("name",): st.one_of(st.integers(), st.lists(st.integers(), max_size=2), st.none(), st.just("no/slash")),
+    ("name",): st.one_of(st.integers(), st.lists(st.integers(), max_size=2), st.none(), st.just("no/slash"),
+                         st.sampled_from([".", "..", "-x", "a b"]),
+                         st.text(alphabet="abcxyz019._-", min_size=MAX_NAME + 1, max_size=400).map(lambda s: "n" + s)),
     ("seeds",): st.one_of(st.integers(), st.just([]), st.text(min_size=1).map(lambda s: {"x": s})),
     ("seeds", 1): st.one_of(st.integers(max_value=-1), st.just("zero"), st.floats(0.1, 0.9)),
     ("resources", "cpus"): st.one_of(st.floats(max_value=0, allow_nan=False), st.just("many"), st.just([1])),
@@ -296,7 +304,8 @@ def unknown_key(draw):
 
 @st.composite
 def bad_axis(draw):
-    kind = draw(st.sampled_from(["unknown path", "empty", "indivisible", "patch", "zip length", "seed axis"]))
+    kind = draw(st.sampled_from(["unknown path", "empty", "indivisible", "patch", "zip length", "seed axis",
+                                 "too many trials"]))
     spec = copy.deepcopy(VALID)
     if kind == "unknown path":
         paths = st.lists(NAMES, min_size=1, max_size=3).map(".".join)
@@ -318,9 +327,14 @@ def bad_axis(draw):
     elif kind == "zip length":
         spec["zip"][0]["model.heads"] += draw(st.lists(st.integers(1, 8), min_size=1, max_size=3))
         loc = ("zip", 0)
-    else:
+    elif kind == "seed axis":
         spec["axes"]["seed"] = [0, 1]
         loc = ("axes", "seed")
+    else:  # counted from the list lengths before any trial is built: 16 x n x m > MAX_TRIALS
+        n = draw(st.integers(100, 400))
+        spec["axes"]["optim.epochs"] = list(range(1, n + 1))
+        spec["axes"]["optim.weight_decay"] = [i / 1000 for i in range(MAX_TRIALS // (16 * n) + 1)]
+        return dump(spec), "axes: the grid has "
     return dump(spec), format_loc(loc)
 
 
@@ -375,3 +389,18 @@ def test_cli_starts_without_torch_and_bvit_names_load_on_use():
             "bvit.BViT; assert 'bvit_base_patch16_224' in timm.list_models('bvit*'); print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@settings(max_examples=200, deadline=None)
+@given(cpus=st.floats(0.01, 4096, allow_nan=False), gpus=st.integers(0, 64))
+def test_per_trial_resources_beyond_this_machine_are_one_line_each(cpus, gpus):
+    """The launch-time limit for an embedded local Ray: a trial asking for more than the machine has."""
+    import os
+
+    from orchestrator.preflight import _local_gpus, resource_problems
+
+    lines = resource_problems(Resources(cpus=cpus, gpus=gpus, workers=max(gpus, 1)), source="x.yaml")
+    expected = [f"x.yaml: resources.{kind}: " for kind, over in
+                (("cpus", cpus > os.cpu_count()), ("gpus", gpus > _local_gpus())) if over]
+    assert [line[:len(e)] for line, e in zip(lines, expected, strict=True)] == expected
+    assert all("but this machine has" in line and "pass --address" in line for line in lines)

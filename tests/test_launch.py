@@ -3,6 +3,7 @@ data-parallel trials, and a 2-node cluster that loses a node."""
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,14 +133,37 @@ def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir, mo
     assert epochs == [1, 2, 3]  # epochs 1-2 kept, only epoch 3 ran after the crash
 
 
-def test_changed_spec_is_refused_on_resume_unless_forced(workdir, fmnist_dir):
+def test_changed_spec_is_refused_on_resume_and_force_accepts_only_edits_that_change_no_trial(workdir, fmnist_dir):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="chg", epochs=1, axes={"model.arch": ["bvit"]})
     launch(spec_path=spec, verbose=False)
-    write_spec(spec, fmnist_dir, name="chg", epochs=2, axes={"model.arch": ["bvit"]})
+    (trial_id,) = json.loads((workdir / "runs" / "chg" / "bvit_sweep.json").read_text())["trial_ids"]
+
+    write_spec(spec, fmnist_dir, name="chg", epochs=1, axes={"model.arch": ["bvit"]}, description="now described",
+               tracking={"experiment": "chg-2"})
     with pytest.raises(UserError) as e:
         launch(spec_path=spec, resume=True, verbose=False)
-    assert "spec changed" in e.value.lines[0]
-    assert any("optim" in line and "1 -> 2" in line for line in e.value.lines[1:])
+    assert "spec changed" in e.value.lines[0] and "--force resumes edits that change no trial" in e.value.lines[0]
+    assert '  spec.description: null -> "now described"' in e.value.lines[1:]
+    r = CliRunner().invoke(app, ["launch", str(spec), "--resume", "--force", "--json"])
+    assert r.exit_code == 0, r.output
+    snapshot = json.loads((workdir / "runs" / "chg" / "bvit_sweep.json").read_text())
+    assert snapshot["spec"]["description"] == "now described" and snapshot["trial_ids"] == [trial_id]
+    assert yaml.safe_load((workdir / "results" / "chg" / "spec.yaml").read_text())["description"] == "now described"
+    run = json.loads((workdir / "results" / "chg" / "run.json").read_text())
+    assert run["command"] == f"bvit-sweep launch {spec} --resume --force" and run["terminated"] == 1
+
+    write_spec(spec, fmnist_dir, name="chg", epochs=2, axes={"model.arch": ["bvit"]}, description="now described",
+               tracking={"experiment": "chg-2"}, resources={"cpus": 2})
+    r = CliRunner().invoke(app, ["launch", str(spec), "--resume", "--force"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"{spec}: the sweep's trials changed since it started (1 trials added (ids "), line
+    assert f"1 trials removed or changed (ids {trial_id}); resources.cpus: 1.0 -> 2.0); --force resumes only" in line
+    assert json.loads((workdir / "runs" / "chg" / "bvit_sweep.json").read_text()) == snapshot  # left as it was
 
 
 def test_finetune_method_is_a_sweep_axis_over_a_pretraining_sweeps_best_trial(workdir, fmnist_dir):
@@ -292,3 +316,98 @@ def test_missing_data_that_cannot_be_prepared_is_a_clear_error(workdir, fmnist_d
         launch(spec_path=spec, verbose=False)
     assert str(workdir / "imagenet") in e.value.lines[0]
     assert not (workdir / "runs" / "nodata").exists()  # failed before any compute was spent
+
+
+def test_a_cluster_address_where_nothing_listens_is_one_line_at_once(tmp_path, free_port):
+    """Not Ray's minutes of retries: the address is probed before data is prepared (none exists here)."""
+    (tmp_path / "s.yaml").write_text("name: far\nbase: {data: {path: /nonexistent/data}}\n")
+    for address in (f"127.0.0.1:{free_port}", f"ray://127.0.0.1:{free_port}"):
+        r = subprocess.run([sys.executable, "-c", "from orchestrator.cli import app; app()", "launch", "s.yaml",
+                            "--address", address], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        (line,) = r.stderr.splitlines()
+        assert line.startswith(f"{address}: cannot join the Ray cluster there (")
+        assert f":{free_port}: nothing answers at that port); check --address, RAY_ADDRESS" in line, line
+        assert not (tmp_path / "runs" / "far").exists()  # only the lock beside it
+
+
+def test_damaged_sweep_state_is_one_line_naming_the_file_for_status_and_resume(workdir, fmnist_dir):
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="dmg", epochs=1, axes={"model.arch": ["bvit"]})
+    assert launch(spec_path=spec, verbose=False).ok
+    sweep = workdir / "runs" / "dmg"
+    snapshot = sweep / "bvit_sweep.json"
+    (state,) = sweep.glob("experiment_state-*.json")
+    for damaged, advice in ((snapshot, "remove it and run `bvit-sweep launch SPEC --resume --force`"),
+                            (state, "restore the file from a backup, or launch the trials again as a new sweep")):
+        intact = damaged.read_bytes()
+        damaged.write_bytes(intact[: len(intact) // 2])  # truncated, as a full disk or a killed copy leaves it
+        for args in (["status", str(sweep)], ["launch", str(spec), "--resume"]):
+            r = CliRunner().invoke(app, args)
+            assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+            (line,) = r.stderr.splitlines()
+            assert line.startswith(f"{damaged}: damaged (") and advice in line, line
+        damaged.write_bytes(intact)
+    assert CliRunner().invoke(app, ["status", str(sweep), "--json"]).exit_code == 0
+
+
+def _refused(tmp_path, spec: dict) -> list[str]:
+    """`bvit-sweep launch` of `spec`: exit 2, no traceback, nothing started; the stderr lines."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    r = CliRunner().invoke(app, ["launch", str(tmp_path / "s.yaml")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "runs" / spec["name"]).exists()
+    return r.stderr.splitlines()
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_before_ray(tmp_path, fmnist_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines = _refused(tmp_path, {"name": "fit", "base": {"data": {"path": str(fmnist_dir)}, "model": {
+        "in_chans": 3, "num_classes": 100, "img_size": 32}}})
+    where = f"{tmp_path / 's.yaml'}: data.path {fmnist_dir}"
+    assert lines == [f"{where} holds 1-channel images but model.in_chans=3; set model.in_chans: 1",
+                     f"{where} has 10 classes but model.num_classes=100; set model.num_classes: 10",
+                     f"{where} holds 28x28 images (used at their stored size) but model.img_size=32; "
+                     "set model.img_size: 28"]
+
+
+def test_trials_larger_than_this_machine_are_refused_before_ray(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = tmp_path / "s.yaml"
+    cpus = os.cpu_count() + 1
+    (line,) = _refused(tmp_path, {"name": "big", "resources": {"cpus": cpus}})
+    assert line == (f"{source}: resources.cpus: {cpus} CPUs per trial, but this machine has {os.cpu_count()}; lower "
+                    "it, or pass --address to run on a cluster that has them")
+    import torch
+    gpus = torch.cuda.device_count() + 1
+    (line,) = _refused(tmp_path, {"name": "big", "resources": {"gpus": gpus, "workers": gpus}})
+    assert line.startswith(f"{source}: resources.gpus: {gpus} GPUs per trial, but this machine has {gpus - 1}; ")
+    (line,) = _refused(tmp_path, {"name": "wide", "base": {"model": {"width": 10**9, "heads": 1}}})
+    assert line.startswith(f"{source}: model.width=1000000000 (bvit, 6 steps): 1.2e+19 parameters need at least ")
+    assert "GiB to train (weights, gradients, AdamW moments, 4 bytes each), but " in line
+
+
+def test_a_diverging_trial_fails_at_once_while_a_crashed_one_is_retried(workdir, fmnist_dir, monkeypatch):
+    """Divergence is deterministic: retrying it from its checkpoint would diverge again. A crash is not."""
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="div", epochs=2, axes={"optim.lr": [1e-3, 1e6]},
+                      max_failures=1)
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["optim"].update(grad_clip=None, min_lr=0.0)
+    spec.write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"crash_at_epoch": 1, "marker_dir": str(workdir / "faults")}))
+    result = launch(spec_path=spec, verbose=False)
+    assert not result.ok and not result.interrupted
+    ok, diverged = result.trials
+    assert (ok["status"], ok["epochs"], ok["retries"], ok["error"]) == ("TERMINATED", 2, 1, "")  # crashed once
+    assert (diverged["status"], diverged["retries"], diverged["epochs"]) == ("ERROR", 0, 0)
+    assert re.fullmatch(r"TrainingError: the loss became non-finite \(\S+\) at epoch 1, step \d+ \(lr \S+\); "
+                        r"lower optim.lr, or set optim.grad_clip \(e.g. 1.0\)", diverged["error"]), diverged["error"]
+    rows = read_csv(workdir / "results" / "div" / "trials.csv")
+    assert [r["status"] for r in rows] == ["TERMINATED", "ERROR"] and rows[1]["error"] == diverged["error"]

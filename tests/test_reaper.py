@@ -113,3 +113,77 @@ def test_the_lock_is_released_when_its_holder_is_sigkilled(tmp_path):
     holder.join(30)
     with sweep_lock(sweep):
         pass
+
+
+# ---- the real launcher: lock, loopback, reaper ---------------------------------------------------------------
+
+
+def test_launch_of_a_sweep_another_launcher_holds_is_refused_in_one_line(tmp_path, monkeypatch):
+    """The lock is taken before anything else: data that does not exist is not even looked at."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text("name: held\nbase: {data: {path: /nonexistent/data}}\n")
+    sweep = tmp_path / "runs" / "held"
+    with sweep_lock(sweep):  # this process is the first launcher
+        r = CliRunner().invoke(app, ["launch", "s.yaml"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"{sweep}: another launcher is running this sweep (pid {os.getpid()} on "), line
+    assert line.endswith("wait for it to finish, or stop it (Ctrl-C) and then pass --resume")
+    assert not sweep.exists()
+
+
+def _start_launcher(tmp_path, fmnist_dir) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    """A real `launch()` of a one-trial sweep in a subprocess, returned once its trial is running
+    (with the Ray processes it started: everything under it but the watcher)."""
+    from _sweep_helpers import write_spec
+
+    spec = write_spec(tmp_path / "s.yaml", fmnist_dir, name="k", epochs=50, axes={"model.arch": ["bvit"]})
+    code = f"from orchestrator.launch import launch; launch(spec_path={str(spec)!r}, verbose=False)"
+    log = open(tmp_path / "launcher.log", "w")  # noqa: SIM115  (read back when the launcher fails)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if any(p.stat().st_size for p in (tmp_path / "runs" / "k").glob("*/result.json")):  # an epoch reported
+            started = _descendants(proc.pid)
+            return proc, [p for p in started if "orchestrator.reaper" not in " ".join(p.cmdline())]
+    proc.kill()
+    pytest.fail("no trial started within 2 minutes:\n" + (tmp_path / "launcher.log").read_text()[-3000:])
+
+
+def _listening(procs: list[psutil.Process]) -> list[tuple[str, str, int]]:
+    out = []
+    for p in procs:
+        try:
+            out += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_a_launchs_local_ray_listens_on_loopback_only(tmp_path, fmnist_dir):
+    import ipaddress
+
+    proc, ray_procs = _start_launcher(tmp_path, fmnist_dir)
+    try:
+        sockets = _listening(ray_procs)
+        assert sockets, "no listening socket found: the check sees nothing"
+        exposed = [s for s in sockets if not ipaddress.ip_address(s[1].removeprefix("::ffff:")).is_loopback]
+        assert exposed == [], exposed
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_a_sigkilled_launch_leaves_no_ray_process_behind(tmp_path, fmnist_dir):
+    proc, ray_procs = _start_launcher(tmp_path, fmnist_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _wait_gone(ray_procs, timeout=20) == []

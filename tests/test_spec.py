@@ -10,8 +10,10 @@ import yaml
 from bvit.config import ModelConfig, TrialConfig
 from bvit.models.factory import build_model, count_flops, count_params
 from orchestrator.errors import InputWarning
+from orchestrator.lock import lock_path, sweep_lock
 from orchestrator.planning import CPU_CORE_FLOPS, make_plan, model_flops, model_params
 from orchestrator.spec import SpecError, SweepSpec, expand, expand_trials, load_spec
+from orchestrator.sweep_dir import sweep_dir_for
 
 SWEEPS = sorted((Path(__file__).parent.parent / "sweeps").glob("*.yaml"))
 
@@ -189,20 +191,28 @@ def test_structural_problems_are_all_reported_at_once(tmp_path):
     ]
 
 
-def test_scheduler_resources_and_grid_size_rules():
+def test_scheduler_resources_name_and_grid_size_rules(tmp_path):
     assert SweepSpec(name="a", scheduler={"metric": "test_loss"}).scheduler.mode == "min"
     for bad, match in [({"scheduler": {"metric": "test_loss", "mode": "max"}}, "mode must be 'min'"),
                        ({"scheduler": {"grace_period": 2}}, "grace_period applies to type 'asha' only"),
                        ({"scheduler": {"type": "asha", "grace_period": 5, "max_t": 3}}, "exceeds max_t=3"),
                        ({"resources": {"gpus": 2}}, "each worker drives one GPU"),
                        ({"resources": {"gpus": -0.5}}, "greater than or equal to 0"),
-                       ({"name": "a/b"}, "names the sweep's directory")]:
+                       ({"name": "a/b"}, "names the sweep's directory"),
+                       ({"name": ".."}, "names the sweep's directory"),
+                       ({"name": "w" * 244}, "is 244 characters, more than 243")]:
         with pytest.raises(Exception, match=match):
             SweepSpec(**{"name": "a", **bad})
     SweepSpec(name="a", resources={"gpus": 8, "workers": 8, "cpus": 0.5})
+    longest = SweepSpec(name="w" * 243)  # its smoke sweep's lock file, `.<name>-smoke.lock`, is 255 bytes
+    with sweep_lock(sweep_dir_for(longest, str(tmp_path), smoke=True)):
+        assert lock_path(sweep_dir_for(longest, str(tmp_path), smoke=True)).exists()
     big = {f"optim.{k}": list(range(1, 60)) for k in ("epochs", "lr", "weight_decay")}
     with pytest.raises(SpecError, match="the grid has 205,379 trials, more than 100,000"):
         SweepSpec(name="a", axes=big)
+    million = {f"optim.{k}": list(range(1, 101)) for k in ("epochs", "lr", "weight_decay")}
+    with pytest.raises(SpecError, match="the grid has 1,000,000 trials"):  # counted, not expanded
+        SweepSpec(name="a", axes=million)
 
 
 def test_unsafe_yaml_and_duplicate_keys_are_rejected(tmp_path):

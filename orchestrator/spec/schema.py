@@ -16,11 +16,12 @@ from pydantic.functional_validators import field_validator, model_validator
 from orchestrator.errors import InputError
 from orchestrator.spec.paths import Axes, Problem, structure_problems
 
-__all__ = ["METRICS", "MAX_TRIALS", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
+__all__ = ["METRICS", "MAX_NAME", "MAX_TRIALS", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
            "grid_factors"]
 
 METRICS = {"test_top1": "max", "test_top5": "max", "test_loss": "min", "train_loss": "min"}  # name -> better
 MAX_TRIALS = 100_000
+MAX_NAME = 255 - len(".-smoke.lock")  # file names are <= 255 bytes; the name is ASCII (one byte a character)
 
 Seed = Annotated[int, Field(ge=0)]
 
@@ -129,6 +130,9 @@ class SweepSpec(_Frozen):
     def _name_is_a_directory_name(cls, name: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise ValueError(f"{name!r}: use letters, digits, '.', '_', '-' (it names the sweep's directory)")
+        if len(name) > MAX_NAME:
+            raise ValueError(f"{name[:20]}... is {len(name)} characters, more than {MAX_NAME} (the sweep's lock file "
+                             f"`.<name>-smoke.lock` must fit a 255-byte file name); shorten it")
         return name
 
     @model_validator(mode="after")
