@@ -144,6 +144,8 @@ def _epoch_loader_class() -> type:
         on them, so one compiled Loader serves every order and batch size.
         """
 
+        iterator_class = DeviceEpochIterator
+
         def __init__(self, *args: Any, device: torch.device, **kwargs: Any):
             self.order, self.device = None, device
             super().__init__(*args, **kwargs)
@@ -155,7 +157,7 @@ def _epoch_loader_class() -> type:
             self.next_epoch += 1
             if self.code is None or self.recompile:
                 self.generate_code()
-            return DeviceEpochIterator(self, selected_order)
+            return self.iterator_class(self, selected_order)
 
         def next_traversal_order(self) -> np.ndarray:
             return self.indices if self.order is None else self.order
