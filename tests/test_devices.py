@@ -42,6 +42,8 @@ def cuda_visible(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    # torch's optimizers ask too, then query the device's stream: with no driver to answer, say "none" there
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: None)
 
 
 # ---- items 2, 3: the trainable passes the device its reservation gives ----------------------------------
@@ -260,6 +262,6 @@ def test_ffcv_pass_thread_sets_the_loaders_cuda_device_before_it_runs(monkeypatc
                              (torch.device("cpu"), [("run", None)])):
         calls.clear()
         it = object.__new__(it_class)  # the thread's body alone: no FFCV file, no thread
-        it.loader = SimpleNamespace(device=device)
+        it.loader, it.closed, it.terminate_event = SimpleNamespace(device=device), True, threading.Event()
         it.run()
         assert calls == expected
