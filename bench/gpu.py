@@ -44,7 +44,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import bvit.model  # noqa: E402,F401  -- registers bvit_* with timm (the one line to re-point after a move)
+import bvit.models  # noqa: E402,F401  -- registers bvit_* with timm
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, FLOP/s, matched on torch.cuda.get_device_name().
 # Source: NVIDIA's H100 datasheet (H100 SXM5: 1,979 TFLOP/s bf16 *with* 2:4 sparsity = 989.4 dense; H100
@@ -235,7 +235,7 @@ def loader_rates(data: Path, shape: dict, device: torch.device) -> dict[str, flo
     sys.path.insert(0, str(ROOT / "bench"))
     from loader import ffcv_rate, torch_loader_rate  # bench/loader.py: the CPU benchmark's two loaders
 
-    from bvit.datasets import load_metadata
+    from bvit.data.format import load_metadata
 
     meta = load_metadata(data)
     kw = dict(batch_size=shape["loader_batch"], workers=shape["loader_workers"], device=device,

@@ -115,7 +115,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 "$PY" - <<'EOF'
 import importlib, sys
 mods = ["torch", "timm", "numpy", "numba", "pandas", "pydantic", "typer", "ray", "ray.tune", "mlflow", "ffcv",
-        "bvit.model", "bvit.data", "orchestrator.launch"]
+        "bvit.models", "bvit.data", "orchestrator.launch"]
 bad = []
 for m in mods:
     try:
