@@ -1,12 +1,13 @@
 """bViT vs timm ViT at the same width and steps = depth (same FLOPs), side by side in one run.
 
-    python bench/model.py [--width 128 --steps 4 --batch 128 --threads 2]
+    python bench/model.py [--width 128 --steps 4 --batch 128 --threads 2 --device cpu]
 
 Prints training and inference images/s of both and their ratio (fp32 and bf16 autocast), peak
 activation memory of a training step with and without per-step activation checkpointing and the step
 time it costs, and parameter + AdamW-state bytes. Goals (issue 10): bViT/ViT training throughput
 >= 1.00; parameter + optimizer memory exactly 1/T of the ViT's block memory; checkpointing <= 0.40 of
-the peak activation memory at <= 1.35x the step time.
+the peak activation memory at <= 1.35x the step time. `--device cuda` runs the same measurements on a
+GPU (bf16 autocast on the device's type; timings wait for the device).
 """
 from __future__ import annotations
 
@@ -24,6 +25,11 @@ def _models(width: int, steps: int, heads: int):
     return build_model(arch="bvit", **kw), build_model(arch="vit", **kw)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _rates(models, x, y, *, train: bool, precision: str, iters: int) -> list[float]:
     """Images/s of each model, median of `iters` timed iterations after 2 warm-up ones; the models take
     turns iteration by iteration, so that a busy machine slows them alike and the ratio stays fair."""
@@ -32,8 +38,9 @@ def _rates(models, x, y, *, train: bool, precision: str, iters: int) -> list[flo
     for i in range(iters + 2):
         for model, opt, t in zip(models, opts, times, strict=True):
             model.train(train)
+            _sync(x.device)
             t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 if train:
                     loss = F.cross_entropy(model(x).float(), y)
                 else:
@@ -43,6 +50,7 @@ def _rates(models, x, y, *, train: bool, precision: str, iters: int) -> list[flo
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            _sync(x.device)
             if i >= 2:
                 t.append(time.perf_counter() - t0)
     return [x.shape[0] / sorted(t)[len(t) // 2] for t in times]
@@ -75,8 +83,10 @@ def _step_times(model, x, y, iters: int) -> tuple[float, float]:
     for i in range(2 * (iters + 1)):
         ckpt = bool(i % 2)
         model.set_grad_checkpointing(ckpt)
+        _sync(x.device)
         t0 = time.perf_counter()
         F.cross_entropy(model(x), y).backward()
+        _sync(x.device)
         if i >= 2:
             times[ckpt].append(time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
@@ -96,12 +106,15 @@ def _state_bytes(model) -> int:
     return params + state
 
 
-def run(width: int = 128, steps: int = 4, heads: int = 8, batch: int = 128, threads: int = 2, iters: int = 5) -> list[str]:
+def run(width: int = 128, steps: int = 4, heads: int = 8, batch: int = 128, threads: int = 2, iters: int = 5,
+        device: str = "cpu") -> list[str]:
+    dev = torch.device(device)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    bvit, vit = _models(width, steps, heads)
-    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    out = [f"## bViT vs ViT (width {width}, steps/depth {steps}, heads {heads}, batch {batch}, {threads} threads)", "",
+    bvit, vit = (m.to(dev) for m in _models(width, steps, heads))
+    x, y = torch.randn(batch, 1, 28, 28).to(dev), torch.randint(0, 10, (batch,)).to(dev)
+    where = f"{threads} threads" if dev.type == "cpu" else str(dev)
+    out = [f"## bViT vs ViT (width {width}, steps/depth {steps}, heads {heads}, batch {batch}, {where})", "",
            "| measure | bViT | ViT | bViT/ViT | goal |", "|---|---|---|---|---|"]
     for precision in ("fp32", "bf16"):
         for train in (True, False):
@@ -137,8 +150,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a = ap.parse_args()
-    print("\n".join(run(a.width, a.steps, a.heads, a.batch, a.threads, a.iters)))
+    print("\n".join(run(a.width, a.steps, a.heads, a.batch, a.threads, a.iters, a.device)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,13 @@ warm-up, label smoothing, gradient clipping, optional bf16 autocast. After each 
 (e.g. write a checkpoint) runs before `report(metrics)`, so a caller may persist what was written.
 
 Under `torch.distributed` (one process per rank) the caller passes the DDP-wrapped model as `run_model`;
-train loss is all-reduced and every rank evaluates the full test set.
+train loss is all-reduced (on the training device: NCCL reduces CUDA tensors only) and every rank evaluates
+the full test set.
+
+The host waits for the device only where it must: the loss is checked for finiteness every
+`FINITE_CHECK_EVERY` steps and at the end of the epoch (one read each; a diverged run stops within that
+many steps, naming the first step whose loss was not finite), evaluation sums on the device, and an
+epoch's img/s is timed after the epoch's last read of the device.
 """
 from __future__ import annotations
 
@@ -33,10 +39,12 @@ from timm.scheduler import CosineLRScheduler
 from bvit.config import TrialConfig
 from bvit.data.loaders import Loaders
 
-__all__ = ["TrainingError", "Report", "seed_everything", "dist_info", "default_device", "build_optimizer",
-           "train_step", "train_one_epoch", "evaluate", "fit"]
+__all__ = ["FINITE_CHECK_EVERY", "TrainingError", "Report", "seed_everything", "dist_info", "default_device",
+           "build_optimizer", "train_step", "train_one_epoch", "evaluate", "epoch_totals", "fit"]
 
 Report = Callable[[dict[str, Any]], None]
+
+FINITE_CHECK_EVERY = 20  # training steps between host reads of the loss (each read waits for the device)
 
 
 class TrainingError(RuntimeError):
@@ -58,7 +66,11 @@ def dist_info() -> tuple[int, int]:
 
 
 def default_device() -> torch.device:
-    """This process's GPU (`LOCAL_RANK`, as torchrun and Ray Train set it) when CUDA is there, else the CPU."""
+    """This process's GPU (`LOCAL_RANK`, as torchrun sets it) when CUDA is there, else the CPU.
+
+    For callers that know nothing of a reservation (the `train` and `finetune` commands, torchrun). A sweep
+    trial does not use it: its trainable passes the device Ray reserved (`orchestrator.trainable`).
+    """
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -116,25 +128,45 @@ def train_one_epoch(
         device: torch.device,
         epoch: int,
         steps_per_epoch: int,
+        check_every: int = FINITE_CHECK_EVERY,
 ) -> tuple[float, int]:
-    """Train over `batches` (epoch `epoch`, 1-based); returns (sum of per-image losses, images seen) of this rank."""
+    """Train over `batches` (epoch `epoch`, 1-based); returns (sum of per-image losses, images seen) of this rank.
+
+    The losses are read on the host every `check_every` steps and at the end (not every step: each read
+    waits for the device); a non-finite one raises `TrainingError` naming its step.
+    """
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_seen = 0
     num_updates = (epoch - 1) * steps_per_epoch
+    window: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, loss) since the last check
     for step, (images, target) in enumerate(batches, start=1):
+        lr = optimizer.param_groups[0]["lr"]
         loss = train_step(model, images, target, optimizer, cfg=cfg, device=device)
-        if not torch.isfinite(loss):
-            clip = cfg.optim.grad_clip
-            advice = (f"lower optim.lr (gradients were already clipped to norm {clip:g})" if clip is not None
-                      else "lower optim.lr, or set optim.grad_clip (e.g. 1.0)")
-            raise TrainingError(f"the loss became non-finite ({loss.item()}) at epoch {epoch}, step {step} "
-                                f"(lr {optimizer.param_groups[0]['lr']:.3g}); {advice}")
+        window.append((step, lr, loss))
         num_updates += 1
         scheduler.step_update(num_updates=num_updates)
         loss_sum += loss.double() * images.shape[0]
         n_seen += images.shape[0]
+        if step % check_every == 0:
+            _check_finite(window, epoch, cfg.optim.grad_clip)
+            window.clear()
+    _check_finite(window, epoch, cfg.optim.grad_clip)
     return loss_sum.item(), n_seen
+
+
+def _check_finite(window: list[tuple[int, float, torch.Tensor]], epoch: int, grad_clip: float | None) -> None:
+    """Raise `TrainingError` at the first non-finite loss of `window`: one host read, two if one is found."""
+    if not window:
+        return
+    finite = torch.isfinite(torch.stack([loss for _, _, loss in window]))  # (len(window),)
+    if bool(finite.all()):
+        return
+    step, lr, loss = window[int((~finite).nonzero()[0, 0])]
+    advice = (f"lower optim.lr (gradients were already clipped to norm {grad_clip:g})" if grad_clip is not None
+              else "lower optim.lr, or set optim.grad_clip (e.g. 1.0)")
+    raise TrainingError(f"the loss became non-finite ({loss.item()}) at epoch {epoch}, step {step} (lr {lr:.3g}); "
+                        f"{advice}")
 
 
 @torch.no_grad()
@@ -142,22 +174,34 @@ def evaluate(model: nn.Module, loader, *, cfg: TrialConfig, device: torch.device
     """Top-1 / top-5 (percent) and mean cross-entropy over every batch of `loader`."""
     was_training = model.training
     model.eval()
-    correct1 = correct5 = 0
-    loss_sum = 0.0
+    # Summed on the device, read once at the end: float64 and int64 sums give the numbers per-batch reads did.
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits
     n = 0
     for images, labels in loader:
         with _autocast(cfg, device):
             logits = model(images, **forward_kwargs).float()  # (B, K)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
         hits = top5 == labels[:, None]
-        correct1 += hits[:, 0].sum().item()
-        correct5 += hits.any(dim=1).sum().item()
+        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(dim=1).sum()
         n += labels.shape[0]
     model.train(was_training)
     if n == 0:
         raise TrainingError("the evaluation loader yielded no images")
+    loss_sum, correct1, correct5 = sums.tolist()
     return {"test_top1": 100.0 * correct1 / n, "test_top5": 100.0 * correct5 / n, "test_loss": loss_sum / n}
+
+
+def epoch_totals(loss_sum: float, n_seen: int, *, device: torch.device, world: int) -> torch.Tensor:
+    """(loss sum, images) of this rank as a float64 tensor on `device`, summed over ranks when `world` > 1.
+
+    On the training device: NCCL (what Ray Train uses for GPU workers) reduces only CUDA tensors.
+    """
+    totals = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(totals)
+    return totals
 
 
 def fit(
@@ -198,20 +242,18 @@ def fit(
             batches = tqdm(batches, total=loaders.steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False)
         loss_sum, n_seen = train_one_epoch(run_model, batches, optimizer, scheduler, cfg=cfg, device=device,
                                            epoch=epoch, steps_per_epoch=loaders.steps_per_epoch)
-        train_seconds = time.perf_counter() - t0
-        totals = torch.tensor([loss_sum, float(n_seen)], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(totals)
+        train_seconds = time.perf_counter() - t0  # after the epoch's last read of the device: its work is done
+        loss_total, n_total = epoch_totals(loss_sum, n_seen, device=device, world=world).tolist()
         if epoch % cfg.eval_every == 0 or epoch == epochs:
             last_eval = evaluate(model, loaders.eval(), cfg=cfg, device=device)
         best = max(best, last_eval.get("test_top1", -math.inf))
         record = {
             "epoch": epoch,
-            "train_loss": totals[0].item() / max(totals[1].item(), 1.0),
+            "train_loss": loss_total / max(n_total, 1.0),
             **{k: last_eval[k] for k in ("test_top1", "test_top5", "test_loss") if k in last_eval},
             **({"best_test_top1": best} if math.isfinite(best) else {}),
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": totals[1].item() / train_seconds,
+            "images_per_s": n_total / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
             **(static or {}),
         }

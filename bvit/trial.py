@@ -69,19 +69,33 @@ def run_trial(
     """Train (or, with a `finetune` section, fine-tune) one trial; returns the final metrics plus
     `best_test_top1`, `history` and `trial_id`.
 
-    `trial_id` (default `cfg.trial_id()`) is stored in the checkpoint and returned. `device` (default: this
-    process's GPU by `LOCAL_RANK`, else the CPU) is where the model and batches live.
+    `trial_id` (default `cfg.trial_id()`) is stored in the checkpoint and returned. `device` is where the
+    model and batches live: whoever knows what was reserved passes it (a sweep's trainable: the Ray Train
+    worker's device, or CUDA only when the trial reserved GPUs); default `engine.default_device()`.
     """
     trial_id = cfg.trial_id() if trial_id is None else trial_id
-    device = default_device() if device is None else device
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = default_device() if device is None else torch.device(device)
+    _set_up_device(cfg, device)
     if cfg.finetune is not None:
         if dist_info()[1] > 1:
             raise TrainingError("fine-tuning trials run in one process; set resources.workers: 1")
         return _finetune(cfg, trial_id=trial_id, report=report, progress=progress, device=device)[2]
     return _train(cfg, trial_id=trial_id, report=report, checkpoint_dir=checkpoint_dir, progress=progress,
                   device=device)
+
+
+def _set_up_device(cfg: TrialConfig, device: torch.device) -> None:
+    """Per-trial process state, set afresh by every trial (Ray reuses trial processes): the current CUDA
+    device, TF32 matmuls for fp32 on CUDA (`matmul_precision` in each record), a fresh `torch.compile` cache."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # "high": fp32 matmuls on TF32 tensor cores (~10 bits of mantissa). "highest" (the default) elsewhere,
+    # so CPU runs and a later bf16 trial in the same process compute exactly as before.
+    torch.set_float32_matmul_precision("high" if device.type == "cuda" and cfg.precision == "fp32" else "highest")
+    if cfg.compile:
+        # Each width/steps is a new graph: a reused process would pile up recompiles until dynamo's limit
+        # makes it fall back to eager with only a warning.
+        torch._dynamo.reset()
 
 
 def _check_resumable(ckpt: dict[str, Any], cfg: TrialConfig, path: Path) -> None:
@@ -110,7 +124,8 @@ def _train(cfg: TrialConfig, *, trial_id: str, report: Report | None, checkpoint
     model = build_from_config(m)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    static = {"params": count_params(model), "flops_per_image": count_flops(model, m.img_size, m.in_chans)}
+    static = {"params": count_params(model), "flops_per_image": count_flops(model, m.img_size, m.in_chans),
+              "matmul_precision": torch.get_float32_matmul_precision()}
     model.to(device)
     loaders = make_loaders(cfg.data, img_size=m.img_size, seed=cfg.seed, device=device, distributed=world > 1)
     optimizer, scheduler = build_optimizer(model, cfg, loaders.steps_per_epoch)
@@ -159,7 +174,8 @@ def _finetune(cfg: TrialConfig, *, trial_id: str, report: Report | None, progres
                             "downstream data at the pretraining resolution and channels")
     apply_peft(model, method=ft.method, num_classes=meta["num_classes"], rank=ft.rank, alpha=ft.alpha)
     trainable, total = count_params(model, trainable_only=True), count_params(model)
-    static = {"params": total, "trainable_params": trainable, "flops_per_image": count_flops(model, h, c)}
+    static = {"params": total, "trainable_params": trainable, "flops_per_image": count_flops(model, h, c),
+              "matmul_precision": torch.get_float32_matmul_precision()}
     model.to(device)
     loaders = make_loaders(cfg.data, img_size=h, seed=cfg.seed, device=device)
     optimizer, scheduler = build_optimizer(model, cfg, loaders.steps_per_epoch)
@@ -235,7 +251,8 @@ def finetune(
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     cfg = finetune_config(checkpoint=checkpoint, method=method, data=data, **options)
-    device = default_device() if device is None else device
+    device = default_device() if device is None else torch.device(device)
+    _set_up_device(cfg, device)
     model, pretrained, result = _finetune(cfg, trial_id=cfg.trial_id(), report=report, progress=False,
                                           device=device)
     if out is not None:

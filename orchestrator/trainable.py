@@ -15,6 +15,12 @@ does not go to Tune's retries (`max_failures`): the trial reports `{"failed": "<
 `results.collect_trials` shows it as ERROR with that message. Anything else (a crash, a killed worker) raises
 and is retried from the last checkpoint.
 
+The trainable decides each trial's device from its reservation, never from what the process can see
+(Ray 2.60 leaves `CUDA_VISIBLE_DEVICES` alone in zero-GPU workers): a Ray Train worker trains on
+`ray.train.torch.get_device()`, a single-process trial on `cuda` only when it reserved `gpus` > 0, else on
+the CPU, with CUDA hidden from it so that nothing (FFCV's streams included) opens a context on a GPU it
+did not reserve.
+
 Tests crash a trial on purpose by setting `BVIT_SWEEP_TEST_FAULT` (JSON `{"crash_at_epoch": N,
 "marker_dir": DIR}`) in the launching process: `tune_trainable` reads it there and hands it to the trials.
 The trial crashes once after epoch N, at the end of epoch N+1 before reporting it: epoch N's result and
@@ -26,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,7 @@ from orchestrator.spec import Resources
 # bvit.trial (torch, timm, FFCV) is imported inside the trial processes only: the launching process
 # starts Ray seconds sooner.
 
-__all__ = ["FAULT_ENV", "FaultInjected", "run_trial", "tune_trainable"]
+__all__ = ["FAULT_ENV", "FaultInjected", "run_trial", "trial_device", "tune_trainable"]
 
 RETRIES_FILE = "retries.json"
 FAULT_ENV = "BVIT_SWEEP_TEST_FAULT"
@@ -67,6 +74,20 @@ def tune_trainable(resources: Resources):
     if resources.workers > 1:  # the Tune trial only drives a TorchTrainer; its workers hold the resources
         return tune.with_resources(fn, {"cpu": 0.01})  # Ray refuses an empty bundle
     return tune.with_resources(fn, {"cpu": resources.cpus, "gpu": resources.gpus})
+
+
+def trial_device(resources: Resources) -> str:
+    """The device of a single-process trial: "cuda" (the GPU Ray assigned, device 0 of those it made
+    visible) when the trial reserved GPUs, else "cpu" -- even where a GPU is visible."""
+    return "cuda" if resources.gpus > 0 else "cpu"
+
+
+def _hide_unreserved_gpus(resources: Resources) -> None:
+    """A process that reserved no GPU sees none (before torch first looks; Ray resets the variable for a
+    later task that reserves one)."""
+    torch = sys.modules.get("torch")
+    if resources.gpus == 0 and (torch is None or not torch.cuda.is_initialized()):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def _maybe_crash(fault: dict[str, Any] | None, trial_id: str, epoch: int) -> None:
@@ -100,14 +121,16 @@ def _restore_into(local_dir: Path, checkpoint) -> int:
 
 def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> None:
     """Tune function trainable for one trial (single process, or data-parallel when workers > 1)."""
-    from bvit.trial import run_trial as train
-
-    DETERMINISTIC = _deterministic()  # noqa: N806
     env = TrialEnvelope.of(config)
     if env.resources.workers > 1:
         _run_data_parallel(env, fault)
         return
+    _hide_unreserved_gpus(env.resources)
     import torch
+
+    from bvit.trial import run_trial as train
+
+    DETERMINISTIC = _deterministic()  # noqa: N806  (imports bvit's error types: after CUDA is hidden)
     torch.set_num_threads(env.resources.torch_threads)
     with tempfile.TemporaryDirectory(prefix=f"bvit-{env.trial_id}-") as tmp:
         local = Path(tmp)
@@ -122,18 +145,21 @@ def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> No
             reached["epoch"] = metrics["epoch"]
 
         try:
-            train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id)
+            train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id,
+                  device=torch.device(trial_device(env.resources)))
         except DETERMINISTIC as e:  # the same input fails the same way again: end the trial, no retry
             tune.report({FAILED_KEY: f"{type(e).__name__}: {e}", "epoch": reached["epoch"], "retries": retries})
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: one rank of a data-parallel trial (torch.distributed is set up by TorchTrainer)."""
+    env, fault = TrialEnvelope.of(loop_config), loop_config.get("fault")
+    _hide_unreserved_gpus(env.resources)
     import ray.train
+    import ray.train.torch
 
     from bvit.trial import run_trial as train
 
-    env, fault = TrialEnvelope.of(loop_config), loop_config.get("fault")
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory(prefix=f"bvit-rank{rank}-") as tmp:
         local = Path(tmp)
@@ -146,7 +172,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             ckpt = ray.train.Checkpoint.from_directory(str(local)) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)
 
-        train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id)
+        train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id,
+              device=ray.train.torch.get_device())  # this worker's GPU, or the CPU when it reserved none
 
 
 def _run_data_parallel(env: TrialEnvelope, fault: dict[str, Any] | None) -> None:

@@ -32,6 +32,17 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """CUDA hidden, here and in the processes a test spawns: determinism tests expect bit-identical runs,
+    which CUDA's attention and conv backward do not give (`train()` would pick a visible GPU)."""
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for the launcher and tracking tests (start-up costs seconds; trials reuse workers)."""

@@ -21,6 +21,8 @@ from bvit.trial import finetune, finetune_config, run_trial
 from orchestrator.cli import app as cli_app
 from orchestrator.cli.run import finetune as finetune_command
 
+pytestmark = pytest.mark.usefixtures("cpu_only")  # bit-identical runs: CPU only
+
 D, T, K, R, PATCHES = 32, 3, 5, 4, 49  # width, steps, downstream classes, LoRA rank, 7x7 patches of 4 px
 
 

@@ -13,6 +13,8 @@ from bvit.engine import TrainingError, build_optimizer, train_step
 from bvit.models.factory import build_from_config, build_model, count_flops, count_params
 from bvit.trial import run_trial
 
+pytestmark = pytest.mark.usefixtures("cpu_only")  # bit-identical runs: CPU only
+
 METRICS = ("epoch", "train_loss", "test_top1", "test_top5", "test_loss", "lr", "images_per_s", "epoch_seconds",
            "params", "flops_per_image")
 

@@ -67,12 +67,21 @@ def epoch_order(indices: np.ndarray, *, seed: int, epoch: int, rank: int = 0, wo
 
 # ---- batch augmentation (torch, seeded) --------------------------------------------------------------
 
+def _to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device`: to CUDA from pinned memory without blocking the host (a pageable copy
+    waits for the device); on the CPU the array itself."""
+    t = torch.from_numpy(a)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def pad_crop_flip(x: torch.Tensor, pad: int, rng: np.random.Generator) -> torch.Tensor:
     """Zero-pad by `pad`, crop back at a random offset, flip half the images horizontally."""
     b, c, h, w = x.shape
-    oy = torch.from_numpy(rng.integers(0, 2 * pad + 1, b)).to(x.device)
-    ox = torch.from_numpy(rng.integers(0, 2 * pad + 1, b)).to(x.device)
-    flip = torch.from_numpy(rng.random(b) < 0.5).to(x.device)
+    oy = _to_device(rng.integers(0, 2 * pad + 1, b), x.device)
+    ox = _to_device(rng.integers(0, 2 * pad + 1, b), x.device)
+    flip = _to_device(rng.random(b) < 0.5, x.device)
     ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
     rows = oy[:, None] + ar_h  # (B, H)
     cols = ox[:, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (B, W)
@@ -99,7 +108,7 @@ def random_resized_crop_flip(x: torch.Tensor, size: int, rng: np.random.Generato
     theta = np.zeros((b, 2, 3), np.float32)
     theta[:, 0, 0], theta[:, 0, 2] = sign * cw, 2 * cx - 1
     theta[:, 1, 1], theta[:, 1, 2] = ch, 2 * cy - 1
-    grid = F.affine_grid(torch.from_numpy(theta).to(x.device), [b, x.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(_to_device(theta, x.device), [b, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)  # (B, C, size, size)
 
 
@@ -116,6 +125,17 @@ def mixup(x: torch.Tensor, y: torch.Tensor, *, alpha: float, num_classes: int,
 @functools.cache
 def _epoch_loader_class() -> type:
     from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class DeviceEpochIterator(EpochIterator):
+        """FFCV's pass thread, on the loader's GPU: FFCV 1.0.2 never sets the thread's current device
+        (FFCV issue #356), so on rank > 0 its copies and events would open a context on GPU 0."""
+
+        def run(self) -> None:
+            if self.loader.device.type == "cuda":
+                torch.cuda.set_device(self.loader.device)
+            super().run()
 
     class EpochLoader(Loader):
         """FFCV Loader told its order, batch size and drop-last before each pass (`start`).
@@ -124,9 +144,20 @@ def _epoch_loader_class() -> type:
         on them, so one compiled Loader serves every order and batch size.
         """
 
-        def __init__(self, *args: Any, **kwargs: Any):
-            self.order = None
+        iterator_class = DeviceEpochIterator
+
+        def __init__(self, *args: Any, device: torch.device, **kwargs: Any):
+            self.order, self.device = None, device
             super().__init__(*args, **kwargs)
+
+        def __iter__(self) -> Iterator:  # FFCV 1.0.2's Loader.__iter__, with the pass thread above
+            Compiler.set_num_threads(self.num_workers)
+            order = self.next_traversal_order()
+            selected_order = order[:len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return self.iterator_class(self, selected_order)
 
         def next_traversal_order(self) -> np.ndarray:
             return self.indices if self.order is None else self.order
@@ -152,8 +183,8 @@ def _loader(fname: str, file_id: tuple, *, num_workers: int, kind: str, decode_s
 
     with keep_torch_threads():
         return _epoch_loader_class()(
-            fname, batch_size=1, num_workers=num_workers, os_cache=True, order=OrderOption.SEQUENTIAL,
-            distributed=False, batches_ahead=3,
+            fname, device=device, batch_size=1, num_workers=num_workers, os_cache=True,
+            order=OrderOption.SEQUENTIAL, distributed=False, batches_ahead=3,
             pipelines=_pipelines(kind, decode_size=decode_size, crop_ratio=crop_ratio, device=device))
 
 

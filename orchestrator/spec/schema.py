@@ -52,6 +52,11 @@ class Resources(_Frozen):
         if self.gpus > self.workers:
             raise ValueError(f"gpus={self.gpus:g} > workers={self.workers}: each worker drives one GPU; "
                              f"set workers: {math.ceil(self.gpus)} for data parallelism")
+        if self.workers > 1 and 0 < self.gpus < self.workers:
+            raise ValueError(f"gpus={self.gpus:g} with workers={self.workers} gives each data-parallel worker "
+                             f"{self.gpus / self.workers:g} of a GPU, so ranks would share a GPU (NCCL refuses "
+                             f"two ranks on one device); set gpus: {self.workers} (one GPU per worker) or "
+                             "gpus: 0 (CPU workers), or workers: 1 to share a GPU between trials")
         return self
 
     @property
