@@ -24,13 +24,18 @@ from pydantic import BaseModel, ConfigDict
 from bvit.config import ModelConfig, TrialConfig
 from orchestrator.spec import Resources, SweepSpec, Trial
 
-__all__ = ["FAILED_KEY", "TRIAL_KEY", "Pretrained", "TrialEnvelope", "build_envelopes", "resolve_config"]
+__all__ = ["FAILED_KEY", "TRIAL_KEY", "trial_status", "Pretrained", "TrialEnvelope", "build_envelopes", "resolve_config"]
 
 TRIAL_KEY = "trial"  # the one key of a Tune trial's config: {"trial": TrialEnvelope}
 FAILED_KEY = "failed"  # in a trial's last result: the error it failed with for good (not retried)
 
 Pretrained = dict[tuple[str, str], tuple[str, ModelConfig]]  # (spec checkpoint, spec data) -> (file, model)
 
+
+def trial_status(trial) -> str:
+    """Tune's status of a trial, except ERROR for one that ended itself as failed (its last result holds
+    `FAILED_KEY`)."""
+    return "ERROR" if isinstance((trial.last_result or {}).get(FAILED_KEY), str) else trial.status
 
 class TrialEnvelope(BaseModel):
     """One trial as Ray Tune carries it: its id, its config as written and as run, and how it runs."""

@@ -38,7 +38,7 @@ from orchestrator.results import best_checkpoint, collect_trials, finalize, writ
 from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
 from orchestrator.sweep_dir import SNAPSHOT, check_tune_state, read_snapshot, sweep_dir_for
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
-from orchestrator.trainable import tune_trainable
+from orchestrator.trainable import KeepHistoryOnRetry, tune_trainable
 
 __all__ = ["launch", "LaunchResult", "sweep_dir_for"]
 
@@ -394,7 +394,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
         tracking = dict(uri=uri, experiment=experiment, sweep=name,
                         artifact_root=str(results_dir / "mlflow" / "artifacts"))
         callbacks = [ProgressTable(total=len(trials))] if verbose else []
-        callbacks.append(MlflowProgressCallback(**tracking))
+        callbacks += [MlflowProgressCallback(**tracking), KeepHistoryOnRetry()]
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=tune_trainable(spec.resources),
                                        resume_unfinished=True, resume_errored=True, restart_errored=False)

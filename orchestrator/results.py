@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from orchestrator.envelope import FAILED_KEY, TrialEnvelope
+from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.provenance import git_sha
 from orchestrator.spec import SweepSpec, Trial
 
@@ -40,11 +40,6 @@ def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
 
     envelopes = (TrialEnvelope.of(t.config) for t in ExperimentAnalysis(str(sweep_dir)).trials)
     return {env.trial_id: env for env in envelopes}
-
-
-def trial_status(trial) -> str:
-    """Tune's status of a trial, except ERROR for one that ended itself as failed (see `trainable.FAILED_KEY`)."""
-    return "ERROR" if isinstance((trial.last_result or {}).get(FAILED_KEY), str) else trial.status
 
 
 def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> list[dict[str, Any]]:

@@ -31,7 +31,7 @@ from typing import Any
 from ray import tune
 
 from bvit.config import TrialConfig
-from orchestrator.envelope import FAILED_KEY, TrialEnvelope
+from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.provenance import code_version
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
@@ -248,7 +248,6 @@ class MlflowProgressCallback(tune.Callback):
         self._put(("epoch", env.trial_id, env.resolved, dict(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        from orchestrator.results import trial_status
 
         env = TrialEnvelope.of(trial.config)
         self._put(("end", env.trial_id, env.resolved, trial_status(trial)))
@@ -265,7 +264,6 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
     """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent."""
     from ray.tune import ExperimentAnalysis
 
-    from orchestrator.results import trial_status
 
     analysis = ExperimentAnalysis(str(sweep_dir))
     tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)

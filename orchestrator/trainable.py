@@ -26,6 +26,11 @@ Tests crash a trial on purpose by setting `BVIT_SWEEP_TEST_FAULT` (JSON `{"crash
 The trial crashes once after epoch N, at the end of epoch N+1 before reporting it: epoch N's result and
 checkpoint were handed to Tune a whole epoch earlier, and epoch N+1's work is lost, as in a real crash.
 (Raising right after `tune.report` races Tune's driver, which may not have recorded that result yet.)
+
+`KeepHistoryOnRetry` (a driver-side callback) keeps a retried trial's per-epoch history whole: Tune's loggers
+write result.json / progress.csv in a driver staging directory that is synced to the sweep's storage only
+now and then, and a restarted trial copies the storage's copy back over them, dropping every epoch
+reported since the last sync (seen on loaded machines: epochs [1, 3] for a crash after epoch 2).
 """
 from __future__ import annotations
 
@@ -47,10 +52,27 @@ from orchestrator.spec import Resources
 # bvit.trial (torch, timm, FFCV) is imported inside the trial processes only: the launching process
 # starts Ray seconds sooner.
 
-__all__ = ["FAULT_ENV", "FaultInjected", "run_trial", "trial_device", "tune_trainable"]
+__all__ = ["FAULT_ENV", "FaultInjected", "KeepHistoryOnRetry", "run_trial", "trial_device", "tune_trainable"]
 
 RETRIES_FILE = "retries.json"
 FAULT_ENV = "BVIT_SWEEP_TEST_FAULT"
+
+HISTORY_FILES = ("result.json", "progress.csv")  # ray.tune.result.EXPR_RESULT_FILE, EXPR_PROGRESS_FILE
+
+
+class KeepHistoryOnRetry(tune.Callback):
+    """Before a failed trial restarts, push its driver-side history files to the sweep's storage, which is
+    what Tune restores them from on the restart (`LoggerCallback._restore_from_remote`)."""
+
+    def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:
+        import pyarrow.fs
+
+        storage = trial.storage  # Ray's StorageContext: where the trial's files live for good
+        for name in HISTORY_FILES:
+            local = Path(trial.local_path, name)
+            if local.is_file():
+                pyarrow.fs.copy_files(str(local), Path(storage.trial_fs_path, name).as_posix(),
+                                      destination_filesystem=storage.storage_filesystem)
 
 
 def _deterministic() -> tuple[type[BaseException], ...]:

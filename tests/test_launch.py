@@ -21,7 +21,7 @@ from orchestrator.errors import UserError
 from orchestrator.launch import launch
 from orchestrator.planning import model_flops, model_params
 from orchestrator.results import collect_trials
-from orchestrator.trainable import FAULT_ENV
+from orchestrator.trainable import FAULT_ENV, KeepHistoryOnRetry
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -131,6 +131,28 @@ def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir, mo
     (trial_dir,) = [p for p in (workdir / "runs" / "crash").iterdir() if p.is_dir() and p.name != "train"]
     epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
     assert epochs == [1, 2, 3]  # epochs 1-2 kept, only epoch 3 ran after the crash
+
+
+def test_a_retried_trial_keeps_the_epochs_reported_since_the_last_sync(tmp_path):
+    """Tune restores a restarted trial's result.json from the sweep's storage; a copy synced before the
+    last epochs must not win over the driver's whole history (CI saw epochs [1, 3] after a crash)."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs
+    from ray.tune.logger import JsonLoggerCallback
+
+    staging, storage = tmp_path / "staging", tmp_path / "storage"
+    staging.mkdir(), storage.mkdir()
+    (storage / "result.json").write_text('{"epoch": 1}\n')  # synced after epoch 1
+    (staging / "result.json").write_text('{"epoch": 1}\n{"epoch": 2}\n')  # what the driver logged
+    (staging / "progress.csv").write_text("epoch\n1\n2\n")
+    trial = SimpleNamespace(local_path=str(staging), checkpoint=object(), storage=SimpleNamespace(
+        trial_fs_path=str(storage), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+
+    KeepHistoryOnRetry().on_trial_recover(iteration=0, trials=[trial], trial=trial)
+    JsonLoggerCallback()._restore_from_remote("result.json", trial)  # what Tune does as the trial restarts
+    assert [json.loads(line)["epoch"] for line in (staging / "result.json").read_text().splitlines()] == [1, 2]
+    assert (storage / "progress.csv").read_text() == "epoch\n1\n2\n"
 
 
 def test_changed_spec_is_refused_on_resume_and_force_accepts_only_edits_that_change_no_trial(workdir, fmnist_dir):
