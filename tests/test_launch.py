@@ -433,3 +433,16 @@ def test_a_diverging_trial_fails_at_once_while_a_crashed_one_is_retried(workdir,
                         r"lower optim.lr, or set optim.grad_clip \(e.g. 1.0\)", diverged["error"]), diverged["error"]
     rows = read_csv(workdir / "results" / "div" / "trials.csv")
     assert [r["status"] for r in rows] == ["TERMINATED", "ERROR"] and rows[1]["error"] == diverged["error"]
+
+
+def test_a_trial_that_crashes_for_good_points_to_its_error_inside_the_sweep(workdir, fmnist_dir, monkeypatch):
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="dead", epochs=2, axes={"model.arch": ["bvit"]},
+                      max_failures=0)
+    monkeypatch.setenv(FAULT_ENV, json.dumps({"crash_at_epoch": 1, "marker_dir": str(workdir / "faults")}))
+    result = launch(spec_path=spec, verbose=False)
+    assert not result.ok
+    (row,) = result.trials
+    kept = workdir / "runs" / "dead" / row["trial_id"] / "error.txt"
+    assert row["status"] == "ERROR" and row["error"] == f"see {kept}"
+    assert "FaultInjected: injected crash of trial" in kept.read_text()
+    assert read_csv(workdir / "results" / "dead" / "trials.csv")[0]["error"] == f"see {kept}"
