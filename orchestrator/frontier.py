@@ -1,11 +1,13 @@
 """The accuracy-parameter frontier and the paper's central comparison, from a sweep's trial table.
 
-For each (arch, width, steps) cell, seeds are averaged. Outputs:
-  * frontier.csv: one row per cell -- params, FLOPs, mean/std test top-1, seeds, whether the cell is on
-    the Pareto frontier (no cell with fewer or equal parameters is more accurate), and for bViT cells
-    the recovered fraction (bViT top-1 / ViT top-1 at the same width and steps) and gap in points.
+For each (arch, width, steps) cell, seeds are averaged; every interval is orchestrator.stats' (95 %). Outputs:
+  * frontier.csv: one row per cell -- params, FLOPs, mean/std test top-1 and its interval, seeds, whether the
+    cell is on the Pareto frontier (no cell with fewer or equal parameters is more accurate), and for bViT
+    cells the recovered fraction (bViT top-1 / ViT top-1 at the same width and steps) and gap in points, each
+    with its interval from the per-seed values, Welch's p and a verdict in words.
+  * slope.json (two widths or more): the recovered fraction's slope per doubling of width, with its interval.
   * frontier.png (top-1 vs parameters, log x), steps.png (per width: top-1 vs steps, both arms),
-    recovered.png (recovered fraction and gap vs width, one line per step count).
+    recovered.png (recovered fraction and gap vs width, one line per step count); error bars are 95 % intervals.
 
 A fine-tuning sweep (trials with a `finetune` section) gets the transfer table instead: per (pretrained
 model, method, rank) cell, trainable parameters and mean/std test top-1 (and merged-LoRA top-1), in
@@ -13,15 +15,34 @@ transfer.csv and transfer.png (top-1 vs trainable parameters).
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
-__all__ = ["frontier_table", "write_frontier", "transfer_table", "write_transfer", "summarize", "METRIC"]
+from orchestrator.stats import compare, describe, verdict, width_slope
+
+__all__ = ["frontier_table", "frontier_slope", "headline", "write_frontier", "transfer_table", "write_transfer",
+           "summarize", "read_trials", "Summary", "METRIC"]
 
 METRIC = "final_test_top1"
+GAP_WORDS = dict(above="bViT below ViT", below="bViT above ViT")  # the gap is ViT - bViT
+
+
+class Summary(NamedTuple):
+    kind: str  # 'frontier' or 'transfer'
+    cells: pd.DataFrame
+    paths: dict[str, Path]
+    headline: str  # the answer in a few lines, intervals and verdicts in words
+    slope: dict[str, Any] | None  # stats.width_slope's result (frontier with two widths or more)
+
+
+def _with_ci(cells: pd.DataFrame) -> pd.DataFrame:
+    """top1_ci_low/high from the per-seed `values` column (None below two seeds)."""
+    ci = [describe(v) for v in cells["values"]]
+    return cells.assign(top1_ci_low=[c["ci_low"] for c in ci], top1_ci_high=[c["ci_high"] for c in ci])
 
 
 def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
@@ -31,7 +52,8 @@ def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METR
                       "flops_per_image": pd.to_numeric(df["flops_per_image"])})
     cells = (df.groupby(["arch", "width", "steps"], as_index=False)
              .agg(params=("params", "first"), flops_per_image=("flops_per_image", "first"),
-                  top1_mean=(metric, "mean"), top1_std=(metric, "std"), seeds=(metric, "size")))
+                  top1_mean=(metric, "mean"), top1_std=(metric, "std"), seeds=(metric, "size"),
+                  values=(metric, list)))
     cells["top1_std"] = cells["top1_std"].fillna(0.0)
     cells = cells.sort_values(["params", "top1_mean"], ascending=[True, False]).reset_index(drop=True)
     best_so_far, on = -math.inf, []
@@ -39,19 +61,49 @@ def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METR
         on.append(top1 > best_so_far)
         best_so_far = max(best_so_far, top1)
     cells["on_frontier"] = on
-    vit = cells[cells["arch"] == "vit"].set_index(["width", "steps"])["top1_mean"]
-    rec, gap = [], []
+    vit = cells[cells["arch"] == "vit"].set_index(["width", "steps"])
+    keys = ["gap_ci_low", "gap_ci_high", "recovered_ci_low", "recovered_ci_high", "welch_p"]
+    rows = []
     for _, c in cells.iterrows():
-        ref = vit.get((c["width"], c["steps"])) if c["arch"] == "bvit" else None
-        rec.append(c["top1_mean"] / ref if ref else None)
-        gap.append(ref - c["top1_mean"] if ref else None)
-    cells["recovered_fraction"] = rec
-    cells["gap_points"] = gap
+        ref = vit.loc[(c["width"], c["steps"])] if c["arch"] == "bvit" and (c["width"], c["steps"]) in vit.index else None
+        if ref is None or not ref["top1_mean"]:
+            rows.append({"recovered_fraction": None, "gap_points": None, **dict.fromkeys(keys), "verdict": ""})
+            continue
+        cmp = compare(bvit=c["values"], vit=ref["values"])
+        rows.append({"recovered_fraction": c["top1_mean"] / ref["top1_mean"], "gap_points": ref["top1_mean"] - c["top1_mean"],
+                     **{k: cmp[k] for k in keys}, "verdict": verdict(cmp["gap_ci_low"], cmp["gap_ci_high"], **GAP_WORDS)})
+    cells = pd.concat([_with_ci(cells), pd.DataFrame(rows, index=cells.index)], axis=1).drop(columns="values")
     return cells.sort_values(["arch", "width", "steps"]).reset_index(drop=True)
 
 
+def frontier_slope(cells: pd.DataFrame) -> dict[str, Any]:
+    """stats.width_slope of the bViT cells' recovered fractions (one intercept per step count)."""
+    rec = cells[cells["recovered_fraction"].notna()]
+    return width_slope([{"width": c["width"], "steps": c["steps"], "recovered": c["recovered_fraction"]}
+                        for _, c in rec.iterrows()])
+
+
+def _interval(low: Any, high: Any, fmt: str) -> str:
+    return "no interval (one seed)" if low is None or low != low else f"95 % CI [{fmt.format(low)}, {fmt.format(high)}]"
+
+
+def headline(cells: pd.DataFrame, slope: dict[str, Any] | None = None) -> str:
+    """The frontier's answer in words: each bViT-vs-ViT gap with its interval and verdict, then the width slope."""
+    lines = []
+    for _, c in cells[cells["recovered_fraction"].notna()].iterrows():
+        lines.append(f"width {c['width']}, T={c['steps']}: gap {c['gap_points']:.2f} points "
+                     f"({_interval(c['gap_ci_low'], c['gap_ci_high'], '{:.2f}')}), recovered {c['recovered_fraction']:.3f} "
+                     f"({_interval(c['recovered_ci_low'], c['recovered_ci_high'], '{:.3f}')}), "
+                     f"{c['seeds']} seeds: {c['verdict']}")
+    if slope is not None and slope["slope"] is not None:
+        lines.append(f"width slope (recovered fraction per doubling of width): {slope['slope']:+.4f} "
+                     f"({_interval(slope['ci_low'], slope['ci_high'], '{:+.4f}')}, df {slope['df']}): {slope['verdict']}")
+    return "\n".join(lines) or "no bViT cell has a ViT partner at the same width and steps"
+
+
 def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> dict[str, Path]:
-    """Write frontier.csv and the three PNG plots into `out_dir`; returns {name: path}."""
+    """Write frontier.csv, slope.json (two widths or more) and the three PNG plots into `out_dir`; returns
+    {name: path}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -59,6 +111,9 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"frontier.csv": out_dir / "frontier.csv"}
     cells.to_csv(paths["frontier.csv"], index=False, float_format="%.4f")
+    if cells["width"].nunique() >= 2:
+        paths["slope.json"] = out_dir / "slope.json"
+        paths["slope.json"].write_text(json.dumps(frontier_slope(cells), indent=1) + "\n")
     style = {"bvit": dict(marker="o", color="tab:blue"), "vit": dict(marker="s", color="tab:orange")}
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -100,12 +155,14 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
         for steps, g in rec.groupby("steps"):
             g = g.sort_values("width")
-            a1.plot(g["width"], g["recovered_fraction"], marker="o", label=f"T={steps}")
-            a2.plot(g["width"], g["gap_points"], marker="o", label=f"T={steps}")
+            a1.errorbar(g["width"], g["recovered_fraction"], yerr=_yerr(g, "recovered_fraction", "recovered_ci"),
+                        marker="o", capsize=3, label=f"T={steps}")
+            a2.errorbar(g["width"], g["gap_points"], yerr=_yerr(g, "gap_points", "gap_ci"), marker="o", capsize=3,
+                        label=f"T={steps}")
         a1.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-        a1.set(xscale="log", xlabel="width", ylabel="bViT top-1 / ViT top-1", title="recovered fraction")
+        a1.set(xscale="log", xlabel="width", ylabel="bViT top-1 / ViT top-1", title="recovered fraction (95 % CI)")
         a2.axhline(0.0, color="grey", linewidth=1, linestyle="--")
-        a2.set(xscale="log", xlabel="width", ylabel="ViT − bViT (points)", title="gap")
+        a2.set(xscale="log", xlabel="width", ylabel="ViT − bViT (points)", title="gap (95 % CI; includes 0: inconclusive)")
         for a in (a1, a2):
             a.minorticks_off()
             a.set_xticks(sorted(rec["width"].unique()), labels=[str(w) for w in sorted(rec["width"].unique())])
@@ -118,11 +175,12 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
     return paths
 
 
-def _yerr(g: pd.DataFrame):
-    """Error bars (one std over seeds) only where a cell has more than one seed; None draws none."""
-    if "seeds" not in g or not (g["seeds"] > 1).any():
+def _yerr(g: pd.DataFrame, mean: str = "top1_mean", ci: str = "top1_ci"):
+    """Asymmetric error bars to the 95 % interval (2, cells) where a cell has one; None draws none."""
+    low, high = (pd.to_numeric(g.get(f"{ci}_{s}"), errors="coerce") for s in ("low", "high"))
+    if low is None or high is None or low.isna().all():
         return None
-    return g["top1_std"].where(g["seeds"] > 1, 0.0)
+    return [(g[mean] - low).fillna(0.0).clip(lower=0).to_numpy(), (high - g[mean]).fillna(0.0).clip(lower=0).to_numpy()]
 
 
 def _compact(n: float) -> str:
@@ -175,9 +233,21 @@ def transfer_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METR
     cells = (df.groupby(["arch", "width", "steps", "method", "rank"], as_index=False)
              .agg(trainable_params=("trainable_params", "first"), params=("params", "first"),
                   top1_mean=(metric, "mean"), top1_std=(metric, "std"),
-                  merged_top1_mean=("merged_test_top1", "mean"), seeds=(metric, "size")))
+                  merged_top1_mean=("merged_test_top1", "mean"), seeds=(metric, "size"), values=(metric, list)))
     cells["top1_std"] = cells["top1_std"].fillna(0.0)
     cells["trainable_fraction"] = cells["trainable_params"] / cells["params"]
+    # each method against full fine-tuning of the same model: the gap (full - method) and its interval
+    full = cells[cells["method"] == "full"].set_index(["arch", "width", "steps"])["values"]
+    gaps = []
+    for _, c in cells.iterrows():
+        ref = full.get((c["arch"], c["width"], c["steps"]))
+        cmp = compare(bvit=c["values"], vit=ref) if ref is not None and c["method"] != "full" else None
+        gaps.append({"gap_to_full": cmp and cmp["gap"], "gap_ci_low": cmp and cmp["gap_ci_low"],
+                     "gap_ci_high": cmp and cmp["gap_ci_high"], "welch_p": cmp and cmp["welch_p"],
+                     "verdict": "" if cmp is None else verdict(cmp["gap_ci_low"], cmp["gap_ci_high"],
+                                                               above="below full fine-tuning",
+                                                               below="above full fine-tuning")})
+    cells = pd.concat([_with_ci(cells), pd.DataFrame(gaps, index=cells.index)], axis=1).drop(columns="values")
     return cells.sort_values(["trainable_params", "method", "rank"]).reset_index(drop=True)
 
 
@@ -209,13 +279,37 @@ def write_transfer(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
     return paths
 
 
-def summarize(rows: list[dict[str, Any]], out_dir: Path, *, title: str = "") -> tuple[str, pd.DataFrame, dict[str, Path]]:
-    """The sweep's summary table and files: ('transfer', ...) for a fine-tuning sweep, else ('frontier', ...).
+def transfer_headline(cells: pd.DataFrame) -> str:
+    """Each fine-tuning method against full fine-tuning, with its interval and verdict."""
+    lines = [f"{c['method']}{'' if c['rank'] == '-' else ' r' + c['rank']} ({100 * c['trainable_fraction']:.1f} % "
+             f"trainable): {c['gap_to_full']:.2f} points below full ({_interval(c['gap_ci_low'], c['gap_ci_high'], '{:.2f}')}), "
+             f"{c['seeds']} seeds: {c['verdict']}" for _, c in cells[cells["gap_to_full"].notna()].iterrows()]
+    return "\n".join(lines) or "no full fine-tuning cell to compare with"
+
+
+def summarize(rows: list[dict[str, Any]] | pd.DataFrame, out_dir: Path, *, title: str = "") -> Summary:
+    """The sweep's summary: table, files and headline; kind 'transfer' for a fine-tuning sweep, else 'frontier'.
 
     Raises ValueError when no trial has finished yet.
     """
-    if any("method" in r for r in rows):
-        cells = transfer_table(rows)
-        return "transfer", cells, write_transfer(cells, out_dir, title=title)
-    cells = frontier_table(rows)
-    return "frontier", cells, write_frontier(cells, out_dir, title=title)
+    df = pd.DataFrame(rows)
+    if "method" in df and df["method"].notna().any():
+        cells = transfer_table(df)
+        return Summary("transfer", cells, write_transfer(cells, out_dir, title=title), transfer_headline(cells), None)
+    cells = frontier_table(df)
+    slope = frontier_slope(cells) if cells["width"].nunique() >= 2 else None
+    return Summary("frontier", cells, write_frontier(cells, out_dir, title=title), headline(cells, slope), slope)
+
+
+def read_trials(path: Path) -> pd.DataFrame:
+    """A committed results/<sweep>/trials.csv as a table; ValueError (one line) when missing or malformed."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file; pass a trials.csv written by `bvit-sweep launch`")
+    try:
+        df = pd.read_csv(path, dtype={"trial_id": str, "rank": "Int64"})
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = [c for c in ("status", "arch", "width", "steps", "params", "flops_per_image", METRIC) if c not in df]
+    if missing:
+        raise ValueError(f"{path}: not a trials table (no column {', '.join(missing)})")
+    return df

@@ -136,7 +136,7 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     summary = None
     try:
         summary = summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
-        out["frontier"] = str(next(iter(summary[2].values())))
+        out["frontier"] = str(next(iter(summary.paths.values())))
     except ValueError as e:
         if verbose:
             print(f"no frontier yet: {e}")

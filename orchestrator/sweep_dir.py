@@ -1,7 +1,8 @@
 """After-the-fact views of a sweep: status, frontier, MLflow sync and the MLflow dashboard.
 
 A SWEEP argument is a sweep directory (<storage>/<name>), a spec file (its sweep under the spec's
-storage), or a bare name (looked up under ./runs).
+storage), or a bare name (looked up under ./runs). `rebuild_frontier` needs no sweep directory: it remakes
+the frontier files from a committed results/<sweep>/trials.csv.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 
-__all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "read_snapshot", "check_tune_state", "sweep_status", "sweep_frontier", "sweep_sync", "ui_store"]
+__all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "read_snapshot", "check_tune_state", "sweep_status", "sweep_frontier", "rebuild_frontier", "sweep_sync", "ui_store"]
 
 SNAPSHOT = "bvit_sweep.json"  # in the sweep directory: the spec it was launched with, for status and resume
 
@@ -101,14 +102,33 @@ def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str
 
     table = sweep_status(sweep)
     try:
-        kind, cells, _ = summarize(table, sweep.results_dir, title=sweep.name)
+        summary = summarize(table, sweep.results_dir, title=sweep.name)
     except ValueError as e:
         raise UserError([f"{sweep.dir}: {e}"], code=1) from e
     uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
     finalize(sweep_dir=sweep.dir, results_dir=sweep.results_dir, table=table, uri=uri, experiment=experiment,
              sweep=sweep.name, artifact_root=str(sweep.results_dir / "mlflow" / "artifacts"),
              complete=all(r["status"] in ("TERMINATED", "ERROR") for r in table), verbose=False)
-    return {"kind": kind, "cells": cells.to_dict("records"), "dir": str(sweep.results_dir)}
+    return _frontier_doc(summary, sweep.results_dir)
+
+
+def rebuild_frontier(trials_csv: Path) -> dict[str, Any]:
+    """Rewrite frontier.csv (transfer.csv), slope.json and the plots beside a committed trials.csv, without
+    Ray's sweep directory and without MLflow; a one-line UserError (exit 2) for a missing or malformed file."""
+    from orchestrator.frontier import read_trials, summarize
+
+    try:
+        summary = summarize(read_trials(trials_csv), trials_csv.parent, title=trials_csv.parent.name)
+    except ValueError as e:
+        msg = str(e) if str(trials_csv) in str(e) else f"{trials_csv}: {e}"
+        raise UserError([msg]) from None
+    return _frontier_doc(summary, trials_csv.parent)
+
+
+def _frontier_doc(summary, out: Path) -> dict[str, Any]:
+    cells = summary.cells.astype(object).where(summary.cells.notna(), None)  # NaN -> null in JSON
+    return {"kind": summary.kind, "cells": cells.to_dict("records"), "dir": str(out), "headline": summary.headline,
+            "slope": summary.slope, "files": [str(p) for p in summary.paths.values()]}
 
 
 def sweep_sync(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, int]:

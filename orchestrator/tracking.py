@@ -287,6 +287,7 @@ _CELL_COLUMNS = [  # (column in the frontier/transfer table, header, format)
     ("seeds", "seeds", "{}"), ("top1_mean", "test top-1 (%)", "{:.2f}"), ("top1_std", "± std", "{:.2f}"),
     ("merged_top1_mean", "merged top-1 (%)", "{:.2f}"), ("on_frontier", "on frontier", "{}"),
     ("recovered_fraction", "recovered (bViT/ViT)", "{:.3f}"), ("gap_points", "gap (points)", "{:.2f}"),
+    ("gap_ci_low", "gap CI low", "{:.2f}"), ("gap_ci_high", "gap CI high", "{:.2f}"), ("verdict", "verdict", "{}"),
 ]
 
 
@@ -304,7 +305,7 @@ def _markdown_table(cells) -> str:
 
 
 def describe_parent(*, sweep: str, table: list[dict[str, Any]], cells, plots: list[str], experiment_id: str,
-                    run_id: str, command: str, sha: str) -> str:
+                    run_id: str, command: str, sha: str, headline: str = "") -> str:
     """The parent run's description (markdown, rendered by MLflow's run page): the answer first."""
     done = [r for r in table if r["status"] == "TERMINATED" and r.get("final_test_top1") is not None]
     lines = [f"**{sweep}**: {len(table)} trials, {len(done)} finished."]
@@ -313,6 +314,9 @@ def describe_parent(*, sweep: str, table: list[dict[str, Any]], cells, plots: li
         lines[0] += (f" Best final test top-1 **{best['final_test_top1']:.2f} %**: {best['arch']} width "
                      f"{best['width']}, {best['steps']} steps, seed {best['seed']} (trial `{best['trial_id']}`).")
     lines += ["", f"Command: `{command}` · code: `{sha}`", ""]
+    if headline:
+        lines += ["95 % intervals over seeds (an interval that includes 0 is inconclusive):", "",
+                  *(f"- {line}" for line in headline.splitlines()), ""]
     if cells is not None:
         lines += ["Per cell, seeds averaged (final test top-1):", "", _markdown_table(cells), ""]
     for name in plots:
@@ -359,9 +363,9 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
                   configs: dict[str, TrialConfig], best: tuple[str, Path] | None) -> None:
     """The sweep's front page in MLflow, idempotent: any number of calls leave one copy of everything.
 
-    `summary` is frontier.summarize's (kind, cells, {name: path}) or None before any trial finished. On the
-    parent: the frontier files and table, trials.csv, spec.yaml, run.json, the command (as its source), the
-    git SHA (as its version), a few sweep parameters and the description; the best trial's checkpoint on
+    `summary` is frontier.summarize's Summary or None before any trial finished. On the parent: the frontier
+    files and table, trials.csv, spec.yaml, run.json, the command (as its source), the git SHA (as its
+    version), a few sweep parameters, the width slope and its interval (metrics) and the description; the best trial's checkpoint on
     its child; each child's name and rank. `configs`: {trial id: resolved config} of the table's trials;
     `best`: (trial id, checkpoint) of the best finished trial, or None.
     """
@@ -369,7 +373,7 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
 
     tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)
     client, parent = tracker.client, tracker.parent_run_id()
-    kind, cells, paths = summary if summary is not None else (None, None, {})
+    kind, cells, paths = (summary.kind, summary.cells, summary.paths) if summary is not None else (None, None, {})
     tracker.save_view(finetune=kind == "transfer")  # rewritten each time: a newer bvit-sweep's view replaces an older one
     for path in paths.values():
         client.log_artifact(parent, str(path), artifact_path="frontier")
@@ -397,7 +401,8 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
     tags = {"mlflow.runName": name, "mlflow.source.name": command, "mlflow.source.type": "LOCAL",
             "mlflow.source.git.commit": sha,
             TAG_NOTE: describe_parent(sweep=sweep, table=table, cells=cells, plots=plots, run_id=parent,
-                                      experiment_id=tracker.experiment_id, command=command, sha=sha)}
+                                      experiment_id=tracker.experiment_id, command=command, sha=sha,
+                                      headline=summary.headline if summary is not None else "")}
     for key, value in tags.items():
         if run.data.tags.get(key) != value:
             client.set_tag(parent, key, value)
@@ -410,6 +415,10 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
             client.set_tag(parent, "bvit.best_trial", trial_id)
         if run.data.metrics.get("best_final_test_top1") != float(row["final_test_top1"]):  # one point, not one per call
             client.log_metric(parent, "best_final_test_top1", float(row["final_test_top1"]))
+    slope = (summary.slope or {}) if summary is not None else {}
+    for key, name in (("slope", "width_slope"), ("ci_low", "width_slope_ci_low"), ("ci_high", "width_slope_ci_high")):
+        if slope.get(key) is not None and run.data.metrics.get(name) != slope[key]:
+            client.log_metric(parent, name, float(slope[key]))
     _rank_and_name_children(tracker, table, configs)
     if complete:
         tracker.finish_parent(ok=all(r["status"] == "TERMINATED" for r in table))

@@ -123,32 +123,40 @@ def status(sweep: SweepArg, json_out: JsonOut = False) -> None:
 
 
 @command()
-def frontier(sweep: SweepArg, tracking_uri: TrackingUri = None, json_out: JsonOut = False) -> None:
-    """Accuracy-parameter frontier and recovered fraction; writes results/SWEEP/frontier.* and logs them.
+def frontier(
+        sweep: Annotated[str, typer.Argument(metavar="SWEEP_OR_TRIALS_CSV", help="Sweep dir (<storage>/<name>), its spec file, its name under ./runs, or a committed results/<sweep>/trials.csv.")],
+        tracking_uri: TrackingUri = None,
+        json_out: JsonOut = False,
+) -> None:
+    """Accuracy-parameter frontier and recovered fraction with 95 % intervals; writes results/SWEEP/frontier.*,
+    slope.json and logs them. Given a trials.csv, rewrites those files beside it (no Ray, no MLflow).
 
-    Example: `bvit-sweep frontier runs/width`
+    Example: `bvit-sweep frontier runs/width` or `bvit-sweep frontier results/width/trials.csv`
     """
-    from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.sweep_dir import resolve_sweep, sweep_frontier
+    from orchestrator.sweep_dir import rebuild_frontier, resolve_sweep, sweep_frontier
 
-    out = sweep_frontier(resolve_sweep(sweep), tracking_uri=tracking_uri)
+    if sweep.endswith(".csv"):
+        out = rebuild_frontier(Path(sweep))
+    else:
+        out = sweep_frontier(resolve_sweep(sweep), tracking_uri=tracking_uri)
     if json_out:
         print_json(out)
         return
     table = Table(title=f"{out['kind']} ({out['dir']})")
-    cols = ["arch", "width", "steps", "params", "seeds", "top1_mean", "top1_std", "on_frontier",
-            "recovered_fraction", "gap_points"]
+    cols = ["arch", "width", "steps", "params", "seeds", "top1_mean", "top1_ci_low", "top1_ci_high", "on_frontier",
+            "recovered_fraction", "gap_points", "gap_ci_low", "gap_ci_high", "verdict"]
     if out["kind"] == "transfer":
-        cols = ["method", "rank", "trainable_params", "trainable_fraction", "seeds", "top1_mean", "top1_std",
-                "merged_top1_mean"]
+        cols = ["method", "rank", "trainable_params", "trainable_fraction", "seeds", "top1_mean", "top1_ci_low",
+                "top1_ci_high", "merged_top1_mean", "gap_to_full", "gap_ci_low", "gap_ci_high", "verdict"]
     for c in cols:
         table.add_column(c)
     for cell in out["cells"]:
         table.add_row(*(f"{cell[c]:.3f}" if isinstance(cell[c], float) and cell[c] == cell[c] else
                         ("" if cell[c] is None or cell[c] != cell[c] else str(cell[c])) for c in cols))
-    Console().print(table)
+    _console(220).print(table)
+    typer.echo(out["headline"])
 
 
 @command()
