@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import heapq
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ from bvit.config import ModelConfig, TrialConfig
 from orchestrator.spec import SweepSpec, Trial, expand_trials
 
 __all__ = [
-    "Plan", "Rate", "TrialCost", "duration", "make_plan", "measure_rate", "model_flops", "model_params",
-    "print_plan",
+    "Plan", "Rate", "TrialCost", "duration", "few_seed_comparisons", "make_plan", "measure_rate", "model_flops",
+    "model_params", "print_plan",
 ]
 
 # Fixed training FLOP/s, used without a measurement. CPU: a timm ViT (width 128, depth 4, patch 4, 28x28,
@@ -199,6 +200,26 @@ class Plan:
                 "estimate": {p: {"flops_per_s": r.flops_per_s, "source": r.source, "note": r.note}
                              for p, r in self.rates.items()},
                 "trials": [t.to_dict() for t in self.trials], "totals": self.totals()}
+
+
+def few_seed_comparisons(trials: list[Trial]) -> str | None:
+    """A warning when some bViT-vs-ViT comparison (the same config but arch, both arms present) has an arm
+    with fewer than stats.MIN_SEEDS seeds; None when every comparison has enough (or there is none)."""
+    from orchestrator.stats import MIN_SEEDS
+
+    cells: dict[str, dict[str, int]] = {}
+    for t in trials:
+        flat = {k: v for k, v in t.config.flat().items() if k not in ("seed", "model.arch")}
+        arms = cells.setdefault(json.dumps(flat, sort_keys=True, default=str), {})
+        arms[t.config.model.arch] = arms.get(t.config.model.arch, 0) + 1
+    pairs = [arms for arms in cells.values() if {"bvit", "vit"} <= set(arms)]
+    few = [arms for arms in pairs if min(arms["bvit"], arms["vit"]) < MIN_SEEDS]
+    if not few:
+        return None
+    least = min(min(a["bvit"], a["vit"]) for a in few)
+    return (f"{len(few)} of {len(pairs)} bViT-vs-ViT comparisons have {least} seed{'s' * (least != 1)} per arm: "
+            f"comparisons with fewer than {MIN_SEEDS} seeds cannot carry an interval worth reading; "
+            f"set seeds: {list(range(MIN_SEEDS))}")
 
 
 def _concurrent(spec: SweepSpec) -> int | None:

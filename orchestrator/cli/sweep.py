@@ -62,10 +62,12 @@ def plan(
 
     Example: `bvit-sweep plan sweeps/width.yaml --no-bench --json`
     """
-    from orchestrator.planning import make_plan, print_plan
+    from orchestrator.planning import few_seed_comparisons, make_plan, print_plan
     from orchestrator.spec import load_spec
 
     result = make_plan(spec=load_spec(spec), smoke=smoke, bench=bench)
+    if warning := few_seed_comparisons([t.trial for t in result.trials]):
+        typer.echo(f"warning: {warning}", err=True)
     if json_out:
         print_json(result.to_dict())
     else:
