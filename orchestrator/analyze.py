@@ -3,8 +3,8 @@
     results = run_analysis(targets=["runs/width/<trial>", "runs/width/<vit-trial>"], out=Path("analysis"))
     log_analysis(results, out=Path("analysis"), uri="sqlite:///results/width/mlflow/mlflow.db")
 
-`run_analysis` writes `analysis.json` ({label: result}) and five PNGs (every model side by side) into
-`out`; `log_analysis` logs them to each trial's MLflow run, found by the trial id the checkpoint holds
+`run_analysis` writes `analysis.json` ({label: result}), `importance.json` ({label: step-specific pruning
+matrix, labels, rank correlations}) and six PNGs (every model side by side) into `out`; `log_analysis` logs them to each trial's MLflow run, found by the trial id the checkpoint holds
 (tag `bvit.trial_id`).
 """
 from __future__ import annotations
@@ -53,8 +53,11 @@ def checkpoint_trial_id(checkpoint: Path, cfg) -> str:
 
 
 def run_analysis(*, targets: list[str], out: Path, data: Path | None = None, max_images: int | None = None,
-                 stats_images: int = 512, extra_steps: int = 3, device: str | None = None) -> dict[str, dict[str, Any]]:
-    """Analyse every checkpoint in `targets`; write `out/analysis.json` and the plots. Returns {label: result}."""
+                 stats_images: int = 512, extra_steps: int = 3, prune_images: int = 256, mlp_groups: int | None = None,
+                 device: str | None = None) -> dict[str, dict[str, Any]]:
+    """Analyse every checkpoint in `targets`; write `out/analysis.json`, `out/importance.json` and the plots.
+    Returns {label: result}. `prune_images` test images for step-specific pruning (0: skip it), the MLP's hidden
+    units in `mlp_groups` groups (default: as many as heads)."""
     import torch
 
     from bvit.analysis.measure import analyze
@@ -84,12 +87,17 @@ def run_analysis(*, targets: list[str], out: Path, data: Path | None = None, max
         trial_id = checkpoint_trial_id(path, cfg)
         label = f"{m.arch}-w{m.width}-T{m.steps}-{trial_id}"
         print(f"analysing {label} ({path})", file=sys.stderr)
-        result = analyze(model, loaders.eval, cfg=cfg, device=dev, max_images=max_images,
-                         stats_images=stats_images, extra_steps=extra_steps)
+        try:
+            result = analyze(model, loaders.eval, cfg=cfg, device=dev, max_images=max_images, stats_images=stats_images,
+                             extra_steps=extra_steps, prune_images=prune_images, mlp_groups=mlp_groups)
+        except ValueError as e:  # e.g. MLP hidden units that do not split into --mlp-groups groups
+            raise UserError(f"{path}: {e}") from e
         result.update(checkpoint=str(path), sweep_trial_id=trial_id)
         results[label] = result
     out.mkdir(parents=True, exist_ok=True)
     (out / "analysis.json").write_text(json.dumps(results, indent=1) + "\n")
+    if prune_images:
+        (out / "importance.json").write_text(json.dumps({k: r["importance"] for k, r in results.items()}, indent=1) + "\n")
     plot_analyses(results, out=out)
     return results
 
@@ -101,7 +109,7 @@ def log_analysis(results: dict[str, dict[str, Any]], *, out: Path, uri: str) -> 
 
     client = MlflowClient(tracking_uri=uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
-    files = [out / "analysis.json", *sorted(out.glob("*.png"))]
+    files = [p for p in (out / "analysis.json", out / "importance.json") if p.exists()] + sorted(out.glob("*.png"))
     notes = []
     for label, r in results.items():
         tid = r["sweep_trial_id"]
@@ -115,6 +123,8 @@ def log_analysis(results: dict[str, dict[str, Any]], *, out: Path, uri: str) -> 
             client.log_artifact(rid, str(f), artifact_path="analysis")
         metrics = [Metric("analysis_anytime_top1", p["test_top1"], 0, p["steps"]) for p in r["anytime"]]
         metrics += [Metric("analysis_skip_top1", p["test_top1"], 0, p["skipped"] + 1) for p in r["step_skip"]]
+        if (rho := r.get("importance", {}).get("mean_rank_correlation")) is not None:
+            metrics.append(Metric("analysis_step_rank_correlation", rho, 0, 0))
         client.log_batch(rid, metrics=metrics)
         notes.append(f"{label}: logged to MLflow run {rid}")
     return notes

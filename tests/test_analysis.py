@@ -220,14 +220,29 @@ def test_analyze_command_on_a_trained_checkpoint(trained, tmp_path, monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "analysis"
     r = CliRunner().invoke(_cli(), ["analyze", str(ckpt / CHECKPOINT_NAME), "--out", str(out), "--max-images", "500",
-                                    "--stats-images", "64", "--extra-steps", "2", "--json"])
+                                    "--stats-images", "64", "--extra-steps", "2", "--prune-images", "100",
+                                    "--mlp-groups", "4"])
+    assert r.exit_code == 0, r.output
+    text = r.stdout
+    r = CliRunner().invoke(_cli(), ["analyze", str(ckpt / CHECKPOINT_NAME), "--out", str(out), "--max-images", "500",
+                                    "--stats-images", "64", "--extra-steps", "2", "--prune-images", "100",
+                                    "--mlp-groups", "4", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout.strip().splitlines()[-1])
     (label, result), = doc.items()
     assert label == f"bvit-w{D}-T{T}-{SWEEP_ID}" and result["sweep_trial_id"] == SWEEP_ID  # the checkpoint's id
     assert json.loads((out / "analysis.json").read_text()) == doc
     assert {p.name for p in out.glob("*.png")} == {"anytime.png", "attention.png", "cka.png", "step_skip.png",
-                                                   "states.png"}
+                                                   "states.png", "importance.png"}
+    assert (out / "importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (label2, imp), = json.loads((out / "importance.json").read_text()).items()
+    assert label2 == label and imp == result["importance"] and imp["images"] == 100
+    assert imp["components"] == ["head 0", "head 1", "mlp 0", "mlp 1", "mlp 2", "mlp 3"]
+    for key in ("loss_increase", "top1_drop"):  # steps x components
+        assert len(imp[key]) == T and all(len(row) == 6 for row in imp[key])
+    assert len(imp["rank_correlation"]) == T and all(len(row) == T for row in imp["rank_correlation"])
+    assert imp["rank_correlation"][0][0] == pytest.approx(1.0)
+    assert "step-specific pruning: mean rank correlation" in text and "anytime depth: top-1 by steps used" in text
     assert [p["steps"] for p in result["anytime"]] == [1, 2, 3, 4, 5]
     assert result["anytime"][T - 1]["test_top1"] == result["full"]["test_top1"]
     assert result["full"]["test_top1"] > 15.0  # learned: chance on 500 images stays under 12.7 % (95 %)

@@ -27,6 +27,8 @@ Definitions (state t is h_t, t = 0 the embedding, T the last step; shapes (B, N,
     LoRA. (Not pruning: nothing inside a step is removed.)
   * anytime depth (`anytime`): test top-1 using the first k steps, k = 1..T, then `extra_steps` beyond T
     (a bViT only).
+  * step-specific pruning (`importance`, with `prune_images`): bvit.analysis.pruning's steps x components
+    matrix (one head or MLP group off at one step only) and the between-step rank correlations.
 """
 from __future__ import annotations
 
@@ -229,16 +231,25 @@ def depth_curves(model: nn.Module, loader: Batches, *, cfg: TrialConfig, device:
 
 
 def analyze(model: nn.Module, loader: Batches, *, cfg: TrialConfig, device: torch.device,
-            max_images: int | None = None, stats_images: int = 512, extra_steps: int = 3) -> dict[str, Any]:
+            max_images: int | None = None, stats_images: int = 512, extra_steps: int = 3,
+            prune_images: int | None = None, mlp_groups: int | None = None) -> dict[str, Any]:
     """Every per-step measurement of one trained model, as a JSON-ready dict (see the module docstring).
 
     `loader`: the test set, re-iterable (a DataLoader) or a callable giving one pass (`Loaders.eval`); `max_images` limits the accuracy curves,
-    `stats_images` the state / attention / CKA statistics.
+    `stats_images` the state / attention / CKA statistics. `prune_images` (None: skipped): step-specific
+    pruning (`bvit.analysis.pruning.component_importance`, `mlp_groups` MLP groups) on that many images, as
+    `importance`.
     """
     model.to(device).eval()
     m = cfg.model
-    return {
+    out = {
         "arch": m.arch, "width": m.width, "steps": _blocks_of(model), "heads": m.heads, "trial_id": cfg.trial_id(),
         **state_statistics(model, loader, max_images=stats_images, device=device),
         **depth_curves(model, loader, cfg=cfg, device=device, max_images=max_images, extra_steps=extra_steps),
     }
+    if prune_images:
+        from bvit.analysis.pruning import component_importance
+
+        out["importance"] = component_importance(model, _Limited(loader, None, device), mlp_groups=mlp_groups,
+                                                 max_images=prune_images, device=device)
+    return out

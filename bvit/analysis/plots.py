@@ -24,7 +24,8 @@ def _figure(ncols: int, width: float = 5.0, height: float = 3.8):
 
 
 def plot_analyses(results: dict[str, dict[str, Any]], *, out: Path) -> list[Path]:
-    """states.png, attention.png, cka.png, step_skip.png, anytime.png: every model in `results` side by side."""
+    """states.png, attention.png, cka.png, step_skip.png, anytime.png (and importance.png when every result has
+    an `importance`): every model in `results` side by side."""
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
 
@@ -71,7 +72,7 @@ def plot_analyses(results: dict[str, dict[str, Any]], *, out: Path) -> list[Path
         ax.plot([p["skipped"] + 1 for p in r["step_skip"]], [p["test_top1"] for p in r["step_skip"]],
                 marker="o", color=f"C{i}", label=f"{label}: skip step k")
         ax.axhline(r["full"]["test_top1"], color=f"C{i}", linestyle="--", linewidth=0.8, label=f"{label}: no skip")
-    ax.set(xlabel="skipped step / layer k", ylabel="test top-1 (%)", title="whole-step skip")
+    ax.set(xlabel="skipped step / layer k", ylabel="test top-1 (%)", title="anytime depth / step skip (whole step)")
     ax.legend(fontsize=8)
     save(fig, "step_skip.png")
 
@@ -83,5 +84,31 @@ def plot_analyses(results: dict[str, dict[str, Any]], *, out: Path) -> list[Path
     ax.set(xlabel="steps / layers used k (dotted: trained T)", ylabel="test top-1 (%)", title="anytime inference")
     ax.legend(fontsize=8)
     save(fig, "anytime.png")
+
+    if all("importance" in r for r in results.values()):
+        save(importance_figure(results), "importance.png")
     return paths
+
+
+def importance_figure(results: dict[str, dict[str, Any]]):
+    """Per model, two heatmaps of held-out loss increase: steps x heads and steps x MLP groups (one component
+    off at one step only), titled with the mean between-step rank correlation."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8.4, 3.2 * len(results)), layout="constrained")
+    axes = fig.subplots(len(results), 2, squeeze=False)
+    for row, (label, r) in zip(axes, results.items(), strict=True):
+        imp = r["importance"]
+        loss = torch.tensor(imp["loss_increase"])  # (steps, heads + groups)
+        heads = len(imp["components"]) - imp["mlp_groups"]
+        rho = imp["mean_rank_correlation"]
+        scale = float(loss.abs().max()) or 1.0
+        for ax, part, name in ((row[0], loss[:, :heads], "head"), (row[1], loss[:, heads:], "MLP group")):
+            im = ax.imshow(part, cmap="RdBu_r", vmin=-scale, vmax=scale, origin="lower", aspect="auto")
+            ax.set(xlabel=name, ylabel="step / layer", xticks=range(part.shape[1]), yticks=range(part.shape[0]),
+                   yticklabels=range(1, part.shape[0] + 1))
+            ax.set_title(f"{label}: loss increase, {name}s" + ("" if rho is None or name != "head" else
+                                                               f" (mean step rank corr. {rho:.2f})"), fontsize=9)
+        fig.colorbar(im, ax=list(row), shrink=0.8)
+    return fig
 

@@ -81,14 +81,20 @@ def analyze(
             "--stats-images", min=1, help="Test images for norms, attention and CKA.")] = 512,
         extra_steps: Annotated[int, typer.Option(
             "--extra-steps", min=0, help="Anytime curve: steps beyond the trained T (bViT only).")] = 3,
+        prune_images: Annotated[int, typer.Option(
+            "--prune-images", min=0, help="Test images for step-specific pruning (each head / MLP group off at one "
+                                          "step); 0 skips it.")] = 256,
+        mlp_groups: Annotated[int | None, typer.Option(
+            "--mlp-groups", min=1, help="Pruning: the MLP's hidden units in G equal groups [default: as many as heads].")] = None,
         tracking_uri: Annotated[str | None, typer.Option(
             "--tracking-uri", help="MLflow store of the sweep (default: $MLFLOW_TRACKING_URI); results are logged "
                                    "to each trial's run when one exists.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print the analysis as one JSON document.")] = False,
 ) -> None:
-    """Per step: state norms, relative updates, attention entropy and distance, CKA, whole-step skips, anytime top-1.
+    """Per step: state norms, relative updates, attention entropy and distance, CKA, anytime depth / step skip
+    (whole steps), and step-specific pruning (which heads and MLP groups matter at which step).
 
-    Writes analysis.json and five PNGs into --out, and logs them to each trial's MLflow run (found by the
+    Writes analysis.json, importance.json and six PNGs into --out, and logs them to each trial's MLflow run (found by the
     trial id the checkpoint holds) when --tracking-uri or MLFLOW_TRACKING_URI names a store holding one.
 
     Example: `bvit-sweep analyze runs/width/<bvit-trial> runs/width/<vit-trial> --out analysis/`
@@ -96,7 +102,7 @@ def analyze(
     from orchestrator.analyze import log_analysis, run_analysis
 
     results = run_analysis(targets=targets, out=out, data=data, max_images=max_images, stats_images=stats_images,
-                           extra_steps=extra_steps)
+                           extra_steps=extra_steps, prune_images=prune_images, mlp_groups=mlp_groups)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     notes = log_analysis(results, out=out, uri=uri) if uri else [
         "no --tracking-uri (nor MLFLOW_TRACKING_URI): not logged to MLflow"]
@@ -108,8 +114,11 @@ def analyze(
     for label, r in results.items():
         best = max(r["step_skip"], key=lambda p: p["drop"])
         anytime = ", ".join(f"{p['steps']}:{p['test_top1']:.1f}" for p in r["anytime"])
-        typer.echo(f"{label}: top-1 {r['full']['test_top1']:.2f} %; skipping step {best['skipped'] + 1} costs most "
-                   f"({best['drop']:.2f} points); top-1 by steps used {anytime}")
+        typer.echo(f"{label}: top-1 {r['full']['test_top1']:.2f} %; step skip: skipping step {best['skipped'] + 1} "
+                   f"costs most ({best['drop']:.2f} points); anytime depth: top-1 by steps used {anytime}")
+        if (rho := r.get("importance", {}).get("mean_rank_correlation")) is not None:
+            typer.echo(f"{label}: step-specific pruning: mean rank correlation of the steps' component importance "
+                       f"{rho:.2f} (1: the block does the same work at every step)")
     typer.echo(f"wrote {out / 'analysis.json'} and {', '.join(p.name for p in sorted(out.glob('*.png')))}")
 
 
