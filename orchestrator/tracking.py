@@ -32,6 +32,7 @@ from ray import tune
 
 from bvit.config import TrialConfig
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
+from orchestrator.errors import UserError
 from orchestrator.provenance import code_version
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
@@ -57,9 +58,25 @@ def default_tracking_uri(results_dir: Path) -> str:
     return f"sqlite:///{d / 'mlflow.db'}"
 
 
+def store_uri(value: str) -> str:
+    """A tracking URI as given, or one a person would type instead: a results/<sweep>/mlflow directory or its
+    mlflow.db file becomes its SQLite URI. Any other plain path is refused (MLflow would take it for its
+    retired file store and fail deep inside), naming what to give instead."""
+    if "://" in value or value.startswith(("sqlite:", "file:", "databricks")):
+        return value
+    path = Path(value)
+    db = path / "mlflow.db" if path.is_dir() else path
+    if db.is_file() and db.suffix == ".db":
+        return f"sqlite:///{db.resolve()}"
+    raise UserError(f"--tracking-uri {value}: not an MLflow store; give a server (http://127.0.0.1:5000), "
+                    "a SQLite URI (sqlite:///results/<sweep>/mlflow/mlflow.db) or a results/<sweep>/mlflow "
+                    "directory that holds mlflow.db")
+
+
 def resolve_tracking(spec, results_dir: Path, override: str | None = None) -> tuple[str, str]:
     """(tracking URI, experiment name): --tracking-uri, else MLFLOW_TRACKING_URI, else the spec, else local."""
-    uri = override or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or default_tracking_uri(results_dir)
+    uri = override or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri
+    uri = store_uri(uri) if uri else default_tracking_uri(results_dir)
     return uri, spec.tracking.experiment or spec.name
 
 

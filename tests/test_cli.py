@@ -414,3 +414,17 @@ def test_per_trial_resources_beyond_this_machine_are_one_line_each(cpus, gpus):
                 (("cpus", cpus > os.cpu_count()), ("gpus", gpus > _local_gpus())) if over]
     assert [line[:len(e)] for line, e in zip(lines, expected, strict=True)] == expected
     assert all("but this machine has" in line and "pass --address" in line for line in lines)
+
+
+def test_a_tracking_store_given_as_a_path_is_its_sqlite_uri_or_one_line(tmp_path):
+    from orchestrator.tracking import store_uri
+
+    (tmp_path / "mlflow").mkdir()
+    (tmp_path / "mlflow" / "mlflow.db").touch()
+    assert store_uri(str(tmp_path / "mlflow")) == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert store_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    r = invoke("analyze", str(tmp_path / "ckpt.pt"), "--tracking-uri", str(tmp_path / "nowhere"))
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.strip() == (f"--tracking-uri {tmp_path / 'nowhere'}: not an MLflow store; give a server "
+                                "(http://127.0.0.1:5000), a SQLite URI (sqlite:///results/<sweep>/mlflow/mlflow.db) "
+                                "or a results/<sweep>/mlflow directory that holds mlflow.db")

@@ -107,8 +107,8 @@ def importance_figure(results: dict[str, dict[str, Any]]):
             im = ax.imshow(part, cmap="RdBu_r", vmin=-scale, vmax=scale, origin="lower", aspect="auto")
             ax.set(xlabel=name, ylabel="step / layer", xticks=range(part.shape[1]), yticks=range(part.shape[0]),
                    yticklabels=range(1, part.shape[0] + 1))
-            ax.set_title(f"{label}: loss increase, {name}s" + ("" if rho is None or name != "head" else
-                                                               f" (mean step rank corr. {rho:.2f})"), fontsize=9)
+            corr = "" if rho is None or name != "head" else f", steps' rank corr. {rho:.2f}"
+            ax.set_title(f"{label}\nloss increase, one {name} off at one step{corr}", fontsize=8)
         fig.colorbar(im, ax=list(row), shrink=0.8)
     return fig
 
