@@ -37,6 +37,7 @@ def trial_status(trial) -> str:
     `FAILED_KEY`)."""
     return "ERROR" if isinstance((trial.last_result or {}).get(FAILED_KEY), str) else trial.status
 
+
 class TrialEnvelope(BaseModel):
     """One trial as Ray Tune carries it: its id, its config as written and as run, and how it runs."""
 

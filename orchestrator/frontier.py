@@ -101,9 +101,10 @@ def headline(cells: pd.DataFrame, slope: dict[str, Any] | None = None) -> str:
     return "\n".join(lines) or "no bViT cell has a ViT partner at the same width and steps"
 
 
-def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> dict[str, Path]:
-    """Write frontier.csv, slope.json (two widths or more) and the three PNG plots into `out_dir`; returns
-    {name: path}."""
+def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "",
+                   slope: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write frontier.csv, slope.json (when `slope`, `frontier_slope`'s result, is given) and the three PNG
+    plots into `out_dir`; returns {name: path}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -111,9 +112,9 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"frontier.csv": out_dir / "frontier.csv"}
     cells.to_csv(paths["frontier.csv"], index=False, float_format="%.4f")
-    if cells["width"].nunique() >= 2:
+    if slope is not None:
         paths["slope.json"] = out_dir / "slope.json"
-        paths["slope.json"].write_text(json.dumps(frontier_slope(cells), indent=1) + "\n")
+        paths["slope.json"].write_text(json.dumps(slope, indent=1) + "\n")
     style = {"bvit": dict(marker="o", color="tab:blue"), "vit": dict(marker="s", color="tab:orange")}
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -298,7 +299,8 @@ def summarize(rows: list[dict[str, Any]] | pd.DataFrame, out_dir: Path, *, title
         return Summary("transfer", cells, write_transfer(cells, out_dir, title=title), transfer_headline(cells), None)
     cells = frontier_table(df)
     slope = frontier_slope(cells) if cells["width"].nunique() >= 2 else None
-    return Summary("frontier", cells, write_frontier(cells, out_dir, title=title), headline(cells, slope), slope)
+    paths = write_frontier(cells, out_dir, title=title, slope=slope)
+    return Summary("frontier", cells, paths, headline(cells, slope), slope)
 
 
 def read_trials(path: Path) -> pd.DataFrame:

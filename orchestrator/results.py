@@ -123,8 +123,10 @@ def best_checkpoint(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, P
 
 
 def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]], uri: str, experiment: str,
-             sweep: str, artifact_root: str | None, complete: bool, verbose: bool = True) -> dict[str, Any]:
-    """After a sweep: frontier files, MLflow back-fill, frontier + best model on the parent run.
+             sweep: str, artifact_root: str | None, complete: bool, verbose: bool = True,
+             summary=None) -> dict[str, Any]:
+    """After a sweep: frontier files, MLflow back-fill, frontier + best model on the parent run. `summary`:
+    `frontier.summarize`'s result when the caller already made it (the files are then not written again).
 
     MLflow problems are reported, never raised: Ray's results stay the source of truth and
     `bvit-sweep sync` repeats this step later.
@@ -133,9 +135,8 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     from orchestrator.tracking import publish_sweep, sync_sweep
 
     out: dict[str, Any] = {"frontier": None, "synced": None}
-    summary = None
     try:
-        summary = summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
+        summary = summary if summary is not None else summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
         out["frontier"] = str(next(iter(summary.paths.values())))
     except ValueError as e:
         if verbose:

@@ -108,7 +108,7 @@ def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str
     uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
     finalize(sweep_dir=sweep.dir, results_dir=sweep.results_dir, table=table, uri=uri, experiment=experiment,
              sweep=sweep.name, artifact_root=str(sweep.results_dir / "mlflow" / "artifacts"),
-             complete=all(r["status"] in ("TERMINATED", "ERROR") for r in table), verbose=False)
+             complete=all(r["status"] in ("TERMINATED", "ERROR") for r in table), verbose=False, summary=summary)
     return _frontier_doc(summary, sweep.results_dir)
 
 
