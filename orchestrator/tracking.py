@@ -265,7 +265,6 @@ class MlflowProgressCallback(tune.Callback):
         self._put(("epoch", env.trial_id, env.resolved, dict(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-
         env = TrialEnvelope.of(trial.config)
         self._put(("end", env.trial_id, env.resolved, trial_status(trial)))
 
@@ -280,7 +279,6 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
                artifact_root: Path | None = None) -> dict[str, int]:
     """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent."""
     from ray.tune import ExperimentAnalysis
-
 
     analysis = ExperimentAnalysis(str(sweep_dir))
     tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)

@@ -25,7 +25,8 @@ Tests crash a trial on purpose by setting `BVIT_SWEEP_TEST_FAULT` (JSON `{"crash
 "marker_dir": DIR}`) in the launching process: `tune_trainable` reads it there and hands it to the trials.
 The trial crashes once after epoch N, at the end of epoch N+1 before reporting it: epoch N's result and
 checkpoint were handed to Tune a whole epoch earlier, and epoch N+1's work is lost, as in a real crash.
-(Raising right after `tune.report` races Tune's driver, which may not have recorded that result yet.)
+(Epoch N once went missing from result.json after such a crash: not a race with `tune.report` but
+Tune's restore of the trial's history on restart, which `KeepHistoryOnRetry` below now keeps whole.)
 
 `KeepHistoryOnRetry` (a driver-side callback) keeps a retried trial's per-epoch history whole: Tune's loggers
 write result.json / progress.csv in a driver staging directory that is synced to the sweep's storage only
