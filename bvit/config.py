@@ -11,11 +11,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["CHECKPOINT_NAME", "FINETUNED_NAME", "ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
+__all__ = ["CHECKPOINT_NAME", "FINETUNED_NAME", "PHASES", "ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
 
 CHECKPOINT_NAME = "checkpoint.pt"  # what `bvit.trial.run_trial` writes into its checkpoint_dir each epoch
 FINETUNED_NAME = "finetuned.pt"  # what `bvit.trial.finetune(out=DIR)` writes into DIR
 FinetuneMethod = Literal["full", "linear", "bitfit", "lora-shared", "lora-step"]
+PHASES = ("phase_start_s", "phase_import_s", "phase_model_s", "phase_data_s", "phase_compile_s",
+          "phase_first_step_s", "phase_train_s", "phase_eval_s", "phase_checkpoint_s", "phase_report_s")
+"""Where a trial's time goes (seconds, in its records), in the order it is spent: the trial's start (a fresh
+process: since its creation; a reused one: since its last trial ended) and imports (set by a sweep's
+trainable), model build, data open, FFCV pipeline compile (`bvit.trial`), then per epoch (`bvit.engine.fit`).
+`phase_first_step_s` is the first part of `phase_train_s`, not added to it."""
 
 
 class _Frozen(BaseModel):

@@ -37,7 +37,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
 from bvit.config import TrialConfig
-from bvit.data.loaders import Loaders
+from bvit.data.loaders import Loaders, compile_seconds
 
 __all__ = ["FINITE_CHECK_EVERY", "TrainingError", "Report", "seed_everything", "dist_info", "default_device",
            "build_optimizer", "train_step", "train_one_epoch", "evaluate", "epoch_totals", "fit"]
@@ -216,6 +216,7 @@ def fit(
         start_epoch: int = 1,
         history: list[dict[str, Any]] | None = None,
         static: dict[str, Any] | None = None,
+        setup: dict[str, float] | None = None,
         extra_metrics: Callable[[int], dict[str, Any]] | None = None,
         on_epoch_end: Callable[[int, list[dict[str, Any]]], None] | None = None,
         report: Report | None = None,
@@ -225,8 +226,17 @@ def fit(
     last), record, `on_epoch_end(epoch, history)`, `report(record)`. Returns (history, best test top-1).
 
     `run_model`: what trains (the DDP and/or compiled wrapper of `model`; default `model`); `model` is
-    evaluated. `static`: values added to every record (parameter and FLOP counts). `extra_metrics(epoch)`:
-    more values for that epoch's record, computed after evaluation (e.g. merged-LoRA accuracy).
+    evaluated. `static`: values added to every record (parameter and FLOP counts). `setup`: the caller's
+    one-time phases (`phase_*_s` seconds: model build, data open, pipeline compile), added to the first record
+    of this run. `extra_metrics(epoch)`: more values for that epoch's record, computed after evaluation (e.g.
+    merged-LoRA accuracy).
+
+    Where each epoch's time went, in its record (seconds; `bvit.config.PHASES` names them): `phase_first_step_s` (first
+    record of a run only: epoch start to the end of the first optimizer step, first batch included),
+    `phase_train_s`, `phase_eval_s` (evaluation, FFCV compile excluded), `phase_compile_s` (FFCV pipelines
+    compiled during the epoch, e.g. the eval loader's on first use), `phase_checkpoint_s` (`on_epoch_end`) and
+    `phase_report_s`: the time the *previous* epoch's `report` took (a record cannot hold the time of its own
+    report; the last report of a run is not counted).
     """
     rank, world = dist_info()
     run_model = model if run_model is None else run_model
@@ -234,9 +244,12 @@ def fit(
     best = max((r["test_top1"] for r in history if "test_top1" in r), default=-math.inf)
     last_eval: dict[str, float] = history[-1] if history else {}
     epochs = cfg.optim.epochs
+    phases, report_s = dict(setup or {}), 0.0
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
         batches = loaders.train(epoch)
+        if epoch == start_epoch:
+            batches = _first_step_timed(batches, t0, phases)
         if progress and rank == 0:
             from tqdm import tqdm
             batches = tqdm(batches, total=loaders.steps_per_epoch, desc=f"epoch {epoch}/{epochs}", leave=False)
@@ -244,9 +257,14 @@ def fit(
                                            epoch=epoch, steps_per_epoch=loaders.steps_per_epoch)
         train_seconds = time.perf_counter() - t0  # after the epoch's last read of the device: its work is done
         loss_total, n_total = epoch_totals(loss_sum, n_seen, device=device, world=world).tolist()
+        t_eval, compiled = time.perf_counter(), compile_seconds()
         if epoch % cfg.eval_every == 0 or epoch == epochs:
             last_eval = evaluate(model, loaders.eval(), cfg=cfg, device=device)
         best = max(best, last_eval.get("test_top1", -math.inf))
+        extra = extra_metrics(epoch) if extra_metrics is not None else {}
+        compiled = compile_seconds() - compiled
+        phases.update(phase_train_s=train_seconds, phase_eval_s=time.perf_counter() - t_eval - compiled,
+                      phase_compile_s=phases.get("phase_compile_s", 0.0) + compiled, phase_report_s=report_s)
         record = {
             "epoch": epoch,
             "train_loss": loss_total / max(n_total, 1.0),
@@ -256,14 +274,37 @@ def fit(
             "images_per_s": n_total / train_seconds,
             "epoch_seconds": time.perf_counter() - t0,
             **(static or {}),
+            **extra,
+            **phases,
         }
-        if extra_metrics is not None:
-            record.update(extra_metrics(epoch))
+        phases = {}
         history.append(record)
+        t_save = time.perf_counter()
         if on_epoch_end is not None:
             on_epoch_end(epoch, history)
+        record["phase_checkpoint_s"] = time.perf_counter() - t_save  # the saved copy lacks only this key
         if world > 1:
             dist.barrier()
+        t_report = time.perf_counter()
         if report is not None:
             report(dict(record))
+        report_s = time.perf_counter() - t_report
     return history, best
+
+
+
+def _first_step_timed(batches, t0: float, phases: dict[str, float]):
+    """`batches`, noting in `phases` when the first optimizer step ended (the second batch is asked for,
+    or the epoch ends)."""
+    class Timed:
+        def __len__(self) -> int:
+            return len(batches)
+
+        def __iter__(self):
+            for i, batch in enumerate(batches):
+                if i == 1:
+                    phases["phase_first_step_s"] = time.perf_counter() - t0
+                yield batch
+            phases.setdefault("phase_first_step_s", time.perf_counter() - t0)
+
+    return Timed()

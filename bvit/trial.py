@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from bvit.checkpoint import (
 )
 from bvit.config import CHECKPOINT_NAME, FINETUNED_NAME, DataConfig, FinetuneConfig, OptimConfig, TrialConfig
 from bvit.data.format import DataError, load_metadata
-from bvit.data.loaders import make_loaders
+from bvit.data.loaders import compile_seconds, make_loaders
 from bvit.engine import (
     Report,
     TrainingError,
@@ -121,13 +122,16 @@ def _train(cfg: TrialConfig, *, trial_id: str, report: Report | None, checkpoint
             f"{cfg.data.path}: data has {c} channel(s) and {meta['num_classes']} classes but the model asks for "
             f"model.in_chans={m.in_chans}, model.num_classes={m.num_classes}")
 
+    clock = _Phases()
     model = build_from_config(m)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     static = {"params": count_params(model), "flops_per_image": count_flops(model, m.img_size, m.in_chans),
               "matmul_precision": torch.get_float32_matmul_precision()}
     model.to(device)
+    clock.lap("phase_model_s")
     loaders = make_loaders(cfg.data, img_size=m.img_size, seed=cfg.seed, device=device, distributed=world > 1)
+    clock.lap("phase_data_s")
     optimizer, scheduler = build_optimizer(model, cfg, loaders.steps_per_epoch)
 
     start_epoch, history = 1, []
@@ -140,6 +144,7 @@ def _train(cfg: TrialConfig, *, trial_id: str, report: Report | None, checkpoint
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"], device)
         start_epoch, history = ckpt["epoch"] + 1, ckpt["history"]
+    clock.lap("phase_model_s")  # optimizer and resumed state: part of setting up the model
 
     def save(epoch: int, history: list[dict[str, Any]]) -> None:
         if ckpt_path is not None and rank == 0:
@@ -152,8 +157,8 @@ def _train(cfg: TrialConfig, *, trial_id: str, report: Report | None, checkpoint
     ddp_model = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     run_model = torch.compile(ddp_model) if cfg.compile else ddp_model
     history, best = fit(model, loaders, optimizer, scheduler, cfg=cfg, device=device, run_model=run_model,
-                        start_epoch=start_epoch, history=history, static=static, on_epoch_end=save,
-                        report=report, progress=progress)
+                        start_epoch=start_epoch, history=history, static=static, setup=clock.phases,
+                        on_epoch_end=save, report=report, progress=progress)
     final = dict(history[-1]) if history else {}
     final.update(best_test_top1=best if best > -float("inf") else None, history=history, trial_id=trial_id)
     return final
@@ -163,6 +168,7 @@ def _finetune(cfg: TrialConfig, *, trial_id: str, report: Report | None, progres
               device: torch.device) -> tuple[nn.Module, TrialConfig, dict[str, Any]]:
     """(the adapted model, the pretrained model's config, the result) of fine-tuning under `cfg`."""
     ft = cfg.finetune
+    clock = _Phases()
     model, pretrained = load_trained(ft.checkpoint)
     seed_everything(cfg.seed)
     meta = load_metadata(cfg.data.path)
@@ -177,8 +183,11 @@ def _finetune(cfg: TrialConfig, *, trial_id: str, report: Report | None, progres
     static = {"params": total, "trainable_params": trainable, "flops_per_image": count_flops(model, h, c),
               "matmul_precision": torch.get_float32_matmul_precision()}
     model.to(device)
+    clock.lap("phase_model_s")
     loaders = make_loaders(cfg.data, img_size=h, seed=cfg.seed, device=device)
+    clock.lap("phase_data_s")
     optimizer, scheduler = build_optimizer(model, cfg, loaders.steps_per_epoch)
+    clock.lap("phase_model_s")
     lora = ft.method.startswith("lora")
 
     def merged(epoch: int) -> dict[str, Any]:
@@ -189,7 +198,7 @@ def _finetune(cfg: TrialConfig, *, trial_id: str, report: Report | None, progres
                 "merged_params": count_params(inference)}
 
     history, _ = fit(model, loaders, optimizer, scheduler, cfg=cfg, device=device, static=static,
-                     extra_metrics=merged, report=report, progress=progress)
+                     setup=clock.phases, extra_metrics=merged, report=report, progress=progress)
     result = {**history[-1], "method": ft.method, "trainable_params": trainable, "total_params": total,
               "trainable_fraction": trainable / total, "num_classes": meta["num_classes"], "history": history,
               "trial_id": trial_id, "pretrained_trial_id": pretrained.trial_id(),
@@ -197,6 +206,24 @@ def _finetune(cfg: TrialConfig, *, trial_id: str, report: Report | None, progres
     if lora:
         result["rank"], result["alpha"] = ft.rank, ft.alpha
     return model, pretrained, result
+
+
+class _Phases:
+    """One-time set-up phases of a run (seconds, summed per name); FFCV compile time is split out of the
+    lap it happened in as `phase_compile_s`."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self._t, self._compiled = time.perf_counter(), compile_seconds()
+
+    def lap(self, name: str) -> None:
+        now, compiled = time.perf_counter(), compile_seconds()
+        self._add("phase_compile_s", compiled - self._compiled)
+        self._add(name, now - self._t - (compiled - self._compiled))
+        self._t, self._compiled = now, compiled
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + seconds
 
 
 def finetune_config(

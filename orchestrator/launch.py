@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from orchestrator.reaper import Reaper
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
 from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
 from orchestrator.sweep_dir import SNAPSHOT, check_tune_state, read_snapshot, sweep_dir_for
+from orchestrator.timing import record_launch
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
 from orchestrator.trainable import KeepHistoryOnRetry, tune_trainable
 
@@ -106,6 +108,8 @@ def resolve_pretrained(trials: list[TrialConfig], data_paths: dict[str, str], *,
     Checks, before any trial starts, that each checkpoint exists and that the data it is fine-tuned on has
     the image size and channels it was pretrained at. Each checkpoint and data set is read once.
     """
+    if all(t.finetune is None for t in trials):
+        return {}  # without fine-tuning trials the launcher never imports torch (seconds on a small CPU)
     from bvit.checkpoint import checkpoint_config
     from bvit.data.format import load_metadata
 
@@ -334,6 +338,7 @@ def launch(
         verbose: bool = True,
 ) -> LaunchResult:
     """Run (or resume) every trial of the sweep; write results/<name>/trials.csv; return the trial table."""
+    started_at = time.time()
     spec = load_spec(spec_path)
     trials = expand_trials(spec, smoke=smoke)
     configs = [t.config for t in trials]
@@ -355,12 +360,13 @@ def launch(
     with sweep_lock(sweep_dir):
         return _launch_locked(spec=spec, spec_path=Path(spec_path), trials=trials, sweep_dir=sweep_dir,
                               address=address, smoke=smoke, resume=resume, force=force, command=command,
-                              results_root=Path(results_root), tracking_uri=tracking_uri, verbose=verbose)
+                              results_root=Path(results_root), tracking_uri=tracking_uri, verbose=verbose,
+                              started_at=started_at)
 
 
 def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], sweep_dir: Path, address: str | None,
                    smoke: bool, resume: bool, force: bool, command: str, results_root: Path,
-                   tracking_uri: str | None, verbose: bool) -> LaunchResult:
+                   tracking_uri: str | None, verbose: bool, started_at: float) -> LaunchResult:
     configs = [t.config for t in trials]
     name = sweep_dir.name
     snapshot = _snapshot(spec, smoke, trials)
@@ -387,6 +393,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with ray_session(address, spec):
         sweep_dir.mkdir(parents=True, exist_ok=True)
+        record_launch(sweep_dir, started_at=started_at, ray_ready_at=time.time(), command=command)
         if not resume or force:
             snap_file.write_text(json.dumps(snapshot, indent=1))
         results_dir = results_root / name
@@ -394,7 +401,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
         tracking = dict(uri=uri, experiment=experiment, sweep=name,
                         artifact_root=str(results_dir / "mlflow" / "artifacts"))
         callbacks = [ProgressTable(total=len(trials))] if verbose else []
-        callbacks += [MlflowProgressCallback(**tracking), KeepHistoryOnRetry()]
+        callbacks += [MlflowProgressCallback(**tracking), KeepHistoryOnRetry(), *_history_loggers()]
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=tune_trainable(spec.resources),
                                        resume_unfinished=True, resume_errored=True, restart_errored=False)
@@ -404,7 +411,8 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
             tuner = _new_tuner(spec, configs, envelopes, sweep_dir=sweep_dir, callbacks=callbacks)
         interrupted = False
         try:
-            tuner.fit()
+            with _only_our_loggers(not resume):
+                tuner.fit()
         except KeyboardInterrupt:
             interrupted = True
         table = collect_trials(sweep_dir, trials=trials)
@@ -413,6 +421,32 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
         finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
                  complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)
+
+
+def _history_loggers() -> list:
+    """Tune's result.json and progress.csv writers (each trial's per-epoch history, which `collect_trials`,
+    `sync` and `KeepHistoryOnRetry` read). Not Tune's TensorBoard logger: importing it imports tensorboardX and
+    torch into the launcher, 1.5 s before the first trial could start; MLflow is this project's dashboard."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+@contextmanager
+def _only_our_loggers(on: bool) -> Iterator[None]:
+    """While a new sweep runs, Tune adds no default loggers (ours are in its callbacks). A resumed sweep keeps
+    Tune's defaults: one started before the launcher passed its own loggers has none in its saved callbacks."""
+    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    before = os.environ.get(name)
+    if on:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if on and before is None:
+            os.environ.pop(name, None)
+        elif on:
+            os.environ[name] = before
 
 
 def _new_tuner(spec: SweepSpec, configs: list[TrialConfig], envelopes: list[TrialEnvelope], *, sweep_dir: Path,

@@ -40,6 +40,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,18 +143,42 @@ def _restore_into(local_dir: Path, checkpoint) -> int:
     return retries
 
 
+_PROCESS: dict[str, Any] = {"trials": 0, "last_end": None}  # this trial process: trials started, when the last ended
+
+
+def _start_phases() -> dict[str, Any]:
+    """How this trial started: `phase_start_s` (a fresh process: since it was created; a reused one: since
+    its previous trial ended), `process_trials` (1 = a fresh process) and `trial_started_at` (Unix time)."""
+    import psutil  # a Ray dependency
+
+    now = time.time()
+    _PROCESS["trials"] += 1
+    since = _PROCESS["last_end"] if _PROCESS["last_end"] is not None else psutil.Process().create_time()
+    return {"phase_start_s": max(0.0, now - since), "process_trials": _PROCESS["trials"], "trial_started_at": now}
+
+
 def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> None:
     """Tune function trainable for one trial (single process, or data-parallel when workers > 1)."""
-    env = TrialEnvelope.of(config)
-    if env.resources.workers > 1:
-        _run_data_parallel(env, fault)
-        return
+    started = _start_phases()
+    try:
+        env = TrialEnvelope.of(config)
+        if env.resources.workers > 1:
+            _run_data_parallel(env, fault)
+        else:
+            _run_single(env, fault, started)
+    finally:
+        _PROCESS["last_end"] = time.time()
+
+
+def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[str, Any]) -> None:
     _hide_unreserved_gpus(env.resources)
+    t_import = time.perf_counter()
     import torch
 
     from bvit.trial import run_trial as train
 
     DETERMINISTIC = _deterministic()  # noqa: N806  (imports bvit's error types: after CUDA is hidden)
+    first = {**started, "phase_import_s": time.perf_counter() - t_import}  # 0 in a reused process
     torch.set_num_threads(env.resources.torch_threads)
     with tempfile.TemporaryDirectory(prefix=f"bvit-{env.trial_id}-") as tmp:
         local = Path(tmp)
@@ -163,7 +188,8 @@ def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> No
 
         def report(metrics: dict[str, Any]) -> None:
             _maybe_crash(fault, env.trial_id, metrics["epoch"] - 1)
-            metrics = {**metrics, "retries": retries, "node_id": ray.get_runtime_context().get_node_id()}
+            metrics = {**metrics, **first, "retries": retries, "node_id": ray.get_runtime_context().get_node_id()}
+            first.clear()  # the start-up phases go with the first report only
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
             reached["epoch"] = metrics["epoch"]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 import yaml
 from _sweep_helpers import write_spec
 
@@ -446,3 +447,64 @@ def test_a_trial_that_crashes_for_good_points_to_its_error_inside_the_sweep(work
     assert row["status"] == "ERROR" and row["error"] == f"see {kept}"
     assert "FaultInjected: injected crash of trial" in kept.read_text()
     assert read_csv(workdir / "results" / "dead" / "trials.csv")[0]["error"] == f"see {kept}"
+
+
+_FRESH = """
+import json, sys
+import torch
+torch.set_num_threads(1)  # what the trainable sets for a cpus: 1 trial
+from bvit.config import TrialConfig
+from bvit.trial import run_trial
+cfg = TrialConfig.model_validate_json(sys.argv[1])
+result = run_trial(cfg, trial_id=sys.argv[2], checkpoint_dir=sys.argv[3], device=torch.device("cpu"))
+"""
+
+
+def test_trials_run_back_to_back_in_one_reused_process_equal_each_run_in_a_fresh_one(workdir, fmnist_dir):
+    """Tune reuses a trial's process for the next trial: nothing may leak from one into the next (RNG states,
+    thread counts, cached data loaders, autocast, the model or optimizer). The second trial differs from the
+    first in architecture, augmentation and precision, runs after it in the same process, and must give
+    the weights and per-epoch metrics it gives in a process of its own."""
+    from orchestrator.spec import expand_trials, load_spec
+    from orchestrator.timing import read_records
+
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="reuse", axes={"optim.lr": [1e-3]}, max_concurrent_trials=1,
+                      zip=[{"model.arch": ["vit", "bvit"], "data.augment": ["crop-flip", "none"],
+                            "precision": ["bf16", "fp32"]}])
+    result = launch(spec_path=spec, verbose=False)
+    assert result.ok
+    trials = expand_trials(load_spec(spec))
+    sweep = workdir / "runs" / "reuse"
+    first = {t.id: read_records(sweep / t.id / "result.json")[0] for t in trials}
+    assert sorted(r["process_trials"] for r in first.values()) == [1, 2]  # one process ran both, one after the other
+    reused = next(r for r in first.values() if r["process_trials"] == 2)
+    assert reused["phase_compile_s"] == 0.0  # same data, same pipelines: the FFCV loaders were kept, not rebuilt
+
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    shown = CliRunner().invoke(app, ["status", str(sweep), "--timing", "--json"])
+    assert shown.exit_code == 0, shown.output
+    timing = json.loads(shown.output)
+    assert (timing["trials"], timing["fresh_processes"]) == (2, 1)
+    assert {row["trial_id"] for row in timing["rows"]} == {t.id for t in trials}
+    launch_line = timing["launch"]
+    assert 0 < launch_line["ray_ready_s"] <= launch_line["first_trial_start_s"] <= launch_line["first_step_s"]
+    for t in trials:
+        fresh = workdir / "fresh" / t.id
+        fresh.mkdir(parents=True)
+        subprocess.run([sys.executable, "-c", _FRESH, t.config.model_dump_json(), t.id, str(fresh)], check=True,
+                       env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        in_sweep = read_checkpoint(max((sweep / t.id).glob("checkpoint_*/checkpoint.pt")))
+        alone = read_checkpoint(fresh / "checkpoint.pt")
+        assert in_sweep["epoch"] == alone["epoch"] == 2
+        assert in_sweep["model"].keys() == alone["model"].keys()
+        for name, tensor in alone["model"].items():
+            assert torch.equal(in_sweep["model"][name], tensor), (t.id, name)
+
+        def timeless(history):
+            return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_seconds")
+                     and not k.startswith("phase_")} for r in history]
+
+        assert timeless(in_sweep["history"]) == timeless(alone["history"])

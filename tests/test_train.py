@@ -32,7 +32,8 @@ def tiny_cfg(fmnist_dir, **over) -> TrialConfig:
 
 
 def _timeless(history):
-    return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_seconds")} for r in history]
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_seconds") and not k.startswith("phase_")}
+            for r in history]
 
 
 def test_same_config_and_seed_give_identical_metrics(fmnist_dir, tmp_path):
@@ -187,3 +188,22 @@ def test_small_bvit_reaches_80_percent_on_fashion_mnist(fmnist_dir):
     })
     result = run_trial(cfg)
     assert result["test_top1"] >= 80.0, result["history"]
+
+
+def test_each_record_says_where_its_time_went_and_a_second_run_compiles_nothing(fmnist_dir):
+    """The phase breakdown `bvit-sweep status --timing` shows: set-up phases in a run's first record only,
+    per-epoch phases in every record; a second run on the same data in the same process reuses the
+    compiled FFCV loaders (compile 0)."""
+    from bvit.config import PHASES
+
+    cfg = tiny_cfg(fmnist_dir, **{"optim.epochs": 2})
+    run_trial(cfg)  # whatever this process compiled before, these loaders now exist
+    again = run_trial(cfg.model_copy(update={"seed": 1}))["history"]
+    first, second = again
+    assert {"phase_model_s", "phase_data_s", "phase_first_step_s"} <= set(first)
+    assert not {"phase_model_s", "phase_data_s", "phase_first_step_s"} & set(second)
+    for r in again:
+        assert {"phase_train_s", "phase_eval_s", "phase_checkpoint_s", "phase_report_s"} <= set(r)
+        assert r["phase_compile_s"] == 0.0
+        assert all(r[p] >= 0 for p in PHASES if p in r)
+    assert first["phase_first_step_s"] <= first["phase_train_s"]

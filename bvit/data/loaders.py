@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from bvit.config import DataConfig
 from bvit.data.format import DataError, keep_torch_threads, load_metadata
 
 __all__ = ["DataError", "Loaders", "make_loaders", "load_metadata", "epoch_order", "pad_crop_flip",
-           "random_resized_crop_flip", "mixup"]
+           "random_resized_crop_flip", "mixup", "compile_seconds"]
 
 EVAL_CROP_RATIO = 0.875  # ImageNet: resize 256, centre crop 224
 
@@ -174,6 +175,15 @@ def _epoch_loader_class() -> type:
     return EpochLoader
 
 
+_COMPILED = {"seconds": 0.0}  # this process's time spent building (compiling) FFCV loaders
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent so far building FFCV loaders (numba-compiling their pipelines); a
+    loader already built (same file version and pipeline) is reused and costs nothing."""
+    return _COMPILED["seconds"]
+
+
 @functools.lru_cache(maxsize=8)
 def _loader(fname: str, file_id: tuple, *, num_workers: int, kind: str, decode_size: int, crop_ratio: float,
             device: torch.device) -> Any:
@@ -181,11 +191,14 @@ def _loader(fname: str, file_id: tuple, *, num_workers: int, kind: str, decode_s
     with numba (seconds), so trials and tests in the same process share it (one pass at a time)."""
     from ffcv.loader import OrderOption
 
+    t0 = time.perf_counter()
     with keep_torch_threads():
-        return _epoch_loader_class()(
+        loader = _epoch_loader_class()(
             fname, device=device, batch_size=1, num_workers=num_workers, os_cache=True,
             order=OrderOption.SEQUENTIAL, distributed=False, batches_ahead=3,
             pipelines=_pipelines(kind, decode_size=decode_size, crop_ratio=crop_ratio, device=device))
+    _COMPILED["seconds"] += time.perf_counter() - t0
+    return loader
 
 
 class _Batches:

@@ -108,20 +108,60 @@ def launch(
 
 
 @command()
-def status(sweep: SweepArg, json_out: JsonOut = False) -> None:
+def status(
+        sweep: SweepArg,
+        json_out: JsonOut = False,
+        timing: Annotated[bool, typer.Option("--timing", help="Where the time went: each phase per trial and summed, and the launch timeline.")] = False,
+) -> None:
     """The trial table of a sweep, finished or not (state, epoch, best top-1, node, retries).
 
-    Example: `bvit-sweep status runs/width --json`
+    Example: `bvit-sweep status runs/width --json`, `bvit-sweep status runs/width --timing`
     """
     from orchestrator.sweep_dir import resolve_sweep, sweep_status
 
     s = resolve_sweep(sweep)
+    if timing:
+        _print_timing(s, json_out)
+        return
     rows = sweep_status(s)
     if json_out:
         print_json({"sweep_dir": str(s.dir), "trials": rows})
     else:
         done = sum(r["status"] == "TERMINATED" for r in rows)
         _print_table(rows, title=f"{s.name}: {done}/{len(rows)} trials finished")
+
+
+def _print_timing(s, json_out: bool = False) -> None:
+    from rich.table import Table
+
+    from bvit.config import PHASES
+    from orchestrator.timing import sweep_timing
+
+    rows, summary = sweep_timing(s.dir)
+    if json_out:
+        print_json({"sweep_dir": str(s.dir), "rows": rows, **summary})
+        return
+    short = [p.removeprefix("phase_").removesuffix("_s") for p in PHASES]
+    table = Table(title=f"{s.name}: where {summary['trials']} trials spent their time (seconds)")
+    for c in ["trial", "fresh process", *short]:
+        table.add_column(c, justify="left" if c == "trial" else "right")
+    for r in rows:
+        table.add_row(r["trial_id"], "yes" if r["fresh_process"] else "reused", *(f"{r[p]:.2f}" for p in PHASES))
+    total = summary["accounted_s"] or 1.0
+    table.add_row("[b]all trials[/b]", f"{summary['fresh_processes']} fresh",
+                  *(f"{v:.1f}" for v in summary["phases"].values()))
+    table.add_row("share", "", *("" if p == "phase_first_step_s" else f"{v / total:.0%}"
+                                 for p, v in summary["phases"].items()))
+    _console(200).print(table)
+    lines = []
+    if "launch" in summary:
+        t = summary["launch"]
+        lines.append(f"latest launch: Ray ready after {t['ray_ready_s']:.1f} s, first trial started at "
+                     f"{t['first_trial_start_s']:.1f} s, first optimizer step at {t['first_step_s']:.1f} s")
+    if "span_s" in summary:
+        lines.append(f"trials ran over {summary['span_s']:.0f} s; phases account for {summary['accounted_s']:.0f} s "
+                     "of trial time (first_step is part of train)")
+    typer.echo("\n".join(lines))
 
 
 @command()
