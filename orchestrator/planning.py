@@ -184,9 +184,10 @@ class Plan:
         known = None not in times
         wall = None
         if known and self.concurrent:
-            slots = [0.0] * self.concurrent  # FIFO: each trial starts on the first free slot, in order
-            for s in times:
-                heapq.heapreplace(slots, slots[0] + s)
+            slots = [0.0] * self.concurrent  # each trial starts on the first free slot, in the launch's order
+            seconds = {id(c.trial): c.seconds for c in self.trials}
+            for t in run_order([c.trial for c in self.trials]):
+                heapq.heapreplace(slots, slots[0] + seconds[id(t)])
             wall = max(slots, default=0.0)
         train_flops = sum(TRAIN_FLOPS_PER_FORWARD * t.flops * t.epochs * (t.train_images or 0)
                           for t in self.trials)
@@ -220,6 +221,23 @@ def few_seed_comparisons(trials: list[Trial]) -> str | None:
     return (f"{len(few)} of {len(pairs)} bViT-vs-ViT comparisons have {least} seed{'s' * (least != 1)} per arm: "
             f"comparisons with fewer than {MIN_SEEDS} seeds cannot carry an interval worth reading; "
             f"set seeds: {list(range(MIN_SEEDS))}")
+
+
+def relative_cost(cfg: TrialConfig) -> float:
+    """A trial's work in forward-FLOP units (training images x 3 + scored test images, times FLOPs per image,
+    over its epochs): comparable between the trials of one sweep, whatever the machine's speed."""
+    _, flops = _counts(*_shape(cfg.model))
+    train, test = _dataset_size(cfg)
+    per_epoch = TRAIN_FLOPS_PER_FORWARD * (train or 1) + (test or 0) / cfg.eval_every
+    return float(per_epoch * flops * cfg.optim.epochs)
+
+
+def run_order(trials: list[Trial]) -> list[Trial]:
+    """The order a sweep starts its trials in: seed by seed as the spec lists them (a sweep stopped early
+    has covered the grid with its first seeds), and within a seed the costliest trial first -- longest
+    first keeps the slots busy to the end instead of leaving one long trial running alone."""
+    seeds = list(dict.fromkeys(t.config.seed for t in trials))
+    return sorted(trials, key=lambda t: (seeds.index(t.config.seed), -relative_cost(t.config)))
 
 
 def _concurrent(spec: SweepSpec) -> int | None:

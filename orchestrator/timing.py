@@ -39,8 +39,9 @@ def read_records(result_json: Path) -> list[dict[str, Any]]:
 
 
 def trial_timing(trial_id: str, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One trial's phases summed over its records; `wall_s` from its first start to its last report;
-    `first_step_at`: Unix time of its first optimizer step; `fresh_process`: it paid a process start."""
+    """One trial's phases summed over its records; `wall_s` from its first start to its last report
+    (`ended_at`); `first_step_at`: Unix time of its first optimizer step; `fresh_process`: it paid a process
+    start."""
     row: dict[str, Any] = {"trial_id": trial_id, "epochs": len([r for r in records if "epoch_seconds" in r])}
     for p in PHASES:
         row[p] = sum(float(r.get(p) or 0.0) for r in records)
@@ -52,8 +53,10 @@ def trial_timing(trial_id: str, records: list[dict[str, Any]]) -> dict[str, Any]
         row["started_at"] = first["trial_started_at"]
         row["first_step_at"] = first["trial_started_at"] + sum(float(first.get(p) or 0.0) for p in SETUP) + float(
             first.get("phase_first_step_s") or 0.0)
-        ends = [r["timestamp"] for r in records if "timestamp" in r]
-        row["wall_s"] = max(ends) - row["started_at"] if ends else None  # Tune's timestamp: whole seconds
+        ends = [r.get("reported_at", r.get("timestamp")) for r in records]  # Tune's timestamp: whole seconds
+        ends = [e for e in ends if e is not None]
+        row["ended_at"] = max(ends) if ends else None
+        row["wall_s"] = row["ended_at"] - row["started_at"] if ends else None
     return row
 
 
@@ -67,7 +70,7 @@ def sweep_timing(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
                                "phases": totals, "accounted_s": accounted}
     started = [r for r in rows if "started_at" in r]
     if started:
-        summary["span_s"] = max(r["started_at"] + (r["wall_s"] or 0) for r in started) - min(
+        summary["span_s"] = max(r["ended_at"] or r["started_at"] for r in started) - min(
             r["started_at"] for r in started)
     launches = [json.loads(line) for line in (sweep_dir / LAUNCHES).read_text().splitlines()
                 if line.strip()] if (sweep_dir / LAUNCHES).exists() else []

@@ -188,7 +188,8 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
 
         def report(metrics: dict[str, Any]) -> None:
             _maybe_crash(fault, env.trial_id, metrics["epoch"] - 1)
-            metrics = {**metrics, **first, "retries": retries, "node_id": ray.get_runtime_context().get_node_id()}
+            metrics = {**metrics, **first, "retries": retries, "node_id": ray.get_runtime_context().get_node_id(),
+                       "reported_at": time.time()}
             first.clear()  # the start-up phases go with the first report only
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
             reached["epoch"] = metrics["epoch"]

@@ -237,6 +237,28 @@ def test_plan_warns_when_a_bvit_vit_comparison_has_fewer_than_three_seeds(tmp_pa
     assert invoke("plan", write(tmp_path, one_arm), "--no-bench").stderr == ""
 
 
+def test_a_sweep_starts_seed_by_seed_costliest_first_and_the_plan_schedules_that_order(tmp_path):
+    """Longest first within each seed (a sweep stopped early has still covered its first seeds): one long
+    trial last would run alone while the other slot idles. The plan's wall estimate follows the same order."""
+    from orchestrator.planning import make_plan, relative_cost, run_order
+    from orchestrator.spec import expand_trials, load_spec
+
+    spec = load_spec(write(tmp_path, {**VALID, "seeds": [3, 1]}))
+    trials = expand_trials(spec)
+    order = run_order(trials)
+    assert sorted(t.id for t in order) == sorted(t.id for t in trials)
+    assert [t.config.seed for t in order] == [3] * 8 + [1] * 8  # the spec's seed order, not sorted
+    for seed in (3, 1):
+        costs = [relative_cost(t.config) for t in order if t.config.seed == seed]
+        assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+    plan = make_plan(spec=spec, bench=False)
+    seconds = {c.trial.id: c.seconds for c in plan.trials}
+    slots = [0.0] * plan.concurrent  # each trial on the first free slot, in the launch's order
+    for t in order:
+        slots[slots.index(min(slots))] += seconds[t.id]
+    assert plan.totals()["wall_seconds"] == pytest.approx(max(slots))
+
+
 def test_plan_marks_unknown_data_sizes_and_caps_epochs_at_asha_max_t(tmp_path):
     path = write(tmp_path, {"name": "u", "base": {"data": {"path": "data/mystery"}, "optim": {"epochs": 9}},
                             "scheduler": {"type": "asha", "max_t": 4}})
