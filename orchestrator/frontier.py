@@ -344,7 +344,7 @@ def summarize(rows: list[dict[str, Any]] | pd.DataFrame, out_dir: Path, *, title
         cells = transfer_table(df)
         done = _finished(df, METRIC).pipe(lambda d: d.assign(rank=_rank_labels(d["rank"])))
         curves = curves if curves is None or "rank" not in curves else curves.assign(rank=_rank_labels(curves["rank"]))
-        convergence = still_improving_line(_with_flags(done), by=["method", "rank"], label=_method_label)
+        convergence = still_improving_line(done, by=["method", "rank"], label=_method_label)
         paths = write_transfer(cells, out_dir, title=title)
         _plot_curves(paths, curves, done, out_dir, title=title, panels=["arch", "width", "steps"], lines=["method", "rank"],
                      panel_label=lambda a, w, t: f"{a} width {w}, T={t}", line_label=_method_label)
@@ -353,7 +353,7 @@ def summarize(rows: list[dict[str, Any]] | pd.DataFrame, out_dir: Path, *, title
     slope = frontier_slope(cells) if cells["width"].nunique() >= 2 else None
     paths = write_frontier(cells, out_dir, title=title, slope=slope)
     done = _finished(df, METRIC)
-    convergence = still_improving_line(_with_flags(done), by=["arch", "width", "steps"],
+    convergence = still_improving_line(done, by=["arch", "width", "steps"],
                                        label=lambda a, w, t: f"{a} width {w}, T={t}")
     _plot_curves(paths, curves, done, out_dir, title=title, panels=["width", "steps"], lines=["arch"],
                  panel_label=lambda w, t: f"width {w}, T={t}", colors={"bvit": "tab:blue", "vit": "tab:orange"})

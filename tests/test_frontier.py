@@ -68,15 +68,16 @@ def test_transfer_cells_compare_each_method_with_full_fine_tuning():
     assert cells.loc["full", "top1_ci_low"] == pytest.approx(describe([86.0, 87.0])["ci_low"])
 
 
-def write_trials(path, table):
+def write_trials(path, table, columns=COLUMNS):
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(table)
 
 
 def test_frontier_command_rebuilds_from_a_committed_trials_csv(tmp_path):
-    write_trials(tmp_path / "trials.csv", rows())
+    before = [c for c in COLUMNS if c != "still_improving"]  # results from before convergence was reported
+    write_trials(tmp_path / "trials.csv", rows(), before)
     r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv"), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
@@ -86,7 +87,10 @@ def test_frontier_command_rebuilds_from_a_committed_trials_csv(tmp_path):
     assert (tmp_path / "frontier.csv").read_text().splitlines()[0].endswith("recovered_ci_high,welch_p,welch_p_holm,verdict")
     r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv")])
     assert r.exit_code == 0 and "bViT below ViT" in r.stdout and "width slope" in r.stdout
-    assert "convergence unknown: no finished trial recorded two epochs to compare" in r.stdout  # blank flags
+    assert "convergence not recorded (the trial table has no still_improving column)" in r.stdout
+    write_trials(tmp_path / "trials.csv", rows())  # the column, blank: no trial ran two epochs
+    r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv")])
+    assert r.exit_code == 0 and "convergence unknown: no finished trial recorded two epochs to compare" in r.stdout
 
 
 def flagged(still):
@@ -128,10 +132,7 @@ def test_holm_adjusts_the_tables_comparisons_together_and_the_verdict_says_when_
 
 def test_frontier_command_uses_a_committed_curves_csv_when_there_is_one(tmp_path):
     table = flagged({("bvit", 64, 2): [True, False, False]})
-    with open(tmp_path / "trials.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(table)
+    write_trials(tmp_path / "trials.csv", table)
     with open(tmp_path / "curves.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["trial_id", "arch", "width", "steps", "seed", "epoch", "train_loss", "test_loss", "test_top1"])
