@@ -1,17 +1,22 @@
 """The accuracy-parameter frontier and the paper's central comparison, from a sweep's trial table.
 
 For each (arch, width, steps) cell, seeds are averaged; every interval is orchestrator.stats' (95 %). Outputs:
-  * frontier.csv: one row per cell -- params, FLOPs, mean/std test top-1 and its interval, seeds, whether the
-    cell is on the Pareto frontier (no cell with fewer or equal parameters is more accurate), and for bViT
-    cells the recovered fraction (bViT top-1 / ViT top-1 at the same width and steps) and gap in points, each
-    with its interval from the per-seed values, Welch's p and a verdict in words.
+  * frontier.csv: one row per cell -- params, FLOPs, mean/std test top-1 and its interval, seeds, how many of
+    them were still improving at their end (`still_improving`, orchestrator.curves), whether the cell is on
+    the Pareto frontier (no cell with fewer or equal parameters is more accurate), and for bViT cells the
+    recovered fraction (bViT top-1 / ViT top-1 at the same width and steps) and gap in points, each with its
+    interval from the per-seed values, Welch's p, its Holm adjustment over the table's comparisons
+    (`welch_p_holm`) and a verdict in words.
   * slope.json (two widths or more): the recovered fraction's slope per doubling of width, with its interval.
   * frontier.png (top-1 vs parameters, log x), steps.png (per width: top-1 vs steps, both arms),
     recovered.png (recovered fraction and gap vs width, one line per step count); error bars are 95 % intervals.
+  * curves.png (when the trials' curves are given: curves.csv): train loss and test top-1 per epoch, per
+    (width, steps), both arms.
 
 A fine-tuning sweep (trials with a `finetune` section) gets the transfer table instead: per (pretrained
-model, method, rank) cell, trainable parameters and mean/std test top-1 (and merged-LoRA top-1), in
-transfer.csv and transfer.png (top-1 vs trainable parameters).
+model, method, rank) cell, trainable parameters and mean/std test top-1 (and merged-LoRA top-1), seeds still
+improving, each method's gap to full fine-tuning with Welch's and Holm's p, in transfer.csv and transfer.png
+(top-1 vs trainable parameters), and curves.png per pretrained model, one line per method.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
-from orchestrator.stats import compare, describe, verdict, width_slope
+from orchestrator.curves import count_still_improving, plot_curves, still_improving_line
+from orchestrator.stats import compare, corrected_verdict, describe, holm, verdict, width_slope
 
 __all__ = ["frontier_table", "frontier_slope", "headline", "write_frontier", "transfer_table", "write_transfer",
            "summarize", "read_trials", "Summary", "METRIC"]
@@ -50,10 +56,10 @@ def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METR
     df = _finished(rows, metric)
     df = df.assign(**{metric: pd.to_numeric(df[metric]), "params": pd.to_numeric(df["params"]),
                       "flops_per_image": pd.to_numeric(df["flops_per_image"])})
-    cells = (df.groupby(["arch", "width", "steps"], as_index=False)
+    cells = (_with_flags(df).groupby(["arch", "width", "steps"], as_index=False)
              .agg(params=("params", "first"), flops_per_image=("flops_per_image", "first"),
                   top1_mean=(metric, "mean"), top1_std=(metric, "std"), seeds=(metric, "size"),
-                  values=(metric, list)))
+                  still_improving=("still_improving", count_still_improving), values=(metric, list)))
     cells["top1_std"] = cells["top1_std"].fillna(0.0)
     cells = cells.sort_values(["params", "top1_mean"], ascending=[True, False]).reset_index(drop=True)
     best_so_far, on = -math.inf, []
@@ -72,8 +78,19 @@ def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METR
         cmp = compare(bvit=c["values"], vit=ref["values"])
         rows.append({"recovered_fraction": c["top1_mean"] / ref["top1_mean"], "gap_points": ref["top1_mean"] - c["top1_mean"],
                      **{k: cmp[k] for k in keys}, "verdict": verdict(cmp["gap_ci_low"], cmp["gap_ci_high"], **GAP_WORDS)})
+    _correct_for_multiplicity(rows)
     cells = pd.concat([_with_ci(cells), pd.DataFrame(rows, index=cells.index)], axis=1).drop(columns="values")
     return cells.sort_values(["arch", "width", "steps"]).reset_index(drop=True)
+
+
+def _correct_for_multiplicity(rows: list[dict[str, Any]]) -> None:
+    """Add `welch_p_holm` (Holm over the table's comparisons, stats.holm) to each row, after `welch_p`, and
+    qualify each verdict that holds before correction only."""
+    adjusted = holm([r["welch_p"] for r in rows])
+    m = sum(p is not None for p in adjusted)
+    for r, p in zip(rows, adjusted, strict=True):
+        words = r.pop("verdict")
+        r.update(welch_p_holm=p, verdict=corrected_verdict(words, p, m=m) if words else words)
 
 
 def frontier_slope(cells: pd.DataFrame) -> dict[str, Any]:
@@ -87,18 +104,27 @@ def _interval(low: Any, high: Any, fmt: str) -> str:
     return "no interval (one seed)" if low is None or low != low else f"95 % CI [{fmt.format(low)}, {fmt.format(high)}]"
 
 
-def headline(cells: pd.DataFrame, slope: dict[str, Any] | None = None) -> str:
-    """The frontier's answer in words: each bViT-vs-ViT gap with its interval and verdict, then the width slope."""
-    lines = []
+def _p(c: pd.Series) -> str:
+    """`, Welch p 0.012 (Holm 0.048)` where the comparison has a test."""
+    p, holm = c.get("welch_p"), c.get("welch_p_holm")
+    return "" if p is None or p != p else f", Welch p {p:.3g} (Holm {holm:.3g})"
+
+
+def headline(cells: pd.DataFrame, slope: dict[str, Any] | None = None, *, convergence: str = "") -> str:
+    """The frontier's answer in words: `convergence` (curves.still_improving_line: were the accuracies still
+    rising?), each bViT-vs-ViT gap with its interval, p-values and verdict, then the width slope."""
+    lines = [convergence] if convergence else []
     for _, c in cells[cells["recovered_fraction"].notna()].iterrows():
         lines.append(f"width {c['width']}, T={c['steps']}: gap {c['gap_points']:.2f} points "
                      f"({_interval(c['gap_ci_low'], c['gap_ci_high'], '{:.2f}')}), recovered {c['recovered_fraction']:.3f} "
                      f"({_interval(c['recovered_ci_low'], c['recovered_ci_high'], '{:.3f}')}), "
-                     f"{c['seeds']} seeds: {c['verdict']}")
+                     f"{c['seeds']} seeds{_p(c)}: {c['verdict']}")
     if slope is not None and slope["slope"] is not None:
         lines.append(f"width slope (recovered fraction per doubling of width): {slope['slope']:+.4f} "
                      f"({_interval(slope['ci_low'], slope['ci_high'], '{:+.4f}')}, df {slope['df']}): {slope['verdict']}")
-    return "\n".join(lines) or "no bViT cell has a ViT partner at the same width and steps"
+    if len(lines) == (1 if convergence else 0):
+        lines.append("no bViT cell has a ViT partner at the same width and steps")
+    return "\n".join(lines)
 
 
 def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "",
@@ -213,6 +239,21 @@ def _count_ticks(ax, values: pd.Series, min_gap: float = 0.09) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
+def _rank_labels(ranks: pd.Series) -> list[str]:
+    """LoRA ranks as labels: '8', or '-' for a method without one."""
+    return [str(int(r)) if pd.notna(r) and r != "" else "-" for r in ranks]
+
+
+def _method_label(method: str, rank: str) -> str:
+    """'lora-step r8', or the method alone where it has no rank ('-')."""
+    return method + ("" if rank == "-" else f" r{rank}")
+
+
+def _with_flags(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` with a `still_improving` column (blank where the trial table has none: results from before it)."""
+    return df if "still_improving" in df else df.assign(still_improving=None)
+
+
 def _finished(rows: list[dict[str, Any]] | pd.DataFrame, metric: str) -> pd.DataFrame:
     df = pd.DataFrame(rows)
     if df.empty or metric not in df:
@@ -226,15 +267,16 @@ def _finished(rows: list[dict[str, Any]] | pd.DataFrame, metric: str) -> pd.Data
 def transfer_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
     """Per (arch, width, steps, method, rank) cell of a fine-tuning sweep: trainable parameters and
     mean/std test top-1 over seeds (and the merged-LoRA top-1), fewest trainable parameters first."""
-    df = _finished(rows, metric)
+    df = _with_flags(_finished(rows, metric))
     if "method" not in df:
         raise ValueError("not a fine-tuning sweep: no trial has a finetune section")
-    df = df.assign(rank=[str(int(r)) if pd.notna(r) and r != "" else "-" for r in df["rank"]],  # '-': no LoRA
+    df = df.assign(rank=_rank_labels(df["rank"]),
                    merged_test_top1=pd.to_numeric(df.get("merged_test_top1"), errors="coerce"))
     cells = (df.groupby(["arch", "width", "steps", "method", "rank"], as_index=False)
              .agg(trainable_params=("trainable_params", "first"), params=("params", "first"),
                   top1_mean=(metric, "mean"), top1_std=(metric, "std"),
-                  merged_top1_mean=("merged_test_top1", "mean"), seeds=(metric, "size"), values=(metric, list)))
+                  merged_top1_mean=("merged_test_top1", "mean"), seeds=(metric, "size"),
+                  still_improving=("still_improving", count_still_improving), values=(metric, list)))
     cells["top1_std"] = cells["top1_std"].fillna(0.0)
     cells["trainable_fraction"] = cells["trainable_params"] / cells["params"]
     # each method against full fine-tuning of the same model: the gap (full - method) and its interval
@@ -248,6 +290,7 @@ def transfer_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METR
                      "verdict": "" if cmp is None else verdict(cmp["gap_ci_low"], cmp["gap_ci_high"],
                                                                above="below full fine-tuning",
                                                                below="above full fine-tuning")})
+    _correct_for_multiplicity(gaps)
     cells = pd.concat([_with_ci(cells), pd.DataFrame(gaps, index=cells.index)], axis=1).drop(columns="values")
     return cells.sort_values(["trainable_params", "method", "rank"]).reset_index(drop=True)
 
@@ -280,27 +323,51 @@ def write_transfer(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
     return paths
 
 
-def transfer_headline(cells: pd.DataFrame) -> str:
-    """Each fine-tuning method against full fine-tuning, with its interval and verdict."""
-    lines = [f"{c['method']}{'' if c['rank'] == '-' else ' r' + c['rank']} ({100 * c['trainable_fraction']:.1f} % "
+def transfer_headline(cells: pd.DataFrame, *, convergence: str = "") -> str:
+    """`convergence` (as in `headline`), then each fine-tuning method against full fine-tuning, with its
+    interval, p-values and verdict."""
+    lines = [f"{_method_label(c['method'], c['rank'])} ({100 * c['trainable_fraction']:.1f} % "
              f"trainable): {c['gap_to_full']:.2f} points below full ({_interval(c['gap_ci_low'], c['gap_ci_high'], '{:.2f}')}), "
-             f"{c['seeds']} seeds: {c['verdict']}" for _, c in cells[cells["gap_to_full"].notna()].iterrows()]
-    return "\n".join(lines) or "no full fine-tuning cell to compare with"
+             f"{c['seeds']} seeds{_p(c)}: {c['verdict']}" for _, c in cells[cells["gap_to_full"].notna()].iterrows()]
+    return "\n".join(([convergence] if convergence else []) + (lines or ["no full fine-tuning cell to compare with"]))
 
 
-def summarize(rows: list[dict[str, Any]] | pd.DataFrame, out_dir: Path, *, title: str = "") -> Summary:
+def summarize(rows: list[dict[str, Any]] | pd.DataFrame, out_dir: Path, *, title: str = "",
+              curves: pd.DataFrame | None = None) -> Summary:
     """The sweep's summary: table, files and headline; kind 'transfer' for a fine-tuning sweep, else 'frontier'.
+    `curves`: the trials' learning curves (curves.csv's table), plotted in curves.png; None: no curves.png.
 
     Raises ValueError when no trial has finished yet.
     """
     df = pd.DataFrame(rows)
     if "method" in df and df["method"].notna().any():
         cells = transfer_table(df)
-        return Summary("transfer", cells, write_transfer(cells, out_dir, title=title), transfer_headline(cells), None)
+        done = _finished(df, METRIC).pipe(lambda d: d.assign(rank=_rank_labels(d["rank"])))
+        curves = curves if curves is None or "rank" not in curves else curves.assign(rank=_rank_labels(curves["rank"]))
+        convergence = still_improving_line(done, by=["method", "rank"], label=_method_label)
+        paths = write_transfer(cells, out_dir, title=title)
+        _plot_curves(paths, curves, done, out_dir, title=title, panels=["arch", "width", "steps"], lines=["method", "rank"],
+                     panel_label=lambda a, w, t: f"{a} width {w}, T={t}", line_label=_method_label)
+        return Summary("transfer", cells, paths, transfer_headline(cells, convergence=convergence), None)
     cells = frontier_table(df)
     slope = frontier_slope(cells) if cells["width"].nunique() >= 2 else None
     paths = write_frontier(cells, out_dir, title=title, slope=slope)
-    return Summary("frontier", cells, paths, headline(cells, slope), slope)
+    done = _finished(df, METRIC)
+    convergence = still_improving_line(done, by=["arch", "width", "steps"],
+                                       label=lambda a, w, t: f"{a} width {w}, T={t}")
+    _plot_curves(paths, curves, done, out_dir, title=title, panels=["width", "steps"], lines=["arch"],
+                 panel_label=lambda w, t: f"width {w}, T={t}", colors={"bvit": "tab:blue", "vit": "tab:orange"})
+    return Summary("frontier", cells, paths, headline(cells, slope, convergence=convergence), slope)
+
+
+def _plot_curves(paths: dict[str, Path], curves: pd.DataFrame | None, done: pd.DataFrame, out_dir: Path,
+                 **kw: Any) -> None:
+    """curves.png of the finished trials (`done`) into `paths`, when their curves are given."""
+    if curves is None or "trial_id" not in done:
+        return
+    mine = curves[curves["trial_id"].astype(str).isin(done["trial_id"].astype(str))]
+    if (path := plot_curves(mine, out_dir / "curves.png", **kw)) is not None:
+        paths["curves.png"] = path
 
 
 def read_trials(path: Path) -> pd.DataFrame:

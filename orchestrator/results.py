@@ -1,29 +1,54 @@
 """The sweep's trial table, read back from Ray Tune's own state (the source of truth), and its files.
 
 `collect_trials` works on a finished, interrupted or running sweep; `write_results` writes
-results/<sweep>/trials.csv (one row per trial), the resolved spec and the git SHA it came from.
+results/<sweep>/trials.csv (one row per trial), curves.csv (one line per trial and epoch), the resolved spec
+and the git SHA it came from.
 """
 from __future__ import annotations
 
 import csv
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
+from orchestrator.curves import CURVES, curve_table, epoch_curve, still_improving
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.provenance import git_sha
-from orchestrator.spec import SweepSpec, Trial
+from orchestrator.spec import Convergence, SweepSpec, Trial
+from orchestrator.spec.load import SNAPSHOT, read_snapshot
 
-__all__ = ["trial_status", "collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes", "COLUMNS"]
+__all__ = ["trial_status", "collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes",
+           "trial_curves", "TrialTable", "COLUMNS"]
 
 COLUMNS = [
     "trial_id", "status", "arch", "width", "steps", "heads", "seed", "params", "flops_per_image",
     "best_test_top1", "best_epoch", "final_test_top1", "final_test_top5", "final_test_loss", "final_train_loss",
-    "epochs", "wall_s", "node", "retries", "error",
+    "epochs", "still_improving", "wall_s", "node", "retries", "error",
 ]
+_MEASURED = {*COLUMNS[7:], "status", "trainable_params", "merged_test_top1"}  # the rest of a row names its cell
+
+
+class TrialTable(list):
+    """`collect_trials`' rows (a list of one dict per trial, as before) that also carries each trial's
+    learning curve (`curves.epoch_curve`), by trial id, for curves.csv and curves.png."""
+
+    def __init__(self, rows: Iterable[dict[str, Any]] = (), *, curves: dict[str, list[dict[str, Any]]] | None = None):
+        super().__init__(rows)
+        self.curves = dict(curves or {})
+
+
+def trial_curves(table: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """curves.csv's table for a `TrialTable`: each trial's id, cell and axis columns, one line per epoch;
+    None for a plain list of rows (no curves known)."""
+    if not isinstance(table, TrialTable):
+        return None
+    columns = list(dict.fromkeys(k for r in table for k in r if k not in _MEASURED))
+    return curve_table(table, table.curves, columns)
 
 
 def _axis_columns(trials: list[Trial] | None) -> list[str]:
@@ -42,24 +67,30 @@ def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
     return {env.trial_id: env for env in envelopes}
 
 
-def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> list[dict[str, Any]]:
-    """One dict per trial in the sweep at `sweep_dir` (status, axes, counts, best/final metrics, node...).
+def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> TrialTable:
+    """One dict per trial in the sweep at `sweep_dir` (status, axes, counts, best/final metrics, whether it
+    was still improving at its end, node...), with each trial's learning curve (`TrialTable.curves`).
 
     `trials` (the spec's, expanded) orders the rows and names the axis columns; without them rows come in
-    id order with the model columns only.
+    id order with the model columns only. `still_improving` follows the `convergence` of the spec the sweep
+    was launched with (its snapshot; the default where it has none).
     """
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(sweep_dir))
     dfs = analysis.trial_dataframes
     axis_cols = _axis_columns(trials)
-    rows = []
+    convergence = read_snapshot(sweep_dir)[1].convergence if (sweep_dir / SNAPSHOT).exists() else Convergence()
+    rows, curves = [], {}
     for trial in analysis.trials:
         env = TrialEnvelope.of(trial.config)
         cfg = env.resolved  # a fine-tuning trial's model is its checkpoint's
         flat = cfg.flat()
         last = trial.last_result or {}
         df = dfs.get(trial.trial_id)
+        curve = [] if df is None or df.empty else epoch_curve(df.to_dict("records"), eval_every=cfg.eval_every,
+                                                              epochs=cfg.optim.epochs)
+        curves[env.trial_id] = curve
         row: dict[str, Any] = {
             "trial_id": env.trial_id, "status": trial.status, "arch": cfg.model.arch,
             "width": cfg.model.width, "steps": cfg.model.steps, "heads": cfg.model.heads, "seed": cfg.seed,
@@ -67,7 +98,8 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> lis
             "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
             "final_test_top1": last.get("test_top1"), "final_test_top5": last.get("test_top5"),
             "final_test_loss": last.get("test_loss"), "final_train_loss": last.get("train_loss"),
-            "epochs": last.get("epoch", 0), "wall_s": last.get("time_total_s"), "node": last.get("node_ip"),
+            "epochs": last.get("epoch", 0), "still_improving": still_improving(curve, convergence),
+            "wall_s": last.get("time_total_s"), "node": last.get("node_ip"),
             "retries": max(int(last.get("retries", 0)), trial.num_failures), "error": "",
         }
         if cfg.finetune is not None:  # a fine-tuning trial: how it adapted the pretrained model
@@ -87,13 +119,14 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> lis
         rows.append(row)
     order = {t.id: i for i, t in enumerate(trials or [])}
     rows.sort(key=lambda r: (order.get(r["trial_id"], len(order)), r["trial_id"]))
-    return rows
+    return TrialTable(rows, curves=curves)
 
 
 def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, command: str, results_dir: Path,
                   sweep_dir: Path, sha: str | None = None) -> Path:
-    """results/<name>[-smoke]/: trials.csv, spec.yaml (resolved), run.json (SHA, the launch command as run,
-    sweep dir)."""
+    """results/<name>[-smoke]/: trials.csv, curves.csv (when `rows` is `collect_trials`' TrialTable: one line
+    per trial and epoch), spec.yaml (resolved; its `convergence` always, the threshold behind trials.csv's
+    still_improving), run.json (SHA, the launch command as run, sweep dir)."""
     out = results_dir
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(COLUMNS[:7] + [k for r in rows for k in r] + COLUMNS[7:]))
@@ -104,7 +137,12 @@ def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, command: str, 
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     tmp.replace(out / "trials.csv")
-    (out / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json", exclude_unset=True), sort_keys=False))
+    if (curves := trial_curves(rows)) is not None:
+        curves.to_csv(out / f".{CURVES}.tmp", index=False)
+        (out / f".{CURVES}.tmp").replace(out / CURVES)
+    resolved = spec.model_dump(mode="json", exclude_unset=True)
+    resolved.setdefault("convergence", spec.convergence.model_dump(mode="json"))  # what still_improving means here
+    (out / "spec.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (out / "run.json").write_text(json.dumps({
         "git_sha": sha or git_sha(), "command": command, "sweep_dir": str(sweep_dir), "python": sys.version.split()[0],
         "trials": len(rows), "terminated": sum(r["status"] == "TERMINATED" for r in rows),
@@ -136,7 +174,8 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
 
     out: dict[str, Any] = {"frontier": None, "synced": None}
     try:
-        summary = summary if summary is not None else summarize(table, results_dir, title=sweep)  # frontier, or transfer for fine-tuning
+        summary = summary if summary is not None else summarize(  # frontier, or transfer for fine-tuning
+            table, results_dir, title=sweep, curves=trial_curves(table))
         out["frontier"] = str(next(iter(summary.paths.values())))
     except ValueError as e:
         if verbose:

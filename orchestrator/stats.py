@@ -3,6 +3,7 @@
     cell = describe([61.2, 59.8, 60.4])                  # mean, sd, n, 95 % Student-t interval
     cmp = compare(bvit=[...], vit=[...])                 # gap (ViT - bViT), recovered fraction, Welch test
     slope = width_slope(cells)                           # recovered fraction vs log2(width), with its CI
+    adjusted = holm([cmp["welch_p"] for cmp in cmps])    # the comparisons of one table, tested together
 
 Definitions (95 % by default; seeds are the replicates, each trial one observation):
   * cell: mean, sample sd, n and the Student-t interval mean +- t(n-1) sd / sqrt(n).
@@ -13,8 +14,11 @@ Definitions (95 % by default; seeds are the replicates, each trial one observati
     method), with Welch-Satterthwaite degrees of freedom; exp() brings it back, so it stays positive.
   * width slope: least squares of each cell's recovered fraction on log2(width), with one intercept
     per step count (step counts compared within themselves), Student-t interval on the slope.
+  * multiplicity: a table's comparisons (one per bViT/ViT pair of cells) are tested together; Holm's
+    step-down adjustment of their Welch p-values keeps the chance of any false "ahead" at most 1 - LEVEL.
 A difference whose interval includes 0 (a ratio whose interval includes 1) is "inconclusive" -- said in
-words in every table, plot and README that shows it.
+words in every table, plot and README that shows it; one whose interval excludes 0 but whose Holm-adjusted
+p does not reach 1 - LEVEL is said to hold "before correction only".
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as st
 
-__all__ = ["LEVEL", "MIN_SEEDS", "describe", "compare", "width_slope", "verdict"]
+__all__ = ["LEVEL", "MIN_SEEDS", "describe", "compare", "width_slope", "verdict", "holm", "corrected_verdict"]
 
 LEVEL = 0.95
 MIN_SEEDS = 3  # below this a comparison's interval is too wide to mean much (plan warns)
@@ -59,6 +63,30 @@ def verdict(low: float | None, high: float | None, *, null: float = 0.0, above: 
     if high < null:
         return below
     return f"inconclusive (interval includes {null:g})"
+
+
+def holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's adjusted p-values of tests made together (None or NaN: no test, left out of their number m).
+
+    With the m p-values sorted, p(1) <= ... <= p(m), the adjusted p(i) is max over j <= i of
+    min(1, (m - j + 1) p(j)) (Holm 1979): rejecting where it is below alpha keeps the family-wise error
+    rate at most alpha, whatever the tests' dependence.
+    """
+    tested = sorted((float(p), i) for i, p in enumerate(pvalues) if p is not None and not math.isnan(float(p)))
+    out: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for k, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - k) * p))
+        out[i] = running
+    return out
+
+
+def corrected_verdict(words: str, p_adjusted: float | None, *, m: int, level: float = LEVEL) -> str:
+    """`words` (a `verdict`) qualified by multiplicity: a verdict that is not inconclusive but whose
+    Holm-adjusted p is not below 1 - `level` holds "before correction only"."""
+    if words.startswith("inconclusive") or p_adjusted is None or p_adjusted < 1 - level:
+        return words
+    return f"{words} before correction only (Holm-adjusted p {p_adjusted:.3g} over {m} comparisons)"
 
 
 def compare(*, bvit: Sequence[float], vit: Sequence[float], level: float = LEVEL) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 A SWEEP argument is a sweep directory (<storage>/<name>), a spec file (its sweep under the spec's
 storage), or a bare name (looked up under ./runs). `rebuild_frontier` needs no sweep directory: it remakes
-the frontier files from a committed results/<sweep>/trials.csv.
+the frontier files from a committed results/<sweep>/trials.csv (and its curves.csv, where there is one).
 """
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ from typing import Any
 
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
+from orchestrator.spec.load import SNAPSHOT, read_snapshot
 
 __all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "read_snapshot", "check_tune_state", "sweep_status", "sweep_frontier", "rebuild_frontier", "sweep_sync", "ui_store"]
-
-SNAPSHOT = "bvit_sweep.json"  # in the sweep directory: the spec it was launched with, for status and resume
 
 
 def sweep_name(spec: SweepSpec, smoke: bool) -> str:
@@ -60,19 +59,6 @@ def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool
     return Sweep(dir=d, spec=spec, results_dir=Path(results_root) / d.name)
 
 
-def read_snapshot(sweep_dir: Path) -> tuple[dict[str, Any], SweepSpec]:
-    """The sweep's `bvit_sweep.json` (the spec it was launched with, its trial ids) and that spec; a one-line
-    `UserError` naming the file when it is damaged."""
-    path = sweep_dir / SNAPSHOT
-    try:
-        snapshot = json.loads(path.read_text())
-        return snapshot, SweepSpec.model_validate(snapshot["spec"])
-    except (ValueError, KeyError, TypeError) as e:  # JSON, encoding and pydantic errors are ValueErrors
-        what = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError([f"{path}: damaged ({what}); it records the spec the sweep was launched with: remove it "
-                         "and run `bvit-sweep launch SPEC --resume --force` to record the spec again"]) from None
-
-
 def check_tune_state(sweep_dir: Path) -> None:
     """A one-line `UserError` when Ray Tune's newest `experiment_state-*.json` in the sweep is not JSON."""
     states = sorted(sweep_dir.glob("experiment_state-*.json"))
@@ -97,12 +83,12 @@ def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str
     """Recompute frontier.csv and plots (transfer.* for a fine-tuning sweep) into results/<sweep>/ and log
     them to the parent MLflow run."""
     from orchestrator.frontier import summarize
-    from orchestrator.results import finalize
+    from orchestrator.results import finalize, trial_curves
     from orchestrator.tracking import resolve_tracking
 
     table = sweep_status(sweep)
     try:
-        summary = summarize(table, sweep.results_dir, title=sweep.name)
+        summary = summarize(table, sweep.results_dir, title=sweep.name, curves=trial_curves(table))
     except ValueError as e:
         raise UserError([f"{sweep.dir}: {e}"], code=1) from e
     uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
@@ -114,13 +100,17 @@ def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str
 
 def rebuild_frontier(trials_csv: Path) -> dict[str, Any]:
     """Rewrite frontier.csv (transfer.csv), slope.json and the plots beside a committed trials.csv, without
-    Ray's sweep directory and without MLflow; a one-line UserError (exit 2) for a missing or malformed file."""
+    Ray's sweep directory and without MLflow; curves.png too where curves.csv lies beside it (results from
+    before it have none). A one-line UserError (exit 2) for a missing or malformed file."""
+    from orchestrator.curves import CURVES, read_curves
     from orchestrator.frontier import read_trials, summarize
 
+    curves_csv = trials_csv.parent / CURVES
     try:
-        summary = summarize(read_trials(trials_csv), trials_csv.parent, title=trials_csv.parent.name)
+        summary = summarize(read_trials(trials_csv), trials_csv.parent, title=trials_csv.parent.name,
+                            curves=read_curves(curves_csv))
     except ValueError as e:
-        msg = str(e) if str(trials_csv) in str(e) else f"{trials_csv}: {e}"
+        msg = str(e) if str(e).startswith((str(trials_csv), str(curves_csv))) else f"{trials_csv}: {e}"
         raise UserError([msg]) from None
     return _frontier_doc(summary, trials_csv.parent)
 

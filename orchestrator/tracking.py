@@ -299,10 +299,11 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
 _CELL_COLUMNS = [  # (column in the frontier/transfer table, header, format)
     ("arch", "arch", "{}"), ("width", "width", "{}"), ("steps", "steps", "{}"), ("method", "method", "{}"),
     ("rank", "rank", "{}"), ("params", "params", "{:,.0f}"), ("trainable_params", "trained params", "{:,.0f}"),
-    ("seeds", "seeds", "{}"), ("top1_mean", "test top-1 (%)", "{:.2f}"), ("top1_std", "± std", "{:.2f}"),
+    ("seeds", "seeds", "{}"), ("still_improving", "still improving", "{:.0f}"), ("top1_mean", "test top-1 (%)", "{:.2f}"), ("top1_std", "± std", "{:.2f}"),
     ("merged_top1_mean", "merged top-1 (%)", "{:.2f}"), ("on_frontier", "on frontier", "{}"),
     ("recovered_fraction", "recovered (bViT/ViT)", "{:.3f}"), ("gap_points", "gap (points)", "{:.2f}"),
-    ("gap_ci_low", "gap CI low", "{:.2f}"), ("gap_ci_high", "gap CI high", "{:.2f}"), ("verdict", "verdict", "{}"),
+    ("gap_ci_low", "gap CI low", "{:.2f}"), ("gap_ci_high", "gap CI high", "{:.2f}"),
+    ("welch_p_holm", "Holm p", "{:.3g}"), ("verdict", "verdict", "{}"),
 ]
 
 
@@ -379,7 +380,7 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
     """The sweep's front page in MLflow, idempotent: any number of calls leave one copy of everything.
 
     `summary` is frontier.summarize's Summary or None before any trial finished. On the parent: the frontier
-    files and table, trials.csv, spec.yaml, run.json, the command (as its source), the git SHA (as its
+    files and table, trials.csv, curves.csv, spec.yaml, run.json, the command (as its source), the git SHA (as its
     version), a few sweep parameters, the width slope and its interval (metrics) and the description; the best trial's checkpoint on
     its child; each child's name and rank. `configs`: {trial id: resolved config} of the table's trials;
     `best`: (trial id, checkpoint) of the best finished trial, or None.
@@ -394,7 +395,7 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
         client.log_artifact(parent, str(path), artifact_path="frontier")
     if cells is not None:
         _write_table(client, parent, cells, "frontier/frontier_table.json")
-    for name in ("trials.csv", "spec.yaml", "run.json"):
+    for name in ("trials.csv", "curves.csv", "spec.yaml", "run.json"):
         if (results_dir / name).exists():
             client.log_artifact(parent, str(results_dir / name))
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.frontier import frontier_table, summarize, transfer_table
 from orchestrator.results import COLUMNS
-from orchestrator.stats import compare, describe, width_slope
+from orchestrator.stats import compare, describe, holm, width_slope
 
 # (arch, width, steps, [top-1 per seed]): at width 64 bViT is clearly below ViT, at width 32 it is not
 CELLS = [("bvit", 32, 2, [80.0, 84.0]), ("vit", 32, 2, [81.0, 85.0]),
@@ -68,24 +68,85 @@ def test_transfer_cells_compare_each_method_with_full_fine_tuning():
     assert cells.loc["full", "top1_ci_low"] == pytest.approx(describe([86.0, 87.0])["ci_low"])
 
 
-def write_trials(path, table):
+def write_trials(path, table, columns=COLUMNS):
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(table)
 
 
 def test_frontier_command_rebuilds_from_a_committed_trials_csv(tmp_path):
-    write_trials(tmp_path / "trials.csv", rows())
+    before = [c for c in COLUMNS if c != "still_improving"]  # results from before convergence was reported
+    write_trials(tmp_path / "trials.csv", rows(), before)
     r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv"), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert doc["kind"] == "frontier" and doc["slope"]["widths"] == [16, 32, 64]
     assert {p.name for p in tmp_path.iterdir()} == {"trials.csv", "frontier.csv", "slope.json", "frontier.png",
-                                                     "steps.png", "recovered.png"}
-    assert (tmp_path / "frontier.csv").read_text().splitlines()[0].endswith("recovered_ci_high,welch_p,verdict")
+                                                     "steps.png", "recovered.png"}  # no curves.csv: no curves.png
+    assert (tmp_path / "frontier.csv").read_text().splitlines()[0].endswith("recovered_ci_high,welch_p,welch_p_holm,verdict")
     r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv")])
     assert r.exit_code == 0 and "bViT below ViT" in r.stdout and "width slope" in r.stdout
+    assert "convergence not recorded (the trial table has no still_improving column)" in r.stdout
+    write_trials(tmp_path / "trials.csv", rows())  # the column, blank: no trial ran two epochs
+    r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv")])
+    assert r.exit_code == 0 and "convergence unknown: no finished trial recorded two epochs to compare" in r.stdout
+
+
+def flagged(still):
+    """rows() with `still_improving` from {(arch, width, steps): [flag per seed]} (False where not given)."""
+    out = rows()
+    for r in out:
+        r["still_improving"] = still.get((r["arch"], r["width"], r["steps"]), [False] * 3)[r["seed"]]
+    return out
+
+
+def test_cells_count_the_seeds_still_improving_and_the_headline_says_accuracies_are_not_converged(tmp_path):
+    s = summarize(flagged({("bvit", 64, 2): [True, True, False], ("vit", 16, 4): [None, True]}), tmp_path)
+    cells = s.cells.set_index(["arch", "width", "steps"])["still_improving"]
+    assert cells["bvit", 64, 2] == 2 and cells["vit", 16, 4] == 1 and cells["vit", 64, 2] == 0
+    assert s.headline.splitlines()[0] == (
+        "3 of 17 trials were still improving at the end: accuracies are not converged (bvit width 64, T=2: 2 of 3; "
+        "vit width 16, T=4: 1 of 1; 1 more without two recorded epochs)")
+    with open(tmp_path / "frontier.csv") as f:
+        assert {(r["arch"], r["width"], r["steps"]): r["still_improving"] for r in csv.DictReader(f)}["bvit", "64", "2"] == "2"
+    assert summarize(flagged({}), tmp_path).headline.splitlines()[0] == (
+        "none of the 18 trials was still improving at the end")
+
+
+def test_holm_adjusts_the_tables_comparisons_together_and_the_verdict_says_when_only_before(tmp_path):
+    more = CELLS + [("bvit", 128, 2, [70.0, 71.0, 72.0]), ("vit", 128, 2, [73.0, 74.0, 75.0])]  # Welch p 0.021
+    cells = {(c["arch"], c["width"], c["steps"]): c for c in summarize(rows(more), tmp_path).cells.to_dict("records")}
+    pairs = [(w, t) for a, w, t, _ in more if a == "bvit"]
+    p = [cells["bvit", w, t]["welch_p"] for w, t in pairs]
+    assert [cells["bvit", w, t]["welch_p_holm"] for w, t in pairs] == pytest.approx(holm(p))
+    # the smallest p times 5, the next (width 128's) times 4: 0.021 x 4 = 0.085, no longer below 0.05
+    assert cells["bvit", 64, 2]["welch_p_holm"] == pytest.approx(5 * cells["bvit", 64, 2]["welch_p"])
+    assert cells["bvit", 128, 2]["welch_p"] < 0.05 < cells["bvit", 128, 2]["welch_p_holm"] == pytest.approx(
+        4 * cells["bvit", 128, 2]["welch_p"])
+    assert cells["bvit", 64, 2]["verdict"] == "bViT below ViT"
+    assert cells["bvit", 128, 2]["verdict"] == (
+        "bViT below ViT before correction only (Holm-adjusted p 0.0852 over 5 comparisons)")
+    assert cells["bvit", 32, 2]["verdict"] == "inconclusive (interval includes 0)"
+
+
+def test_frontier_command_uses_a_committed_curves_csv_when_there_is_one(tmp_path):
+    table = flagged({("bvit", 64, 2): [True, False, False]})
+    write_trials(tmp_path / "trials.csv", table)
+    with open(tmp_path / "curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial_id", "arch", "width", "steps", "seed", "epoch", "train_loss", "test_loss", "test_top1"])
+        w.writerows([r["trial_id"], r["arch"], r["width"], r["steps"], r["seed"], e, 2.0 / e, "", r["final_test_top1"] * e / 2]
+                    for r in table for e in (1, 2))
+    r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert str(tmp_path / "curves.png") in doc["files"] and (tmp_path / "curves.png").stat().st_size > 10_000
+    assert doc["headline"].startswith("1 of 18 trials were still improving at the end: accuracies are not converged")
+    assert {(c["arch"], c["width"], c["steps"]): c["still_improving"] for c in doc["cells"]}["bvit", 64, 2] == 1
+    (tmp_path / "curves.csv").write_text("epoch\n1\n")
+    r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv")])
+    assert r.exit_code == 2 and r.stderr.strip() == f"{tmp_path / 'curves.csv'}: not a curves table (no column trial_id, train_loss)"
 
 
 @pytest.mark.parametrize("content, message", [

@@ -45,6 +45,12 @@ def test_sweep_completes_with_trials_csv_and_mlflow_runs(workdir, fmnist_dir):
         assert float(r["best_test_top1"]) > 15  # learned: chance on 10,000 test images stays under 10.6 % (95 %); seen 19-26 %
         assert (int(r["params"]), int(r["flops_per_image"])) == (model_params(model), model_flops(model))
     assert (workdir / "results" / "tiny" / "frontier.csv").exists()
+    # convergence, reported: each trial's two epochs in curves.csv, its flag in trials.csv, the plot beside them
+    curves = read_csv(workdir / "results" / "tiny" / "curves.csv")
+    assert sorted((c["trial_id"], c["epoch"]) for c in curves) == sorted((r["trial_id"], e) for r in rows for e in "12")
+    assert all(float(c["train_loss"]) > 0 and float(c["test_top1"]) > 0 for c in curves)  # eval_every=1: scored each epoch
+    assert {r["still_improving"] for r in rows} <= {"True", "False"}
+    assert (workdir / "results" / "tiny" / "curves.png").exists()
     run = json.loads((workdir / "results" / "tiny" / "run.json").read_text())
     # one trial id everywhere: the results table (Ray's trial name) and each trial's own checkpoint
     saved = {read_checkpoint(p)["trial_id"] for p in (workdir / "runs" / "tiny").glob("*/checkpoint_*/checkpoint.pt")}

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from orchestrator.stats import compare, describe, verdict, width_slope
+from orchestrator.stats import compare, corrected_verdict, describe, holm, verdict, width_slope
 
 
 def test_describe_matches_the_student_t_interval():
@@ -70,3 +70,21 @@ def test_verdict_wording():
     assert verdict(-0.3, -0.1, above="up", below="down") == "down"
     assert verdict(0.9, 1.1, null=1.0, above="up", below="down") == "inconclusive (interval includes 1)"
     assert st.t.ppf(0.975, 2) == pytest.approx(4.302652729911275)
+
+
+def test_holm_adjusts_like_the_hand_computed_step_down():
+    # sorted: 0.005 x4 = 0.02; 0.01 x3 = 0.03; 0.03 x2 = 0.06; 0.04 x1 = 0.04 -> 0.06 (never below the step before)
+    assert holm([0.01, 0.04, None, 0.03, 0.005]) == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.02]) == [0.02] and holm([]) == [] and holm([float("nan")]) == [None]
+
+
+def test_a_verdict_significant_only_before_correction_says_so():
+    # six comparisons, the README's width-64 p-values among them: 0.006 x6 = 0.036 holds, 0.025 x5 = 0.125 does not
+    p = holm([0.172, 0.444, 0.566, 0.641, 0.025, 0.006])
+    assert p[5] == pytest.approx(0.036) and p[4] == pytest.approx(0.125)
+    assert corrected_verdict("bViT below ViT", p[5], m=6) == "bViT below ViT"
+    assert corrected_verdict("bViT below ViT", p[4], m=6) == (
+        "bViT below ViT before correction only (Holm-adjusted p 0.125 over 6 comparisons)")
+    words = "inconclusive (interval includes 0)"
+    assert corrected_verdict(words, 1.0, m=6) == words

@@ -19,6 +19,7 @@ from orchestrator.spec.paths import LEAVES
 from orchestrator.spec.schema import (
     MAX_TRIALS,
     METRICS,
+    Convergence,
     Resources,
     Scheduler,
     Smoke,
@@ -28,7 +29,7 @@ from orchestrator.spec.schema import (
 )
 
 __all__ = [
-    "LEAVES", "MAX_TRIALS", "METRICS", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
+    "LEAVES", "MAX_TRIALS", "METRICS", "Convergence", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
     "Trial", "Validation", "config_with_overrides", "expand", "expand_trials", "load_spec", "read_yaml",
     "validate_file",
 ]

@@ -2,9 +2,11 @@
 
     spec = load_spec("sweeps/width.yaml")     # SpecError: one `file: field: message` line per problem
     checked = validate_file(path=...)         # the spec and its trials, normal and --smoke
+    snapshot, spec = read_snapshot(sweep_dir) # the spec a sweep was launched with (its bvit_sweep.json)
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +14,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.errors import InputError, problems_from_validation
+from orchestrator.errors import InputError, UserError, problems_from_validation
 from orchestrator.spec.expand import Trial, expand_trials
 from orchestrator.spec.paths import structure_problems
 from orchestrator.spec.schema import SpecError, SweepSpec, grid_factors
 
-__all__ = ["Validation", "load_spec", "read_yaml", "validate_file"]
+__all__ = ["SNAPSHOT", "Validation", "load_spec", "read_snapshot", "read_yaml", "validate_file"]
+
+SNAPSHOT = "bvit_sweep.json"  # in the sweep directory: the spec it was launched with, for status and resume
 
 
 class _Loader(yaml.SafeLoader):
@@ -135,3 +139,16 @@ def validate_file(*, path: str | Path) -> Validation:
     """Load a spec and expand it both ways, so every problem surfaces as a `SpecError` before any compute."""
     spec = load_spec(path)
     return Validation(spec, expand_trials(spec), expand_trials(spec, smoke=True))
+
+
+def read_snapshot(sweep_dir: Path) -> tuple[dict[str, Any], SweepSpec]:
+    """The sweep's `bvit_sweep.json` (the spec it was launched with, its trial ids) and that spec; a one-line
+    `UserError` naming the file when it is damaged."""
+    path = sweep_dir / SNAPSHOT
+    try:
+        snapshot = json.loads(path.read_text())
+        return snapshot, SweepSpec.model_validate(snapshot["spec"])
+    except (ValueError, KeyError, TypeError) as e:  # JSON, encoding and pydantic errors are ValueErrors
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError([f"{path}: damaged ({what}); it records the spec the sweep was launched with: remove it "
+                         "and run `bvit-sweep launch SPEC --resume --force` to record the spec again"]) from None

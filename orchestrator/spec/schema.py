@@ -16,7 +16,7 @@ from pydantic.functional_validators import field_validator, model_validator
 from orchestrator.errors import InputError
 from orchestrator.spec.paths import Axes, Problem, structure_problems
 
-__all__ = ["METRICS", "MAX_NAME", "MAX_TRIALS", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
+__all__ = ["METRICS", "MAX_NAME", "MAX_TRIALS", "Convergence", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
            "grid_factors"]
 
 METRICS = {"test_top1": "max", "test_top5": "max", "test_loss": "min", "train_loss": "min"}  # name -> better
@@ -96,6 +96,23 @@ class Scheduler(_Frozen):
         return self
 
 
+class Convergence(_Frozen):
+    """When a trial counts as still improving at its end (trials.csv's `still_improving`): its `metric` got
+    better, between the last two epochs it was recorded at, by more than `min_gain` of its value per epoch."""
+
+    metric: Literal["train_loss", "test_loss", "test_top1", "test_top5"] = "train_loss"  # test_*: scored epochs only
+    min_gain: float = 0.01  # relative gain per epoch (0.01: the loss fell by more than 1 % in the last epoch)
+
+    @field_validator("min_gain")
+    @classmethod
+    def _a_fraction(cls, gain: float) -> float:
+        if not 0 <= gain < 1:
+            hint = f"; for {gain:g} % write {gain / 100:g}" if 1 <= gain <= 100 else ""
+            raise ValueError(f"min_gain={gain:g}: a relative gain per epoch, a fraction in [0, 1) "
+                             f"(0.01: 1 % better than the epoch before){hint}")
+        return gain
+
+
 class Tracking(_Frozen):
     uri: str | None = Field(None, min_length=1)  # MLflow tracking URI (None: SQLite in the results)
     experiment: str | None = Field(None, min_length=1)  # MLflow experiment (None: the spec's name)
@@ -127,6 +144,7 @@ class SweepSpec(_Frozen):
     storage: str = Field("runs", min_length=1)  # Ray Tune storage (path or URI); the sweep: storage/name
     ray_address: str | None = Field(None, min_length=1)  # Ray cluster to join (None: start a local one)
     smoke: Smoke = Field(default_factory=Smoke)  # what `--smoke` changes
+    convergence: Convergence = Field(default_factory=Convergence)  # when a trial counts as still improving
 
     _source: str = PrivateAttr("<spec>")
 
