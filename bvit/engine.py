@@ -24,7 +24,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -292,19 +292,11 @@ def fit(
     return history, best
 
 
-
-def _first_step_timed(batches, t0: float, phases: dict[str, float]):
+def _first_step_timed(batches: Iterable, t0: float, phases: dict[str, float]) -> Iterator:
     """`batches`, noting in `phases` when the first optimizer step ended (the second batch is asked for,
     or the epoch ends)."""
-    class Timed:
-        def __len__(self) -> int:
-            return len(batches)
-
-        def __iter__(self):
-            for i, batch in enumerate(batches):
-                if i == 1:
-                    phases["phase_first_step_s"] = time.perf_counter() - t0
-                yield batch
-            phases.setdefault("phase_first_step_s", time.perf_counter() - t0)
-
-    return Timed()
+    for i, batch in enumerate(batches):
+        if i == 1:
+            phases["phase_first_step_s"] = time.perf_counter() - t0
+        yield batch
+    phases.setdefault("phase_first_step_s", time.perf_counter() - t0)

@@ -33,6 +33,8 @@ from orchestrator.stats import compare, corrected_verdict, describe, holm, verdi
 __all__ = ["frontier_table", "frontier_slope", "headline", "write_frontier", "transfer_table", "write_transfer",
            "summarize", "read_trials", "Summary", "METRIC"]
 
+ARCH_COLORS = {"bvit": "tab:blue", "vit": "tab:orange"}  # each arm's colour in every plot
+
 METRIC = "final_test_top1"
 GAP_WORDS = dict(above="bViT below ViT", below="bViT above ViT")  # the gap is ViT - bViT
 
@@ -141,7 +143,7 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "",
     if slope is not None:
         paths["slope.json"] = out_dir / "slope.json"
         paths["slope.json"].write_text(json.dumps(slope, indent=1) + "\n")
-    style = {"bvit": dict(marker="o", color="tab:blue"), "vit": dict(marker="s", color="tab:orange")}
+    style = {arch: dict(marker=marker, color=ARCH_COLORS[arch]) for arch, marker in (("bvit", "o"), ("vit", "s"))}
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for arch, g in cells.groupby("arch"):
@@ -356,7 +358,7 @@ def summarize(rows: list[dict[str, Any]] | pd.DataFrame, out_dir: Path, *, title
     convergence = still_improving_line(done, by=["arch", "width", "steps"],
                                        label=lambda a, w, t: f"{a} width {w}, T={t}")
     _plot_curves(paths, curves, done, out_dir, title=title, panels=["width", "steps"], lines=["arch"],
-                 panel_label=lambda w, t: f"width {w}, T={t}", colors={"bvit": "tab:blue", "vit": "tab:orange"})
+                 panel_label=lambda w, t: f"width {w}, T={t}", colors=ARCH_COLORS)
     return Summary("frontier", cells, paths, headline(cells, slope, convergence=convergence), slope)
 
 
