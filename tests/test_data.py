@@ -430,3 +430,48 @@ def test_loader_benchmark_prints_both_rates_and_ratio(fmnist_dir, capsys):
     assert rates["ratio"] == rates["ffcv"] / rates["dataloader"]
     for key in ("ffcv", "dataloader", "model"):
         assert f"{rates[key]:>12,.0f} img/s" in out, key
+
+
+_DECODE_BOTH_MODES = """
+import hashlib, sys
+from pathlib import Path
+import torch
+if sys.argv[1] == "numba-dict":
+    import ffcv  # FFCV's own import: IMAGE_MODES is numba's typed Dict
+torch.set_num_threads(2)
+from bvit.data.format import import_ffcv
+import_ffcv()
+import numba.typed
+from ffcv.fields import rgb_image
+from bvit.config import DataConfig
+from bvit.data.image_folder import prepare_image_folder
+from bvit.data.loaders import make_loaders
+assert torch.get_num_threads() == 2, torch.get_num_threads()
+digest = hashlib.sha256()
+for quality in (None, 95):  # raw and JPEG storage: both decoders read IMAGE_MODES
+    out = Path(sys.argv[2]) / f"{sys.argv[1]}-{quality}"
+    prepare_image_folder(src=Path(sys.argv[3]), out=out, jpeg_quality=quality, workers=1)
+    loaders = make_loaders(DataConfig(path=str(out), num_workers=1, batch_size=6, augment="rrc-flip"), img_size=16, seed=0)
+    for x, y in [*loaders.eval(), *loaders.train(0)]:
+        digest.update(x.numpy().tobytes() + y.numpy().tobytes())
+print(type(rgb_image.IMAGE_MODES).__name__, dict(rgb_image.IMAGE_MODES), numba.typed.Dict.__module__, digest.hexdigest())
+"""
+
+
+def test_ffcv_imported_without_its_typed_dict_compile_decodes_the_same(folder, tmp_path):
+    """`import_ffcv` skips FFCV's import-time numba compile (~1.8 s of every data process's start) by building
+    FFCV's image-mode table as a plain dict: raw and JPEG images decode to the same bytes as with FFCV's own
+    typed Dict, numba's `Dict` is numba's again afterwards, torch's thread count is kept."""
+    import subprocess
+    import sys
+
+    def run(mode):
+        proc = subprocess.run([sys.executable, "-c", _DECODE_BOTH_MODES, mode, str(tmp_path), str(folder)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.split()
+
+    fast, numba_dict = run("fast"), run("numba-dict")
+    assert fast[:3] == ["dict", "{'jpg':", "0,"] and numba_dict[0] == "Dict"
+    assert fast[-2] == numba_dict[-2] == "numba.typed.typeddict"
+    assert fast[-1] == numba_dict[-1]

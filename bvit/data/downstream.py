@@ -30,6 +30,7 @@ from bvit.data.format import (
     channel_stats,
     file_digest,
     finish_preparation,
+    import_ffcv,
     start_preparation,
     up_to_date,
     write_beton,
@@ -50,6 +51,7 @@ _IDX = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 def _write(out: Path, *, splits: dict[str, tuple[np.ndarray, np.ndarray]], class_names: Sequence[str],
            dataset: str, source: dict[str, Any], params: dict[str, Any], command: str) -> dict[str, Any]:
     """Write uint8 (N, 28, 28) images + labels as a prepared directory (the Fashion-MNIST layout)."""
+    import_ffcv()
     from ffcv.fields import IntField, NDArrayField
 
     start_preparation(out)

@@ -25,7 +25,7 @@ from bvit.data.format import (
     channel_stats,
     file_digest,
     finish_preparation,
-    keep_torch_threads,
+    import_ffcv,
     start_preparation,
     up_to_date,
     write_beton,
@@ -119,8 +119,8 @@ def prepare_fashion_mnist(*, out: Path | str, source: Path | str | None = None, 
 
     data = _load_fmnist(files)
     start_preparation(out)
-    with keep_torch_threads():
-        from ffcv.fields import IntField, NDArrayField
+    import_ffcv()
+    from ffcv.fields import IntField, NDArrayField
 
     fields = {"image": NDArrayField(dtype=np.dtype("uint8"), shape=(28, 28)), "label": IntField()}
     workers = workers or min(4, os.cpu_count() or 1)

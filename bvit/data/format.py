@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["DataError", "load_metadata", "META_NAME", "SPLITS", "ArrayDataset", "write_beton", "file_digest",
-           "up_to_date", "start_preparation", "finish_preparation", "channel_stats", "keep_torch_threads"]
+           "up_to_date", "start_preparation", "finish_preparation", "channel_stats", "keep_torch_threads", "import_ffcv"]
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -133,6 +133,31 @@ def load_metadata(path: Path | str) -> dict[str, Any]:
 
 # ---- writing -----------------------------------------------------------------------------------------
 
+def import_ffcv() -> None:
+    """Import FFCV (the first call in a process; later ones return at once), keeping torch's thread count,
+    without FFCV 1.0's import-time numba compile.
+
+    `ffcv.fields.rgb_image` builds `IMAGE_MODES = numba.typed.Dict()` and sets two keys at import: numba
+    compiles the typed dict's methods, ~1.8 s of the ~2.2 s `import ffcv` on a small CPU, paid by every
+    process that reads or writes data (each sweep trial process). The dict is only ever read from Python
+    (the decoders copy its two ints before compiling their code; the writer indexes it), so a plain dict
+    behaves the same: while FFCV imports, `numba.typed.Dict` is `dict`, and it is numba's again after.
+    """
+    import sys
+
+    if "ffcv" in sys.modules:
+        return
+    import numba.typed
+
+    typed_dict = numba.typed.Dict
+    numba.typed.Dict = dict
+    try:
+        with keep_torch_threads():
+            import ffcv  # noqa: F401
+    finally:
+        numba.typed.Dict = typed_dict
+
+
 @contextlib.contextmanager
 def keep_torch_threads() -> Iterator[None]:
     """Importing FFCV, building a Loader and starting an epoch each set torch's intra-op thread count
@@ -151,8 +176,8 @@ def _writer_progress(desc: str, enabled: bool) -> Iterator[None]:
     """FFCV's writer always draws a tqdm bar; label it, or silence it."""
     from tqdm import tqdm
 
-    with keep_torch_threads():
-        import ffcv.writer
+    import_ffcv()
+    import ffcv.writer
 
     original = ffcv.writer.tqdm
     ffcv.writer.tqdm = functools.partial(tqdm, desc=desc, disable=not enabled, leave=False)
@@ -168,8 +193,8 @@ def write_beton(path: Path, dataset: Any, fields: dict[str, Any], *, page_size: 
 
     `dataset[i]` must never raise: FFCV's writer waits forever for a worker that died.
     """
-    with keep_torch_threads():
-        from ffcv.writer import DatasetWriter
+    import_ffcv()
+    from ffcv.writer import DatasetWriter
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         writer = DatasetWriter(str(tmp), fields, page_size=page_size, num_workers=max(1, min(workers, len(dataset))))

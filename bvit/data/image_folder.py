@@ -33,7 +33,7 @@ from bvit.data.format import (
     DataError,
     channel_stats,
     finish_preparation,
-    keep_torch_threads,
+    import_ffcv,
     start_preparation,
     up_to_date,
     write_beton,
@@ -207,8 +207,8 @@ def prepare_image_folder(*, src: Path | str, out: Path | str, max_res: int | Non
     max_h, max_w = (max(s[i] for s in shapes) for i in (0, 1))
     page_size = max(1 << 21, 1 << int(2 * max_h * max_w * 3 + (1 << 16) - 1).bit_length())
     start_preparation(out)
-    with keep_torch_threads():
-        from ffcv.fields import IntField, RGBImageField
+    import_ffcv()
+    from ffcv.fields import IntField, RGBImageField
 
     mode = {"write_mode": "raw"} if jpeg_quality is None else {"write_mode": "jpg", "jpeg_quality": jpeg_quality}
     fields = {"image": RGBImageField(max_resolution=None, **mode), "label": IntField()}

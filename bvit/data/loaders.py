@@ -48,7 +48,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bvit.config import DataConfig
-from bvit.data.format import DataError, keep_torch_threads, load_metadata
+from bvit.data.format import DataError, import_ffcv, keep_torch_threads, load_metadata
 
 __all__ = ["DataError", "Loaders", "make_loaders", "load_metadata", "epoch_order", "pad_crop_flip",
            "random_resized_crop_flip", "mixup", "compile_seconds"]
@@ -125,6 +125,7 @@ def mixup(x: torch.Tensor, y: torch.Tensor, *, alpha: float, num_classes: int,
 
 @functools.cache
 def _epoch_loader_class() -> type:
+    import_ffcv()
     from ffcv.loader import Loader
     from ffcv.loader.epoch_iterator import EpochIterator
     from ffcv.pipeline.compiler import Compiler
@@ -189,6 +190,7 @@ def _loader(fname: str, file_id: tuple, *, num_workers: int, kind: str, decode_s
             device: torch.device) -> Any:
     """One FFCV Loader per file version and pipeline per process: building one compiles its pipeline
     with numba (seconds), so trials and tests in the same process share it (one pass at a time)."""
+    import_ffcv()
     from ffcv.loader import OrderOption
 
     t0 = time.perf_counter()
@@ -292,6 +294,7 @@ class Loaders:
 
 
 def _pipelines(kind: str, *, decode_size: int, crop_ratio: float, device: torch.device) -> dict:
+    import_ffcv()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder
     from ffcv.transforms import ToDevice, ToTensor
 
