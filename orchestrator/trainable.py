@@ -143,18 +143,21 @@ def _restore_into(local_dir: Path, checkpoint) -> int:
     return retries
 
 
+PRELOAD = "orchestrator.preload"  # what the embedded Ray's worker processes import as they start
 _PROCESS: dict[str, Any] = {"trials": 0, "last_end": None}  # this trial process: trials started, when the last ended
 
 
 def _start_phases() -> dict[str, Any]:
     """How this trial started: `phase_start_s` (a fresh process: since it was created; a reused one: since
-    its previous trial ended), `process_trials` (1 = a fresh process) and `trial_started_at` (Unix time)."""
+    its previous trial ended), `process_trials` (1 = a fresh process), `trial_started_at` (Unix time) and
+    `process_preloaded` (the process had imported `PRELOAD` as it started, before taking this trial)."""
     import psutil  # a Ray dependency
 
     now = time.time()
     _PROCESS["trials"] += 1
     since = _PROCESS["last_end"] if _PROCESS["last_end"] is not None else psutil.Process().create_time()
-    return {"phase_start_s": max(0.0, now - since), "process_trials": _PROCESS["trials"], "trial_started_at": now}
+    return {"phase_start_s": max(0.0, now - since), "process_trials": _PROCESS["trials"], "trial_started_at": now,
+            "process_preloaded": PRELOAD in sys.modules}
 
 
 def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> None:

@@ -514,3 +514,44 @@ def test_trials_run_back_to_back_in_one_reused_process_equal_each_run_in_a_fresh
                      and not k.startswith("phase_")} for r in history]
 
         assert timeless(in_sweep["history"]) == timeless(alone["history"])
+
+
+def test_a_fresh_launch_starts_its_trials_on_the_workers_ray_started_with_it_preloaded(tmp_path, fmnist_dir):
+    """`bvit-sweep launch` with its own embedded Ray (not the test session's): the first trials run on the worker
+    processes Ray started with the node -- created before `ray.init` returned, not started for the trial
+    afterwards -- and those had imported what a trial needs (`orchestrator.preload`) before taking it."""
+    from orchestrator.timing import read_records
+
+    spec = write_spec(tmp_path / "s.yaml", fmnist_dir, name="warm", epochs=1)
+    proc = subprocess.run([sys.executable, "-c", "from orchestrator.cli import app; app()", "launch", spec.name,
+                           "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    sweep = tmp_path / "runs" / "warm"
+    launched = json.loads((sweep / "launches.jsonl").read_text().splitlines()[-1])
+    firsts = [read_records(p)[0] for p in sweep.glob("*/result.json")]
+    assert len(firsts) == 2 and all(r["process_trials"] == 1 for r in firsts)  # two at once, each a fresh process
+    for r in firsts:
+        assert r["trial_started_at"] - r["phase_start_s"] <= launched["ray_ready_at"]  # the process's creation
+        assert r["process_preloaded"]
+
+
+def test_trial_actors_keep_tunes_runtime_env_when_a_worker_would_lack_one_of_its_variables(monkeypatch):
+    """The embedded Ray's trial actors go without Tune's runtime env only when every variable Tune would set is
+    already in the environment the workers inherited; otherwise Tune's actor options stand (and are restored)."""
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    from orchestrator.launch import _trial_actors_on_started_workers
+
+    class Trainable:
+        pass
+
+    original = _ActorClassCache.get
+    monkeypatch.setenv("PL_DISABLE_FORK", "1")
+    monkeypatch.setenv("RAY_CHDIR_TO_TRIAL_DIR", "0")  # one Tune passes on to trial actors
+    with _trial_actors_on_started_workers({"PL_DISABLE_FORK": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}):
+        inherited = _ActorClassCache().get(Trainable)
+    with _trial_actors_on_started_workers({"PL_DISABLE_FORK": "1"}):  # set after the workers started
+        missing = _ActorClassCache().get(Trainable)
+    assert inherited._default_options == {}
+    assert missing._default_options["runtime_env"]["env_vars"] == {"PL_DISABLE_FORK": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}
+    assert _ActorClassCache.get is original
