@@ -36,6 +36,8 @@ def main() -> None:
     out_dir = ROOT / "results" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{now:%Y-%m-%d}.md"
+    if path.exists():  # a second run the same day: keep the first's record beside it
+        path = out_dir / f"{now:%Y-%m-%d-%H%M}.md"
     path.write_text(head + "\n".join(sections))
     print(f"wrote {path}")
 
