@@ -265,3 +265,43 @@ def test_ffcv_pass_thread_sets_the_loaders_cuda_device_before_it_runs(monkeypatc
         it.loader, it.closed, it.terminate_event = SimpleNamespace(device=device), True, threading.Event()
         it.run()
         assert calls == expected
+
+
+# ---- the embedded Ray's preloading workers --------------------------------------------------------------
+
+_PRELOAD_ASKS_CUDA = """
+import glob, json, sys, torch
+if sys.argv[1] == "gpu-host":  # the NVIDIA driver's device files are there
+    real_glob = glob.glob
+    glob.glob = lambda pattern: ["/dev/nvidia0"] if "nvidia" in pattern else real_glob(pattern)
+asked = []
+def ask(name, value):
+    def f(*a, **k):
+        asked.append(name)
+        return value
+    return f
+torch._C._cuda_getDeviceCount = ask("_cuda_getDeviceCount", 1)
+torch.cuda.is_available = ask("is_available", True)
+torch.cuda.device_count = ask("device_count", 1)
+torch.cuda.init = ask("init", None)
+torch.cuda._lazy_init = ask("_lazy_init", None)
+import orchestrator.preload
+print(json.dumps({"asked": asked, "initialized": torch.cuda.is_initialized(), "ffcv": "ffcv" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("host, asked, ffcv", [("gpu-host", [], False), ("cpu-host", ["is_available"], True)])
+def test_a_preloading_worker_never_asks_cuda_before_ray_gives_it_its_gpus(host, asked, ffcv):
+    """The embedded Ray's workers import `orchestrator.preload` as they start, before Ray sets the
+    CUDA_VISIBLE_DEVICES of the trial they will run (and before a `gpus: 0` trial blanks it): CUDA reads that
+    variable once, when first asked, so the preload must not ask -- not even for a device count. FFCV asks at
+    import: it is preloaded only on a machine with no NVIDIA device files (where the answer fixes nothing)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _PRELOAD_ASKS_CUDA, host], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"asked": asked, "initialized": False, "ffcv": ffcv}
