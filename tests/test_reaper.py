@@ -187,3 +187,30 @@ def test_a_sigkilled_launch_leaves_no_ray_process_behind(tmp_path, fmnist_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _wait_gone(ray_procs, timeout=20) == []
+
+
+SESSION = textwrap.dedent("""
+    import json, psutil
+    from types import SimpleNamespace
+    from orchestrator.launch import ray_session
+    with ray_session(None, SimpleNamespace(ray_address=None)) as where:
+        started = [p for p in psutil.Process().children(recursive=True)
+                   if "orchestrator.reaper" not in " ".join(p.cmdline())]
+        names = [" ".join(p.cmdline()) for p in started]
+    _, alive = psutil.wait_procs(started, timeout=10)
+    alive = [p.pid for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    print(json.dumps({"where": where, "monitor": any("monitor.py" in n for n in names), "started": len(started),
+                      "alive": alive}))
+""")
+
+
+def test_a_clean_end_of_the_embedded_ray_leaves_no_process_behind():
+    """The launcher stops its embedded Ray itself at the end (the autoscaler monitor first, then Ray's own
+    shutdown): every process it started is gone, with no watcher needed."""
+    import json
+
+    proc = subprocess.run([sys.executable, "-c", SESSION], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["where"] == "local" and seen["monitor"] and seen["started"] >= 4  # GCS, raylet, monitor, workers...
+    assert seen["alive"] == []
