@@ -196,8 +196,10 @@ def ray_session(address: str | None, spec: SweepSpec) -> Iterator[str]:
             with _trial_actors_on_started_workers(inherited):
                 yield "local"
         finally:
-            _stop_autoscaler_monitor()
-            ray.shutdown()
+            try:
+                _stop_autoscaler_monitor()
+            finally:
+                ray.shutdown()
     finally:
         reaper.stop()
 
