@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -131,7 +132,7 @@ def load_metadata(path: Path | str) -> dict[str, Any]:
     return meta
 
 
-# ---- writing -----------------------------------------------------------------------------------------
+# ---- FFCV --------------------------------------------------------------------------------------------
 
 def import_ffcv() -> None:
     """Import FFCV (the first call in a process; later ones return at once), keeping torch's thread count,
@@ -143,8 +144,6 @@ def import_ffcv() -> None:
     (the decoders copy its two ints before compiling their code; the writer indexes it), so a plain dict
     behaves the same: while FFCV imports, `numba.typed.Dict` is `dict`, and it is numba's again after.
     """
-    import sys
-
     if "ffcv" in sys.modules:
         return
     import numba.typed
@@ -157,6 +156,8 @@ def import_ffcv() -> None:
     finally:
         numba.typed.Dict = typed_dict
 
+
+# ---- writing -----------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def keep_torch_threads() -> Iterator[None]:

@@ -294,7 +294,6 @@ class Loaders:
 
 
 def _pipelines(kind: str, *, decode_size: int, crop_ratio: float, device: torch.device) -> dict:
-    import_ffcv()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, NDArrayDecoder
     from ffcv.transforms import ToDevice, ToTensor
 
