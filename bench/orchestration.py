@@ -73,6 +73,7 @@ from orchestrator.spec import expand_trials, load_spec
 spec = load_spec(sys.argv[1])
 torch.set_num_threads(spec.resources.torch_threads)  # what each sweep trial gets
 from bvit.trial import run_trial
+from orchestrator.timing import SETUP  # the phases between a trial's entry and its first step
 claims = sys.argv[2]
 out = {"trial_times": [], "records": []}
 for i, trial in enumerate(run_order(expand_trials(spec))):
@@ -86,7 +87,7 @@ for i, trial in enumerate(run_order(expand_trials(spec))):
     out["records"] += history
     if "first_step" not in out:
         first = history[0]
-        setup = sum(first.get(k, 0.0) for k in ("phase_model_s", "phase_data_s", "phase_compile_s"))
+        setup = sum(first.get(k, 0.0) for k in SETUP)
         out["first_step"] = s + setup + first["phase_first_step_s"] - t0
 out["wall"] = time.time() - t0
 print(json.dumps(out))
