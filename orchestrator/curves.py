@@ -3,7 +3,7 @@
     curve = epoch_curve(records, eval_every=2, epochs=6)   # [{epoch, train_loss, test_loss, test_top1, test_top5}]
     still_improving(curve, Convergence())                  # True, False, or None (fewer than two values)
     table = curve_table(rows, curves, columns)             # curves.csv: a trial's cell columns, one line per epoch
-    plot_curves(table, path, panels=["width", "steps"], lines=["arch"])
+    plot_curves(table, path, panel=bound.cell_label, line=bound.arm)   # orchestrator.cells: a panel per cell
 
 Convergence is reported, not assumed: a trial is still improving when its `Convergence.metric` got better,
 between the last two epochs it was recorded at, by more than `min_gain` of its value per epoch (the spec's
@@ -110,9 +110,9 @@ def count_still_improving(values: Iterable[Any]) -> int | None:
     return sum(flags) if flags else None
 
 
-def still_improving_line(trials: pd.DataFrame, *, by: list[str], label: Callable[..., str]) -> str:
+def still_improving_line(trials: pd.DataFrame, *, label: Callable[[Any], str]) -> str:
     """The headline's sentence on convergence, from the finished trials' `still_improving`: how many were
-    still improving at the end and in which cells (`by` columns, named by `label(*values)`)."""
+    still improving at the end and where (each trial named by `label(row)`, e.g. its cell and arm)."""
     if "still_improving" not in trials:
         return "convergence not recorded (the trial table has no still_improving column)"
     flags = trials["still_improving"].map(flag)
@@ -124,18 +124,17 @@ def still_improving_line(trials: pd.DataFrame, *, by: list[str], label: Callable
     n = int(known["still_improving"].sum())
     if n == 0:
         return f"none of the {len(known)} trials was still improving at the end{without}"
-    cells = [f"{label(*key)}: {int(g['still_improving'].sum())} of {len(g)}"
-             for key, g in known.groupby(by, sort=True) if g["still_improving"].any()]
+    named = known.assign(_label=known.apply(label, axis=1))
+    cells = [f"{name}: {int(g['still_improving'].sum())} of {len(g)}"
+             for name, g in named.groupby("_label", sort=True) if g["still_improving"].any()]
     return (f"{n} of {len(known)} trials were still improving at the end: accuracies are not converged "
             f"({'; '.join(cells)}{without})")
 
 
-def plot_curves(curves: pd.DataFrame, path: Path, *, panels: list[str], lines: list[str], title: str = "",
-                panel_label: Callable[..., str] | None = None, line_label: Callable[..., str] | None = None,
-                colors: dict[str, str] | None = None) -> Path | None:
-    """curves.png: one column of panels per `panels` value (e.g. width and steps, titled
-    `panel_label(*values)`), one line per `lines` value (e.g. arch, named `line_label(*values)`, coloured by
-    `colors` of its first value):
+def plot_curves(curves: pd.DataFrame, path: Path, *, panel: Callable[[Any], str], line: Callable[[Any], str],
+                title: str = "") -> Path | None:
+    """curves.png: one column of panels per `panel(row)` (e.g. a cell, `width 64 · steps 4`), one line per
+    `line(row)` (e.g. an arm, `arch bvit`), in the table's order:
     train loss per epoch (top row) and test top-1 (bottom row, when a trial was scored more than once), the
     mean over seeds with a band from the lowest to the highest seed. None when there is no curve."""
     import matplotlib
@@ -147,32 +146,32 @@ def plot_curves(curves: pd.DataFrame, path: Path, *, panels: list[str], lines: l
         return None
     scored = curves.dropna(subset=["test_top1"]).groupby("trial_id")["epoch"].nunique()
     metrics = [("train_loss", "train loss")] + ([("test_top1", "test top-1 (%)")] if (scored > 1).any() else [])
-    groups = list(curves.groupby(panels, sort=True, dropna=False))
+    curves = curves.assign(_panel=curves.apply(panel, axis=1), _line=curves.apply(line, axis=1))
+    groups = list(curves.groupby("_panel", sort=False))
     fig, axes = plt.subplots(len(metrics), len(groups), figsize=(max(4.8, 3.2 * len(groups)), 2.8 * len(metrics)),
                              sharex="col", sharey="row", squeeze=False)
     for j, (key, g) in enumerate(groups):
         for i, (metric, ylabel) in enumerate(metrics):
             ax = axes[i][j]
-            for name, h in g.groupby(lines, sort=True, dropna=False):
+            for k, (name, h) in enumerate(g.groupby("_line", sort=False)):
                 per_epoch = h.dropna(subset=[metric]).groupby("epoch")[metric]
                 mean = per_epoch.mean()
                 if mean.empty:
                     continue
-                line, = ax.plot(mean.index, mean.to_numpy(), marker="o", markersize=3,
-                                color=(colors or {}).get(str(name[0])),
-                                label=line_label(*name) if line_label else " ".join(map(str, name)))
+                drawn, = ax.plot(mean.index, mean.to_numpy(), marker="o", markersize=3, color=f"C{k}",
+                                 label=name or None)
                 ax.fill_between(mean.index, per_epoch.min().to_numpy(), per_epoch.max().to_numpy(),
-                                color=line.get_color(), alpha=.2, linewidth=0)
+                                color=drawn.get_color(), alpha=.2, linewidth=0)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=.3)
             if i == 0:
-                ax.set_title(panel_label(*key) if panel_label else ", ".join(f"{k} {v}" for k, v in zip(panels, key, strict=True)),
-                             fontsize=9)
+                ax.set_title(key, fontsize=8)
             if i == len(metrics) - 1:
                 ax.set_xlabel("epoch")
             if j == 0:
                 ax.set_ylabel(ylabel)
-    axes[0][0].legend(fontsize=7)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{title + ': ' if title else ''}mean over seeds, band: seed range", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,22 +1,25 @@
-"""The accuracy-parameter frontier and the paper's central comparison, from a sweep's trial table.
+"""The accuracy-parameter frontier and the sweep's comparisons, from its trial table and its design.
 
-For each (arch, width, steps) cell, seeds are averaged; every interval is orchestrator.stats' (95 %). Outputs:
-  * frontier.csv: one row per cell -- params, FLOPs, mean/std test top-1 and its interval, seeds, how many of
-    them were still improving at their end (`still_improving`, orchestrator.curves), whether the cell is on
-    the Pareto frontier (no cell with fewer or equal parameters is more accurate), and for bViT cells the
-    recovered fraction (bViT top-1 / ViT top-1 at the same width and steps) and gap in points, each with its
+The design (orchestrator.cells) comes from the spec: a row per (cell, arm) -- one value of every factor the
+spec varies -- with seeds averaged; every interval is orchestrator.stats' (95 %). Outputs:
+  * frontier.csv: a column per varied factor, then params and FLOPs of the model built for that row, mean/std
+    test top-1 and its interval, seeds, how many were still improving at their end (`still_improving`,
+    orchestrator.curves), whether the row is on the Pareto frontier (no row with fewer or equal parameters is
+    more accurate), and for every arm but the baseline (the spec's `compare`): the baseline it is compared
+    with, the recovered fraction (arm top-1 / baseline top-1) and gap in points (baseline - arm), each with its
     interval from the per-seed values, Welch's p, its Holm adjustment over the table's comparisons
     (`welch_p_holm`) and a verdict in words.
-  * slope.json (two widths or more): the recovered fraction's slope per doubling of width, with its interval.
-  * frontier.png (top-1 vs parameters, log x), steps.png (per width: top-1 vs steps, both arms),
-    recovered.png (recovered fraction and gap vs width, one line per step count); error bars are 95 % intervals.
-  * curves.png (when the trials' curves are given: curves.csv): train loss and test top-1 per epoch, per
-    (width, steps), both arms.
+  * slope.json (with `compare.trend`): the recovered fraction's slope per doubling of that factor, with its
+    interval, one intercept per group of the other factors.
+  * frontier.png (top-1 vs parameters, log x, one colour per arm), top1_vs_<factor>.png (top-1 vs the first
+    numeric factor of the cells, a panel per value of the others, a line per arm), recovered.png (recovered
+    fraction and gap per cell); error bars are 95 % intervals.
+  * curves.png (when the trials' curves are given: curves.csv): train loss and test top-1 per epoch, a panel
+    per cell, a line per arm.
 
-A fine-tuning sweep (trials with a `finetune` section) gets the transfer table instead: per (pretrained
-model, method, rank) cell, trainable parameters and mean/std test top-1 (and merged-LoRA top-1), seeds still
-improving, each method's gap to full fine-tuning with Welch's and Holm's p, in transfer.csv and transfer.png
-(top-1 vs trainable parameters), and curves.png per pretrained model, one line per method.
+A fine-tuning sweep (trials with a `finetune` section) gets the transfer table instead: the same rows with
+trainable parameters and the merged-LoRA top-1, each arm's gap to the baseline (e.g. `compare:
+{axis: finetune.method, baseline: full}`), in transfer.csv and transfer.png (top-1 vs trainable parameters).
 """
 from __future__ import annotations
 
@@ -27,16 +30,15 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 
+from orchestrator.cells import Bound, Design, design_of_table, text
 from orchestrator.curves import count_still_improving, plot_curves, still_improving_line
-from orchestrator.stats import compare, corrected_verdict, describe, holm, verdict, width_slope
+from orchestrator.stats import compare, corrected_verdict, describe, holm, trend_slope, verdict
 
 __all__ = ["frontier_table", "frontier_slope", "headline", "write_frontier", "transfer_table", "write_transfer",
            "summarize", "read_trials", "Summary", "METRIC"]
 
-ARCH_COLORS = {"bvit": "tab:blue", "vit": "tab:orange"}  # each arm's colour in every plot
-
 METRIC = "final_test_top1"
-GAP_WORDS = dict(above="bViT below ViT", below="bViT above ViT")  # the gap is ViT - bViT
+_COMPARED = ("gap_ci_low", "gap_ci_high", "recovered_ci_low", "recovered_ci_high", "welch_p")
 
 
 class Summary(NamedTuple):
@@ -44,7 +46,8 @@ class Summary(NamedTuple):
     cells: pd.DataFrame
     paths: dict[str, Path]
     headline: str  # the answer in a few lines, intervals and verdicts in words
-    slope: dict[str, Any] | None  # stats.width_slope's result (frontier with two widths or more)
+    slope: dict[str, Any] | None  # stats.trend_slope's result (with a declared trend)
+    factors: list[str] = []  # the table's factor columns (orchestrator.cells), in spec order
 
 
 def _with_ci(cells: pd.DataFrame) -> pd.DataFrame:
@@ -53,36 +56,74 @@ def _with_ci(cells: pd.DataFrame) -> pd.DataFrame:
     return cells.assign(top1_ci_low=[c["ci_low"] for c in ci], top1_ci_high=[c["ci_high"] for c in ci])
 
 
-def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
-    """Per-cell summary with Pareto flags and recovered fractions (finished trials only)."""
+def _bound(df: pd.DataFrame, design: Design | Bound | None) -> tuple[pd.DataFrame, Bound]:
+    """(`df` with its factor columns under the design's names, the design bound to it)."""
+    if not isinstance(design, Bound):
+        design = (design if design is not None else design_of_table(df)).bind(df)
+    return design.rename(df), design
+
+
+def _group(df: pd.DataFrame, bound: Bound, **agg: tuple[str, Any]) -> pd.DataFrame:
+    """One row per (cell, arm): the factors' columns in spec order, then `agg`; rows in the table's order.
+    A row whose trials built models of different sizes pools something the design cannot see: a warning."""
+    import warnings
+
+    from orchestrator.errors import InputWarning
+
+    keys = bound.columns
+    key_text = df[keys].map(text) if keys else pd.DataFrame(index=df.index)
+    groups = df.assign(_key=key_text.agg("\x1f".join, axis=1) if keys else "")
+    out = groups.groupby("_key", sort=False).agg(**{k: (k, "first") for k in keys}, **agg,
+                                                   _sizes=("params", lambda p: sorted({text(v) for v in p})))
+    for _, row in out.iterrows():
+        if len(row["_sizes"]) > 1:
+            warnings.warn(f"{bound.label(row)}: its trials built models of {' and '.join(row['_sizes'])} parameters; "
+                          "a factor the sweep varies is not in the analysis, so they are pooled: declare it as "
+                          "an axis (or rewrite trials.csv with `bvit-sweep status`)", InputWarning, stacklevel=3)
+    return out.drop(columns="_sizes").reset_index(drop=True)
+
+
+def _compare_arms(cells: pd.DataFrame, bound: Bound, **words: str) -> list[dict[str, Any]]:
+    """Each arm against the baseline arm of its cell: baseline, gap, recovered fraction, Welch and Holm,
+    verdict (`words`: extra names for the verdict); empty entries for baseline rows and unpaired ones."""
+    base = {bound.cell_key(c): c for _, c in cells.iterrows() if bound.is_baseline(c)}
+    out = []
+    for _, c in cells.iterrows():
+        ref = None if bound.arm_column is None or bound.is_baseline(c) else base.get(bound.cell_key(c))
+        if ref is None or not ref["top1_mean"]:
+            out.append({"baseline": None, "recovered_fraction": None, "gap_points": None,
+                        **dict.fromkeys(_COMPARED), "verdict": ""})
+            continue
+        cmp = compare(arm=c["values"], baseline=ref["values"])
+        arm, against = bound.arm(c), bound.baseline_label()
+        out.append({"baseline": against, "recovered_fraction": c["top1_mean"] / ref["top1_mean"],
+                    "gap_points": ref["top1_mean"] - c["top1_mean"], **{k: cmp[k] for k in _COMPARED},
+                    "verdict": verdict(cmp["gap_ci_low"], cmp["gap_ci_high"],
+                                       above=words.get("above", f"{arm} below {against}"),
+                                       below=words.get("below", f"{arm} above {against}"))})
+    _correct_for_multiplicity(out)
+    return out
+
+
+def frontier_table(rows: list[dict[str, Any]] | pd.DataFrame, design: Design | Bound | None = None,
+                   metric: str = METRIC) -> pd.DataFrame:
+    """A row per (cell, arm) of the finished trials, with Pareto flags and each arm's comparison with its cell's
+    baseline. `design`: the spec's (orchestrator.cells.design_of); None reads one from the table's columns."""
     df = _finished(rows, metric)
     df = df.assign(**{metric: pd.to_numeric(df[metric]), "params": pd.to_numeric(df["params"]),
                       "flops_per_image": pd.to_numeric(df["flops_per_image"])})
-    cells = (_with_flags(df).groupby(["arch", "width", "steps"], as_index=False)
-             .agg(params=("params", "first"), flops_per_image=("flops_per_image", "first"),
-                  top1_mean=(metric, "mean"), top1_std=(metric, "std"), seeds=(metric, "size"),
-                  still_improving=("still_improving", count_still_improving), values=(metric, list)))
+    df, bound = _bound(df, design)
+    cells = _group(_with_flags(df), bound, params=("params", "first"), flops_per_image=("flops_per_image", "first"),
+                   top1_mean=(metric, "mean"), top1_std=(metric, "std"), seeds=(metric, "size"),
+                   still_improving=("still_improving", count_still_improving), values=(metric, list))
     cells["top1_std"] = cells["top1_std"].fillna(0.0)
-    cells = cells.sort_values(["params", "top1_mean"], ascending=[True, False]).reset_index(drop=True)
-    best_so_far, on = -math.inf, []
-    for top1 in cells["top1_mean"]:
-        on.append(top1 > best_so_far)
-        best_so_far = max(best_so_far, top1)
-    cells["on_frontier"] = on
-    vit = cells[cells["arch"] == "vit"].set_index(["width", "steps"])
-    keys = ["gap_ci_low", "gap_ci_high", "recovered_ci_low", "recovered_ci_high", "welch_p"]
-    rows = []
-    for _, c in cells.iterrows():
-        ref = vit.loc[(c["width"], c["steps"])] if c["arch"] == "bvit" and (c["width"], c["steps"]) in vit.index else None
-        if ref is None or not ref["top1_mean"]:
-            rows.append({"recovered_fraction": None, "gap_points": None, **dict.fromkeys(keys), "verdict": ""})
-            continue
-        cmp = compare(bvit=c["values"], vit=ref["values"])
-        rows.append({"recovered_fraction": c["top1_mean"] / ref["top1_mean"], "gap_points": ref["top1_mean"] - c["top1_mean"],
-                     **{k: cmp[k] for k in keys}, "verdict": verdict(cmp["gap_ci_low"], cmp["gap_ci_high"], **GAP_WORDS)})
-    _correct_for_multiplicity(rows)
-    cells = pd.concat([_with_ci(cells), pd.DataFrame(rows, index=cells.index)], axis=1).drop(columns="values")
-    return cells.sort_values(["arch", "width", "steps"]).reset_index(drop=True)
+    best_so_far, on = -math.inf, {}
+    for i, c in cells.sort_values(["params", "top1_mean"], ascending=[True, False]).iterrows():
+        on[i] = c["top1_mean"] > best_so_far
+        best_so_far = max(best_so_far, c["top1_mean"])
+    cells["on_frontier"] = pd.Series(on)
+    compared = _compare_arms(cells, bound)
+    return pd.concat([_with_ci(cells), pd.DataFrame(compared, index=cells.index)], axis=1).drop(columns="values")
 
 
 def _correct_for_multiplicity(rows: list[dict[str, Any]]) -> None:
@@ -95,11 +136,18 @@ def _correct_for_multiplicity(rows: list[dict[str, Any]]) -> None:
         r.update(welch_p_holm=p, verdict=corrected_verdict(words, p, m=m) if words else words)
 
 
-def frontier_slope(cells: pd.DataFrame) -> dict[str, Any]:
-    """stats.width_slope of the bViT cells' recovered fractions (one intercept per step count)."""
+def frontier_slope(cells: pd.DataFrame, bound: Bound) -> dict[str, Any] | None:
+    """stats.trend_slope of the compared rows' recovered fractions over the design's trend factor (one
+    intercept per arm and value of the other cell factors); None without a declared trend."""
+    x = bound.trend_column
+    if x is None or "recovered_fraction" not in cells:
+        return None
+    others = [c for c in bound.cell_columns if c != x]
     rec = cells[cells["recovered_fraction"].notna()]
-    return width_slope([{"width": c["width"], "steps": c["steps"], "recovered": c["recovered_fraction"]}
-                        for _, c in rec.iterrows()])
+    if rec[x].map(text).nunique() < 2:
+        return None
+    return trend_slope([(c[x], (bound.arm(c),) + tuple(text(c[o]) for o in others), c["recovered_fraction"])
+                        for _, c in rec.iterrows()], factor=x)
 
 
 def _interval(low: Any, high: Any, fmt: str) -> str:
@@ -112,27 +160,45 @@ def _p(c: pd.Series) -> str:
     return "" if p is None or p != p else f", Welch p {p:.3g} (Holm {holm:.3g})"
 
 
-def headline(cells: pd.DataFrame, slope: dict[str, Any] | None = None, *, convergence: str = "") -> str:
+def headline(cells: pd.DataFrame, bound: Bound, slope: dict[str, Any] | None = None, *, convergence: str = "") -> str:
     """The frontier's answer in words: `convergence` (curves.still_improving_line: were the accuracies still
-    rising?), each bViT-vs-ViT gap with its interval, p-values and verdict, then the width slope."""
+    rising?), each arm's gap to its baseline with its interval, p-values and verdict, then the trend slope;
+    with no comparison, each row's top-1 with its interval."""
     lines = [convergence] if convergence else []
-    for _, c in cells[cells["recovered_fraction"].notna()].iterrows():
-        lines.append(f"width {c['width']}, T={c['steps']}: gap {c['gap_points']:.2f} points "
+    compared = cells[cells["recovered_fraction"].notna()] if "recovered_fraction" in cells else cells.iloc[:0]
+    for _, c in compared.iterrows():
+        lines.append(f"{bound.label(c)} vs {c['baseline']}: gap {c['gap_points']:.2f} points "
                      f"({_interval(c['gap_ci_low'], c['gap_ci_high'], '{:.2f}')}), recovered {c['recovered_fraction']:.3f} "
                      f"({_interval(c['recovered_ci_low'], c['recovered_ci_high'], '{:.3f}')}), "
                      f"{c['seeds']} seeds{_p(c)}: {c['verdict']}")
+    if compared.empty:
+        if bound.arm_column is not None:
+            lines.append(f"no arm has a {bound.baseline_label()} partner in its cell")
+        for _, c in cells.iterrows():
+            lines.append(f"{bound.label(c)}: top-1 {c['top1_mean']:.2f} % "
+                         f"({_interval(c['top1_ci_low'], c['top1_ci_high'], '{:.2f}')}), {c['seeds']} seeds")
     if slope is not None and slope["slope"] is not None:
-        lines.append(f"width slope (recovered fraction per doubling of width): {slope['slope']:+.4f} "
+        lines.append(f"{slope['factor']} slope (recovered fraction per doubling of {slope['factor']}): {slope['slope']:+.4f} "
                      f"({_interval(slope['ci_low'], slope['ci_high'], '{:+.4f}')}, df {slope['df']}): {slope['verdict']}")
-    if len(lines) == (1 if convergence else 0):
-        lines.append("no bViT cell has a ViT partner at the same width and steps")
     return "\n".join(lines)
 
 
-def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "",
+def _arms(cells: pd.DataFrame, bound: Bound) -> list[tuple[str, pd.DataFrame]]:
+    """(arm label, its rows) for each arm in table order; one unnamed arm without a comparison."""
+    if not bound.arm_columns:
+        return [("", cells)]
+    labels = cells.apply(bound.arm, axis=1)
+    return [(name, cells[labels == name]) for name in dict.fromkeys(labels)]
+
+
+def _numeric(values: pd.Series) -> bool:
+    return pd.to_numeric(values, errors="coerce").notna().all()
+
+
+def write_frontier(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: str = "",
                    slope: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write frontier.csv, slope.json (when `slope`, `frontier_slope`'s result, is given) and the three PNG
-    plots into `out_dir`; returns {name: path}."""
+    """Write frontier.csv, slope.json (when `slope`, `frontier_slope`'s result, is given) and the PNG plots
+    into `out_dir`; returns {name: path}."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,60 +209,82 @@ def write_frontier(cells: pd.DataFrame, out_dir: Path, *, title: str = "",
     if slope is not None:
         paths["slope.json"] = out_dir / "slope.json"
         paths["slope.json"].write_text(json.dumps(slope, indent=1) + "\n")
-    style = {arch: dict(marker=marker, color=ARCH_COLORS[arch]) for arch, marker in (("bvit", "o"), ("vit", "s"))}
+    markers = "os^vDP*X"
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for arch, g in cells.groupby("arch"):
-        ax.errorbar(g["params"], g["top1_mean"], yerr=_yerr(g), linestyle="none", label=arch, capsize=3, **style[arch])
+    for k, (arm, g) in enumerate(_arms(cells, bound)):
+        ax.errorbar(g["params"], g["top1_mean"], yerr=_yerr(g), linestyle="none", label=arm or None, capsize=3,
+                    marker=markers[k % len(markers)], color=f"C{k}")
         for _, c in g.iterrows():
-            ax.annotate(f"w{c['width']}·T{c['steps']}", (c["params"], c["top1_mean"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    front = cells[cells["on_frontier"]].sort_values("params")
+            if bound.cell_columns:
+                ax.annotate(bound.cell_label(c, sep="·").replace(" ", ""), (c["params"], c["top1_mean"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
+    front = cells[cells["on_frontier"].astype(bool)].sort_values("params")
     if len(front) >= 2:  # a frontier of one cell is a point, not a line: no legend entry for what is not drawn
         ax.plot(front["params"], front["top1_mean"], color="grey", linestyle="--", linewidth=1, label="Pareto frontier")
     ax.set(xscale="log", xlabel="parameters", ylabel="test top-1 (%)", title=title or "accuracy vs parameters")
     _count_ticks(ax, cells["params"])
     ax.grid(alpha=.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     paths["frontier.png"] = out_dir / "frontier.png"
     fig.savefig(paths["frontier.png"], dpi=120)
     plt.close(fig)
 
-    widths = sorted(cells["width"].unique())
-    fig, axes = plt.subplots(1, len(widths), figsize=(3.2 * len(widths), 3.2), sharey=True, squeeze=False)
-    for ax, w in zip(axes[0], widths, strict=True):
-        for arch, g in cells[cells["width"] == w].groupby("arch"):
-            g = g.sort_values("steps")
-            ax.errorbar(g["steps"], g["top1_mean"], yerr=_yerr(g), label=arch, capsize=3, **style[arch])
-        ax.set(title=f"width {w}", xlabel="steps (bViT) / depth (ViT)")
-        ax.set_xticks(sorted(cells["steps"].unique()))
-        ax.grid(alpha=.3)
-    axes[0][0].set_ylabel("test top-1 (%)")
-    axes[0][0].legend()
-    fig.tight_layout()
-    paths["steps.png"] = out_dir / "steps.png"
-    fig.savefig(paths["steps.png"], dpi=120)
-    plt.close(fig)
+    x = next((c for c in bound.cell_columns if cells[c].map(text).nunique() > 1 and _numeric(cells[c])), None)
+    if x is not None:
+        others = [c for c in bound.cell_columns if c != x]
+        panels = list(cells.groupby(others, sort=False)) if others else [((), cells)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 0.8, 3.2), sharey=True, squeeze=False)
+        for ax, (key, p) in zip(axes[0], panels, strict=True):
+            for k, (arm, g) in enumerate(_arms(p, bound)):
+                g = g.assign(_x=pd.to_numeric(g[x])).sort_values("_x")
+                ax.errorbar(g["_x"], g["top1_mean"], yerr=_yerr(g), label=arm or None, capsize=3,
+                            marker=markers[k % len(markers)], color=f"C{k}")
+            key = key if isinstance(key, tuple) else (key,)
+            ax.set(title=" · ".join(f"{o} {text(v)}" for o, v in zip(others, key, strict=True)) or title, xlabel=x)
+            ax.set_xticks(sorted(pd.to_numeric(cells[x]).unique()))
+            ax.grid(alpha=.3)
+        axes[0][0].set_ylabel("test top-1 (%)")
+        if axes[0][0].get_legend_handles_labels()[0]:
+            axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        paths[f"top1_vs_{x}.png"] = out_dir / f"top1_vs_{x}.png"
+        fig.savefig(paths[f"top1_vs_{x}.png"], dpi=120)
+        plt.close(fig)
 
-    rec = cells[cells["recovered_fraction"].notna()]
+    rec = cells[cells["recovered_fraction"].notna()] if "recovered_fraction" in cells else cells.iloc[:0]
     if not rec.empty:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.6))
-        for steps, g in rec.groupby("steps"):
-            g = g.sort_values("width")
-            a1.errorbar(g["width"], g["recovered_fraction"], yerr=_yerr(g, "recovered_fraction", "recovered_ci"),
-                        marker="o", capsize=3, label=f"T={steps}")
-            a2.errorbar(g["width"], g["gap_points"], yerr=_yerr(g, "gap_points", "gap_ci"), marker="o", capsize=3,
-                        label=f"T={steps}")
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
+        t = bound.trend_column
+        lines = [c for c in bound.cell_columns if c != t]
+        keyed = rec.assign(_line=rec.apply(lambda c: " · ".join(p for p in (bound.arm(c), " · ".join(
+            f"{o} {text(c[o])}" for o in lines)) if p), axis=1))
+        labels = list(dict.fromkeys(rec.apply(bound.cell_label, axis=1)))
+        for name, g in keyed.groupby("_line", sort=False):
+            xs = pd.to_numeric(g[t]) if t else g.apply(lambda c: labels.index(bound.cell_label(c)), axis=1)
+            g = g.assign(_x=xs).sort_values("_x")
+            a1.errorbar(g["_x"], g["recovered_fraction"], yerr=_yerr(g, "recovered_fraction", "recovered_ci"),
+                        marker="o", capsize=3, label=name or None, linestyle="-" if t else "none")
+            a2.errorbar(g["_x"], g["gap_points"], yerr=_yerr(g, "gap_points", "gap_ci"), marker="o", capsize=3,
+                        label=name or None, linestyle="-" if t else "none")
+        against = bound.baseline_label()
         a1.axhline(1.0, color="grey", linewidth=1, linestyle="--")
-        a1.set(xscale="log", xlabel="width", ylabel="bViT top-1 / ViT top-1", title="recovered fraction (95 % CI)")
+        a1.set(ylabel=f"top-1 / top-1 of {against}", title="recovered fraction (95 % CI)")
         a2.axhline(0.0, color="grey", linewidth=1, linestyle="--")
-        a2.set(xscale="log", xlabel="width", ylabel="ViT − bViT (points)", title="gap (95 % CI; includes 0: inconclusive)")
+        a2.set(ylabel=f"{against} − arm (points)", title="gap (95 % CI; includes 0: inconclusive)")
         for a in (a1, a2):
-            a.minorticks_off()
-            a.set_xticks(sorted(rec["width"].unique()), labels=[str(w) for w in sorted(rec["width"].unique())])
+            if t:
+                values = sorted(pd.to_numeric(rec[t]).unique())
+                a.set(xscale="log", xlabel=t)
+                a.minorticks_off()
+                a.set_xticks(values, labels=[text(v) for v in values])
+            else:
+                a.set_xticks(range(len(labels)), labels=labels, rotation=20, fontsize=7, ha="right")
             a.grid(alpha=.3)
-            a.legend()
+            if a.get_legend_handles_labels()[0]:
+                a.legend(fontsize=7)
         fig.tight_layout()
         paths["recovered.png"] = out_dir / "recovered.png"
         fig.savefig(paths["recovered.png"], dpi=120)
@@ -241,16 +329,6 @@ def _count_ticks(ax, values: pd.Series, min_gap: float = 0.09) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def _rank_labels(ranks: pd.Series) -> list[str]:
-    """LoRA ranks as labels: '8', or '-' for a method without one."""
-    return [str(int(r)) if pd.notna(r) and r != "" else "-" for r in ranks]
-
-
-def _method_label(method: str, rank: str) -> str:
-    """'lora-step r8', or the method alone where it has no rank ('-')."""
-    return method + ("" if rank == "-" else f" r{rank}")
-
-
 def _with_flags(df: pd.DataFrame) -> pd.DataFrame:
     """`df` with a `still_improving` column (blank where the trial table has none: results from before it)."""
     return df if "still_improving" in df else df.assign(still_improving=None)
@@ -266,39 +344,29 @@ def _finished(rows: list[dict[str, Any]] | pd.DataFrame, metric: str) -> pd.Data
     return df
 
 
-def transfer_table(rows: list[dict[str, Any]] | pd.DataFrame, metric: str = METRIC) -> pd.DataFrame:
-    """Per (arch, width, steps, method, rank) cell of a fine-tuning sweep: trainable parameters and
-    mean/std test top-1 over seeds (and the merged-LoRA top-1), fewest trainable parameters first."""
+def transfer_table(rows: list[dict[str, Any]] | pd.DataFrame, design: Design | Bound | None = None,
+                   metric: str = METRIC) -> pd.DataFrame:
+    """A row per (cell, arm) of a fine-tuning sweep: trainable parameters and mean/std test top-1 over seeds
+    (and the merged-LoRA top-1), each arm against its cell's baseline (the spec's `compare`), fewest trainable
+    parameters first."""
     df = _with_flags(_finished(rows, metric))
-    if "method" not in df:
+    if "trainable_params" not in df:
         raise ValueError("not a fine-tuning sweep: no trial has a finetune section")
-    df = df.assign(rank=_rank_labels(df["rank"]),
-                   merged_test_top1=pd.to_numeric(df.get("merged_test_top1"), errors="coerce"))
-    cells = (df.groupby(["arch", "width", "steps", "method", "rank"], as_index=False)
-             .agg(trainable_params=("trainable_params", "first"), params=("params", "first"),
-                  top1_mean=(metric, "mean"), top1_std=(metric, "std"),
-                  merged_top1_mean=("merged_test_top1", "mean"), seeds=(metric, "size"),
-                  still_improving=("still_improving", count_still_improving), values=(metric, list)))
+    df = df.assign(merged_test_top1=pd.to_numeric(df.get("merged_test_top1"), errors="coerce"))
+    df, bound = _bound(df, design)
+    cells = _group(df, bound, trainable_params=("trainable_params", "first"), params=("params", "first"),
+                   top1_mean=(metric, "mean"), top1_std=(metric, "std"),
+                   merged_top1_mean=("merged_test_top1", "mean"), seeds=(metric, "size"),
+                   still_improving=("still_improving", count_still_improving), values=(metric, list))
     cells["top1_std"] = cells["top1_std"].fillna(0.0)
-    cells["trainable_fraction"] = cells["trainable_params"] / cells["params"]
-    # each method against full fine-tuning of the same model: the gap (full - method) and its interval
-    full = cells[cells["method"] == "full"].set_index(["arch", "width", "steps"])["values"]
-    gaps = []
-    for _, c in cells.iterrows():
-        ref = full.get((c["arch"], c["width"], c["steps"]))
-        cmp = compare(bvit=c["values"], vit=ref) if ref is not None and c["method"] != "full" else None
-        gaps.append({"gap_to_full": cmp and cmp["gap"], "gap_ci_low": cmp and cmp["gap_ci_low"],
-                     "gap_ci_high": cmp and cmp["gap_ci_high"], "welch_p": cmp and cmp["welch_p"],
-                     "verdict": "" if cmp is None else verdict(cmp["gap_ci_low"], cmp["gap_ci_high"],
-                                                               above="below full fine-tuning",
-                                                               below="above full fine-tuning")})
-    _correct_for_multiplicity(gaps)
-    cells = pd.concat([_with_ci(cells), pd.DataFrame(gaps, index=cells.index)], axis=1).drop(columns="values")
-    return cells.sort_values(["trainable_params", "method", "rank"]).reset_index(drop=True)
+    cells["trainable_fraction"] = pd.to_numeric(cells["trainable_params"]) / pd.to_numeric(cells["params"])
+    compared = _compare_arms(cells, bound)
+    cells = pd.concat([_with_ci(cells), pd.DataFrame(compared, index=cells.index)], axis=1).drop(columns="values")
+    return cells.sort_values("trainable_params", kind="stable").reset_index(drop=True)
 
 
-def write_transfer(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> dict[str, Path]:
-    """Write transfer.csv and transfer.png (top-1 vs trainable parameters) into `out_dir`."""
+def write_transfer(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: str = "") -> dict[str, Path]:
+    """Write transfer.csv and transfer.png (top-1 vs trainable parameters, a colour per arm) into `out_dir`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -307,68 +375,70 @@ def write_transfer(cells: pd.DataFrame, out_dir: Path, *, title: str = "") -> di
     paths = {"transfer.csv": out_dir / "transfer.csv", "transfer.png": out_dir / "transfer.png"}
     cells.to_csv(paths["transfer.csv"], index=False, float_format="%.4f")
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, g in cells.groupby("method", sort=False):
+    for arm, g in _arms(cells, bound):
         ax.errorbar(g["trainable_params"], g["top1_mean"], yerr=_yerr(g), marker="o", linestyle="none",
-                    label=method, capsize=3)
-        for _, c in g.iterrows():
-            if c["rank"] != "-":
-                ax.annotate(f"r{c['rank']}", (c["trainable_params"], c["top1_mean"]), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")
+                    label=arm or None, capsize=3)
     ax.set(xscale="log", xlabel="trainable parameters", ylabel="test top-1 (%)",
            title=title or "fine-tuning: accuracy vs trainable parameters")
     _count_ticks(ax, cells["trainable_params"])
     ax.grid(alpha=.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(paths["transfer.png"], dpi=120)
     plt.close(fig)
     return paths
 
 
-def transfer_headline(cells: pd.DataFrame, *, convergence: str = "") -> str:
-    """`convergence` (as in `headline`), then each fine-tuning method against full fine-tuning, with its
-    interval, p-values and verdict."""
-    lines = [f"{_method_label(c['method'], c['rank'])} ({100 * c['trainable_fraction']:.1f} % "
-             f"trainable): {c['gap_to_full']:.2f} points below full ({_interval(c['gap_ci_low'], c['gap_ci_high'], '{:.2f}')}), "
-             f"{c['seeds']} seeds{_p(c)}: {c['verdict']}" for _, c in cells[cells["gap_to_full"].notna()].iterrows()]
-    return "\n".join(([convergence] if convergence else []) + (lines or ["no full fine-tuning cell to compare with"]))
+def transfer_headline(cells: pd.DataFrame, bound: Bound, *, convergence: str = "") -> str:
+    """`convergence` (as in `headline`), then each arm against its baseline, with its interval, p-values and
+    verdict."""
+    compared = cells[cells["gap_points"].notna()]
+    lines = [f"{bound.label(c)} ({100 * c['trainable_fraction']:.1f} % trainable): {c['gap_points']:.2f} points below "
+             f"{c['baseline']} ({_interval(c['gap_ci_low'], c['gap_ci_high'], '{:.2f}')}), "
+             f"{c['seeds']} seeds{_p(c)}: {c['verdict']}" for _, c in compared.iterrows()]
+    if not lines:
+        lines = [f"{bound.label(c)} ({100 * c['trainable_fraction']:.1f} % trainable): top-1 {c['top1_mean']:.2f} % "
+                 f"({_interval(c['top1_ci_low'], c['top1_ci_high'], '{:.2f}')}), {c['seeds']} seeds"
+                 for _, c in cells.iterrows()]
+    return "\n".join(([convergence] if convergence else []) + lines)
 
 
 def summarize(rows: list[dict[str, Any]] | pd.DataFrame, out_dir: Path, *, title: str = "",
-              curves: pd.DataFrame | None = None) -> Summary:
+              curves: pd.DataFrame | None = None, design: Design | None = None) -> Summary:
     """The sweep's summary: table, files and headline; kind 'transfer' for a fine-tuning sweep, else 'frontier'.
     `curves`: the trials' learning curves (curves.csv's table), plotted in curves.png; None: no curves.png.
+    `design`: the spec's (orchestrator.cells.design_of); None reads one from the table.
 
     Raises ValueError when no trial has finished yet.
     """
     df = pd.DataFrame(rows)
-    if "method" in df and df["method"].notna().any():
-        cells = transfer_table(df)
-        done = _finished(df, METRIC).pipe(lambda d: d.assign(rank=_rank_labels(d["rank"])))
-        curves = curves if curves is None or "rank" not in curves else curves.assign(rank=_rank_labels(curves["rank"]))
-        convergence = still_improving_line(done, by=["method", "rank"], label=_method_label)
-        paths = write_transfer(cells, out_dir, title=title)
-        _plot_curves(paths, curves, done, out_dir, title=title, panels=["arch", "width", "steps"], lines=["method", "rank"],
-                     panel_label=lambda a, w, t: f"{a} width {w}, T={t}", line_label=_method_label)
-        return Summary("transfer", cells, paths, transfer_headline(cells, convergence=convergence), None)
-    cells = frontier_table(df)
-    slope = frontier_slope(cells) if cells["width"].nunique() >= 2 else None
-    paths = write_frontier(cells, out_dir, title=title, slope=slope)
-    done = _finished(df, METRIC)
-    convergence = still_improving_line(done, by=["arch", "width", "steps"],
-                                       label=lambda a, w, t: f"{a} width {w}, T={t}")
-    _plot_curves(paths, curves, done, out_dir, title=title, panels=["width", "steps"], lines=["arch"],
-                 panel_label=lambda w, t: f"width {w}, T={t}", colors=ARCH_COLORS)
-    return Summary("frontier", cells, paths, headline(cells, slope, convergence=convergence), slope)
+    done, bound = _bound(_finished(df, METRIC), design)
+    df = bound.rename(df)
+    convergence = still_improving_line(done, label=bound.label)
+    if "trainable_params" in df and df["trainable_params"].notna().any():
+        cells = transfer_table(df, bound)
+        paths = write_transfer(cells, bound, out_dir, title=title)
+        _plot_curves(paths, curves, done, out_dir, bound, title=title)
+        return Summary("transfer", cells, paths, transfer_headline(cells, bound, convergence=convergence), None,
+                       bound.columns)
+    cells = frontier_table(df, bound)
+    slope = frontier_slope(cells, bound)
+    paths = write_frontier(cells, bound, out_dir, title=title, slope=slope)
+    _plot_curves(paths, curves, done, out_dir, bound, title=title)
+    return Summary("frontier", cells, paths, headline(cells, bound, slope, convergence=convergence), slope,
+                   bound.columns)
 
 
 def _plot_curves(paths: dict[str, Path], curves: pd.DataFrame | None, done: pd.DataFrame, out_dir: Path,
-                 **kw: Any) -> None:
-    """curves.png of the finished trials (`done`) into `paths`, when their curves are given."""
+                 bound: Bound, *, title: str) -> None:
+    """curves.png of the finished trials (`done`) into `paths`, when their curves are given: a panel per cell,
+    a line per arm."""
     if curves is None or "trial_id" not in done:
         return
-    mine = curves[curves["trial_id"].astype(str).isin(done["trial_id"].astype(str))]
-    if (path := plot_curves(mine, out_dir / "curves.png", **kw)) is not None:
+    mine = bound.rename(curves[curves["trial_id"].astype(str).isin(done["trial_id"].astype(str))])
+    if (path := plot_curves(mine, out_dir / "curves.png", panel=bound.cell_label, line=bound.arm,
+                            title=title)) is not None:
         paths["curves.png"] = path
 
 
@@ -377,10 +447,10 @@ def read_trials(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"{path}: no such file; pass a trials.csv written by `bvit-sweep launch`")
     try:
-        df = pd.read_csv(path, dtype={"trial_id": str, "rank": "Int64"})
+        df = pd.read_csv(path, dtype={"trial_id": str})
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    missing = [c for c in ("status", "arch", "width", "steps", "params", "flops_per_image", METRIC) if c not in df]
+    missing = [c for c in ("trial_id", "status", "params", "flops_per_image", METRIC) if c not in df]
     if missing:
         raise ValueError(f"{path}: not a trials table (no column {', '.join(missing)})")
     return df

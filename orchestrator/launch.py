@@ -29,6 +29,7 @@ import ray
 from ray import tune
 
 from bvit.config import ModelConfig, TrialConfig
+from orchestrator.cells import design_of
 from orchestrator.envelope import TRIAL_KEY, Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
@@ -451,9 +452,10 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
             snap_file.write_text(json.dumps(snapshot, indent=1))
         results_dir = results_root / name
         uri, experiment = resolve_tracking(spec, results_dir, tracking_uri)
+        design = design_of(spec, smoke=smoke)
         tracking = dict(uri=uri, experiment=experiment, sweep=name,
-                        artifact_root=str(results_dir / "mlflow" / "artifacts"))
-        callbacks = [ProgressTable(total=len(trials))] if verbose else []
+                        artifact_root=str(results_dir / "mlflow" / "artifacts"), design=design)
+        callbacks = [ProgressTable(total=len(trials), design=design)] if verbose else []
         callbacks += [MlflowProgressCallback(**tracking), KeepHistoryOnRetry(), *_history_loggers(), _PrepareFinish()]
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=tune_trainable(spec.resources),

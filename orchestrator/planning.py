@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 import heapq
-import json
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from bvit.config import ModelConfig, TrialConfig
+from orchestrator.cells import Design
 from orchestrator.spec import SweepSpec, Trial, expand_trials
 
 __all__ = [
@@ -203,23 +203,28 @@ class Plan:
                 "trials": [t.to_dict() for t in self.trials], "totals": self.totals()}
 
 
-def few_seed_comparisons(trials: list[Trial]) -> str | None:
-    """A warning when some bViT-vs-ViT comparison (the same config but arch, both arms present) has an arm
-    with fewer than stats.MIN_SEEDS seeds; None when every comparison has enough (or there is none)."""
+def few_seed_comparisons(trials: list[Trial], design: Design) -> str | None:
+    """A warning when some comparison of the design (an arm and its cell's baseline arm, both present) has an
+    arm with fewer than stats.MIN_SEEDS seeds; None when every comparison has enough (or there is none)."""
     from orchestrator.stats import MIN_SEEDS
 
-    cells: dict[str, dict[str, int]] = {}
-    for t in trials:
-        flat = {k: v for k, v in t.config.flat().items() if k not in ("seed", "model.arch")}
-        arms = cells.setdefault(json.dumps(flat, sort_keys=True, default=str), {})
-        arms[t.config.model.arch] = arms.get(t.config.model.arch, 0) + 1
-    pairs = [arms for arms in cells.values() if {"bvit", "vit"} <= set(arms)]
-    few = [arms for arms in pairs if min(arms["bvit"], arms["vit"]) < MIN_SEEDS]
+    flats = [t.config.flat() for t in trials]
+    rows = [{col: flat.get(path) for path, col in design.names()} for flat in flats]
+    bound = design.bind(rows)
+    if bound.arm_column is None:
+        return None
+    seeds: dict[tuple[str, ...], dict[str, int]] = {}
+    for row in rows:
+        arms = seeds.setdefault(bound.cell_key(row), {})
+        arms[bound.arm(row)] = arms.get(bound.arm(row), 0) + 1
+    base = bound.arm({bound.arm_column: bound.baseline})
+    pairs = [(n, arms[base]) for arms in seeds.values() if base in arms for a, n in arms.items() if a != base]
+    few = [p for p in pairs if min(p) < MIN_SEEDS]
     if not few:
         return None
-    least = min(min(a["bvit"], a["vit"]) for a in few)
-    return (f"{len(few)} of {len(pairs)} bViT-vs-ViT comparisons have {least} seed{'s' * (least != 1)} per arm: "
-            f"comparisons with fewer than {MIN_SEEDS} seeds cannot carry an interval worth reading; "
+    least = min(min(p) for p in few)
+    return (f"{len(few)} of {len(pairs)} comparisons with {bound.baseline_label()} have {least} seed{'s' * (least != 1)} "
+            f"per arm: comparisons with fewer than {MIN_SEEDS} seeds cannot carry an interval worth reading; "
             f"set seeds: {list(range(MIN_SEEDS))}")
 
 

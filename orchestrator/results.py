@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from orchestrator.cells import MEASURED, column_names
 from orchestrator.curves import CURVES, curve_table, epoch_curve, still_improving
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.provenance import git_sha
@@ -30,7 +31,6 @@ COLUMNS = [
     "best_test_top1", "best_epoch", "final_test_top1", "final_test_top5", "final_test_loss", "final_train_loss",
     "epochs", "still_improving", "wall_s", "node", "retries", "error",
 ]
-_MEASURED = {*COLUMNS[7:], "status", "trainable_params", "merged_test_top1"}  # the rest of a row names its cell
 
 
 class TrialTable(list):
@@ -47,16 +47,16 @@ def trial_curves(table: list[dict[str, Any]]) -> pd.DataFrame | None:
     None for a plain list of rows (no curves known)."""
     if not isinstance(table, TrialTable):
         return None
-    columns = list(dict.fromkeys(k for r in table for k in r if k not in _MEASURED))
+    columns = list(dict.fromkeys(k for r in table for k in r if k not in MEASURED))
     return curve_table(table, table.curves, columns)
 
 
-def _axis_columns(trials: list[Trial] | None) -> list[str]:
+def _axis_columns(trials: list[Trial] | None) -> dict[str, str]:
+    """{dotted path: trials.csv column} of every path the trials vary but the seed (orchestrator.cells' names)."""
     if not trials:
-        return []
+        return {}
     flats = [t.config.flat() for t in trials]
-    varied = [k for k in flats[0] if len({json.dumps(f.get(k)) for f in flats}) > 1 and k != "seed"]
-    return [k for k in varied if k not in ("finetune.method", "finetune.rank")]  # as `method`, `rank` columns
+    return column_names(k for k in flats[0] if len({json.dumps(f.get(k)) for f in flats}) > 1 and k != "seed")
 
 
 def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
@@ -94,7 +94,7 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> Tri
         row: dict[str, Any] = {
             "trial_id": env.trial_id, "status": trial.status, "arch": cfg.model.arch,
             "width": cfg.model.width, "steps": cfg.model.steps, "heads": cfg.model.heads, "seed": cfg.seed,
-            **{c: flat[c] for c in axis_cols if c not in ("model.arch", "model.width", "model.steps", "model.heads")},
+            **{col: flat[path] for path, col in axis_cols.items() if col not in ("arch", "width", "steps", "heads")},
             "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
             "final_test_top1": last.get("test_top1"), "final_test_top5": last.get("test_top5"),
             "final_test_loss": last.get("test_loss"), "final_train_loss": last.get("train_loss"),
@@ -162,9 +162,10 @@ def best_checkpoint(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, P
 
 def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]], uri: str, experiment: str,
              sweep: str, artifact_root: str | None, complete: bool, verbose: bool = True,
-             summary=None) -> dict[str, Any]:
+             summary=None, design=None) -> dict[str, Any]:
     """After a sweep: frontier files, MLflow back-fill, frontier + best model on the parent run. `summary`:
-    `frontier.summarize`'s result when the caller already made it (the files are then not written again).
+    `frontier.summarize`'s result when the caller already made it (the files are then not written again);
+    `design`: the spec's cells and comparison (orchestrator.cells.design_of).
 
     MLflow problems are reported, never raised: Ray's results stay the source of truth and
     `bvit-sweep sync` repeats this step later.
@@ -175,19 +176,20 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     out: dict[str, Any] = {"frontier": None, "synced": None}
     try:
         summary = summary if summary is not None else summarize(  # frontier, or transfer for fine-tuning
-            table, results_dir, title=sweep, curves=trial_curves(table))
+            table, results_dir, title=sweep, curves=trial_curves(table), design=design)
         out["frontier"] = str(next(iter(summary.paths.values())))
     except ValueError as e:
         if verbose:
             print(f"no frontier yet: {e}")
     try:
         root = Path(artifact_root) if artifact_root else None
-        out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root)
+        out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root,
+                                   design=design)
         ids = {row["trial_id"] for row in table}
         configs = {tid: env.resolved for tid, env in trial_envelopes(sweep_dir).items() if tid in ids}
         publish_sweep(results_dir=results_dir, table=table, summary=summary, uri=uri, experiment=experiment,
                       sweep=sweep, artifact_root=root, complete=complete, configs=configs,
-                      best=best_checkpoint(sweep_dir, table))
+                      best=best_checkpoint(sweep_dir, table), design=design)
     except Exception as e:  # tracking must never lose a finished sweep
         print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
               f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")

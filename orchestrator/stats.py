@@ -1,20 +1,21 @@
-"""Uncertainty for every number a sweep compares: cell means, bViT-ViT gaps, recovered fractions, the width slope.
+"""Uncertainty for every number a sweep compares: cell means, gaps to a baseline arm, recovered fractions, trends.
 
     cell = describe([61.2, 59.8, 60.4])                  # mean, sd, n, 95 % Student-t interval
-    cmp = compare(bvit=[...], vit=[...])                 # gap (ViT - bViT), recovered fraction, Welch test
-    slope = width_slope(cells)                           # recovered fraction vs log2(width), with its CI
+    cmp = compare(arm=[...], baseline=[...])             # gap (baseline - arm), recovered fraction, Welch test
+    slope = trend_slope(points)                          # recovered fraction vs log2(a numeric factor), with its CI
     adjusted = holm([cmp["welch_p"] for cmp in cmps])    # the comparisons of one table, tested together
 
 Definitions (95 % by default; seeds are the replicates, each trial one observation):
   * cell: mean, sample sd, n and the Student-t interval mean +- t(n-1) sd / sqrt(n).
-  * gap: mean(ViT) - mean(bViT) in points, Welch's unequal-variance t interval and two-sided p-value
+  * gap: mean(baseline) - mean(arm) in points (e.g. ViT - bViT), Welch's unequal-variance t interval and two-sided p-value
     (scipy.stats.ttest_ind(equal_var=False)).
-  * recovered fraction: mean(bViT) / mean(ViT). Its interval is built on the log scale, where the ratio
+  * recovered fraction: mean(arm) / mean(baseline). Its interval is built on the log scale, where the ratio
     of two independent means is a difference: var(log R) ~ sd_b^2/(n_b m_b^2) + sd_v^2/(n_v m_v^2) (delta
     method), with Welch-Satterthwaite degrees of freedom; exp() brings it back, so it stays positive.
-  * width slope: least squares of each cell's recovered fraction on log2(width), with one intercept
-    per step count (step counts compared within themselves), Student-t interval on the slope.
-  * multiplicity: a table's comparisons (one per bViT/ViT pair of cells) are tested together; Holm's
+  * trend slope: least squares of each cell's recovered fraction on log2 of a numeric factor (the spec's
+    `compare.trend`, e.g. width), with one intercept per group of the other factors (e.g. per step count),
+    Student-t interval on the slope.
+  * multiplicity: a table's comparisons (one per arm and cell) are tested together; Holm's
     step-down adjustment of their Welch p-values keeps the chance of any false "ahead" at most 1 - LEVEL.
 A difference whose interval includes 0 (a ratio whose interval includes 1) is "inconclusive" -- said in
 words in every table, plot and README that shows it; one whose interval excludes 0 but whose Holm-adjusted
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as st
 
-__all__ = ["LEVEL", "MIN_SEEDS", "describe", "compare", "width_slope", "verdict", "holm", "corrected_verdict"]
+__all__ = ["LEVEL", "MIN_SEEDS", "describe", "compare", "trend_slope", "verdict", "holm", "corrected_verdict"]
 
 LEVEL = 0.95
 MIN_SEEDS = 3  # below this a comparison's interval is too wide to mean much (plan warns)
@@ -89,10 +90,11 @@ def corrected_verdict(words: str, p_adjusted: float | None, *, m: int, level: fl
     return f"{words} before correction only (Holm-adjusted p {p_adjusted:.3g} over {m} comparisons)"
 
 
-def compare(*, bvit: Sequence[float], vit: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
-    """The bViT-vs-ViT comparison of one (width, steps) cell: gap and recovered fraction with intervals."""
-    b, v = _clean(bvit), _clean(vit)
-    out: dict[str, Any] = {"n_bvit": int(b.size), "n_vit": int(v.size), "gap": None, "gap_ci_low": None,
+def compare(*, arm: Sequence[float], baseline: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
+    """One arm against its cell's baseline arm (per-seed values of each): gap (baseline - arm) and recovered
+    fraction (arm / baseline) with intervals, Welch's p."""
+    b, v = _clean(arm), _clean(baseline)
+    out: dict[str, Any] = {"n_arm": int(b.size), "n_baseline": int(v.size), "gap": None, "gap_ci_low": None,
                            "gap_ci_high": None, "welch_p": None, "recovered": None, "recovered_ci_low": None,
                            "recovered_ci_high": None}
     if b.size == 0 or v.size == 0:
@@ -115,26 +117,28 @@ def compare(*, bvit: Sequence[float], vit: Sequence[float], level: float = LEVEL
     elif b.size >= 2 and v.size >= 2:  # no spread at all: the difference is exact
         out.update(gap_ci_low=out["gap"], gap_ci_high=out["gap"], welch_p=0.0 if out["gap"] else 1.0,
                    recovered_ci_low=out["recovered"], recovered_ci_high=out["recovered"])
-    out["verdict"] = verdict(out["gap_ci_low"], out["gap_ci_high"], above="ViT ahead", below="bViT ahead")
+    out["verdict"] = verdict(out["gap_ci_low"], out["gap_ci_high"], above="baseline ahead", below="arm ahead")
     return out
 
 
-def width_slope(cells: Sequence[dict[str, Any]], *, level: float = LEVEL) -> dict[str, Any]:
-    """Slope of the recovered fraction per doubling of width, one intercept per step count.
+def trend_slope(points: Sequence[tuple[float, Any, float | None]], *, factor: str = "x",
+                level: float = LEVEL) -> dict[str, Any]:
+    """Slope of the recovered fraction per doubling of a numeric factor, one intercept per group.
 
-    `cells`: dicts with `width`, `steps`, `recovered` (cells without a recovered fraction are left out).
-    The paper's claim (wider bViTs recover more) is a positive slope.
+    `points`: (factor value, group, recovered fraction) per cell -- the group is the cell's other factors
+    (compared within themselves); points without a recovered fraction are left out. `factor` names the
+    factor in the verdict. The paper's width claim is a positive slope over width.
     """
-    rows = [(float(c["width"]), int(c["steps"]), float(c["recovered"])) for c in cells
-            if c.get("recovered") is not None and not math.isnan(float(c["recovered"]))]
-    steps = sorted({s for _, s, _ in rows})
-    widths = sorted({w for w, _, _ in rows})
-    out: dict[str, Any] = {"slope": None, "ci_low": None, "ci_high": None, "df": 0, "cells": len(rows),
-                           "widths": [int(w) for w in widths], "steps": steps}
-    if len(widths) < 2:
-        out["verdict"] = "inconclusive (fewer than two widths)"
+    rows = [(float(x), g, float(r)) for x, g, r in points if r is not None and not math.isnan(float(r))]
+    groups = sorted({g for _, g, _ in rows}, key=str)
+    xs = sorted({x for x, _, _ in rows})
+    out: dict[str, Any] = {"factor": factor, "slope": None, "ci_low": None, "ci_high": None, "df": 0,
+                           "cells": len(rows), "values": [int(x) if x.is_integer() else x for x in xs],
+                           "groups": [str(g) for g in groups]}
+    if len(xs) < 2:
+        out["verdict"] = f"inconclusive (fewer than two values of {factor})"
         return out
-    x = np.array([[math.log2(w)] + [1.0 if s == k else 0.0 for k in steps] for w, s, _ in rows])  # (cells, 1+S)
+    x = np.array([[math.log2(v)] + [1.0 if g == k else 0.0 for k in groups] for v, g, _ in rows])  # (cells, 1+G)
     y = np.array([r for _, _, r in rows])
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
     df = len(rows) - x.shape[1]
@@ -145,6 +149,6 @@ def width_slope(cells: Sequence[dict[str, Any]], *, level: float = LEVEL) -> dic
         se = math.sqrt(sigma2 * float(np.linalg.inv(x.T @ x)[0, 0]))
         half = float(st.t.ppf(0.5 + level / 2, df)) * se
         out.update(ci_low=out["slope"] - half, ci_high=out["slope"] + half)
-    out["verdict"] = verdict(out["ci_low"], out["ci_high"], above="supported: wider bViTs recover more",
-                             below="contradicted: wider bViTs recover less")
+    out["verdict"] = verdict(out["ci_low"], out["ci_high"], above=f"supported: a larger {factor} recovers more",
+                             below=f"contradicted: a larger {factor} recovers less")
     return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.cells import Design, design_of
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
@@ -87,14 +88,16 @@ def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str
     from orchestrator.tracking import resolve_tracking
 
     table = sweep_status(sweep)
+    design = sweep_design(sweep)
     try:
-        summary = summarize(table, sweep.results_dir, title=sweep.name, curves=trial_curves(table))
+        summary = summarize(table, sweep.results_dir, title=sweep.name, curves=trial_curves(table), design=design)
     except ValueError as e:
         raise UserError([f"{sweep.dir}: {e}"], code=1) from e
     uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
     finalize(sweep_dir=sweep.dir, results_dir=sweep.results_dir, table=table, uri=uri, experiment=experiment,
              sweep=sweep.name, artifact_root=str(sweep.results_dir / "mlflow" / "artifacts"),
-             complete=all(r["status"] in ("TERMINATED", "ERROR") for r in table), verbose=False, summary=summary)
+             complete=all(r["status"] in ("TERMINATED", "ERROR") for r in table), verbose=False, summary=summary,
+             design=design)
     return _frontier_doc(summary, sweep.results_dir)
 
 
@@ -108,16 +111,32 @@ def rebuild_frontier(trials_csv: Path) -> dict[str, Any]:
     curves_csv = trials_csv.parent / CURVES
     try:
         summary = summarize(read_trials(trials_csv), trials_csv.parent, title=trials_csv.parent.name,
-                            curves=read_curves(curves_csv))
+                            curves=read_curves(curves_csv), design=results_design(trials_csv.parent))
     except ValueError as e:
         msg = str(e) if str(e).startswith((str(trials_csv), str(curves_csv))) else f"{trials_csv}: {e}"
         raise UserError([msg]) from None
     return _frontier_doc(summary, trials_csv.parent)
 
 
+def sweep_design(sweep: Sweep) -> Design:
+    """The cells and comparison of the spec the sweep was launched with (orchestrator.cells)."""
+    return design_of(sweep.spec, smoke=bool(read_snapshot(sweep.dir)[0].get("smoke")))
+
+
+def results_design(results_dir: Path) -> Design | None:
+    """The design of the sweep whose results lie in `results_dir`: from the spec.yaml written beside its
+    trials.csv (its smoke variant for a `<name>-smoke` folder); None (read from the table) without one."""
+    spec_file = results_dir / "spec.yaml"
+    if not spec_file.is_file():
+        return None
+    spec = load_spec(spec_file)
+    return design_of(spec, smoke=results_dir.name == sweep_name(spec, True))
+
+
 def _frontier_doc(summary, out: Path) -> dict[str, Any]:
     cells = summary.cells.astype(object).where(summary.cells.notna(), None)  # NaN -> null in JSON
-    return {"kind": summary.kind, "cells": cells.to_dict("records"), "dir": str(out), "headline": summary.headline,
+    return {"kind": summary.kind, "factors": summary.factors, "cells": cells.to_dict("records"), "dir": str(out),
+            "headline": summary.headline,
             "slope": summary.slope, "files": [str(p) for p in summary.paths.values()]}
 
 
@@ -127,7 +146,7 @@ def sweep_sync(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, in
 
     uri, experiment = resolve_tracking(sweep.spec, sweep.results_dir, tracking_uri)
     try:
-        return sync_sweep(sweep.dir, uri=uri, experiment=experiment, sweep=sweep.name,
+        return sync_sweep(sweep.dir, uri=uri, experiment=experiment, sweep=sweep.name, design=sweep_design(sweep),
                           artifact_root=sweep.results_dir / "mlflow" / "artifacts")
     except Exception as e:
         raise UserError([f"{uri}: cannot reach MLflow ({type(e).__name__}: {e}); nothing was lost, "

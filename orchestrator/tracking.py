@@ -8,11 +8,11 @@ present is never logged again, so a retried or resumed trial continues its own c
 
 What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
   * the experiment carries a saved view (`mlflow.sharedViewState.bvit-sweep`, MLflow's "saved views"
-    envelope): the runs table with arch, width, steps, seed and test top-1 as columns, ordered by the
+    envelope): the runs table with the sweep's factors (orchestrator.cells), seed and test top-1 as columns, ordered by the
     `bvit.rank` tag: the parent first, then the trials best first. Ordering by anything but start time
     also makes MLflow list the children flat instead of collapsed under the parent (its runs table nests
     only when unsorted, unfiltered or sorted by start time). `bvit-sweep ui` opens it by URL;
-  * run names carry arch, width, steps, seed and, once known, the final test top-1;
+  * run names carry the trial's value of every factor, its seed and, once known, the final test top-1;
   * `publish_sweep` gives the parent run its description (the frontier table, the plots inline),
     the spec, run.json, the command and git SHA; every artifact is written whole, never appended.
 """
@@ -31,6 +31,7 @@ from typing import Any
 from ray import tune
 
 from bvit.config import TrialConfig
+from orchestrator.cells import Design, text
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.errors import UserError
 from orchestrator.provenance import code_version
@@ -80,24 +81,20 @@ def resolve_tracking(spec, results_dir: Path, override: str | None = None) -> tu
     return uri, spec.tracking.experiment or spec.name
 
 
-def run_name(cfg: TrialConfig, top1: float | None = None) -> str:
-    """`bvit · w32 · T4 · seed 0 · top-1 61.2 %`: what a trial is, readable in the runs table."""
-    m = cfg.model
-    parts = [m.arch, f"w{m.width}", f"T{m.steps}"]
-    if cfg.finetune is not None:
-        ft = cfg.finetune
-        parts.append(ft.method + (f" r{ft.rank}" if ft.method.startswith("lora") else ""))
+def run_name(cfg: TrialConfig, top1: float | None = None, design: Design | None = None) -> str:
+    """`arch bvit · width 32 · steps 4 · seed 0 · top-1 61.2 %`: the trial's value of every factor the sweep
+    varies (`design`, orchestrator.cells; the compared one first), its seed and, once known, its top-1."""
+    flat = cfg.flat()
+    parts = [f"{col} {text(flat.get(path))}" for path, col in (design.names() if design else [])]
     parts.append(f"seed {cfg.seed}")
     if top1 is not None and top1 == top1:
         parts.append(f"top-1 {top1:.1f} %")
     return " · ".join(parts)
 
 
-def view_state(*, finetune: bool = False) -> dict[str, Any]:
-    """The runs page as the sweep's question needs it: its axes and test top-1 as columns, parent first."""
-    params = ["model.arch", "model.width", "model.steps", "seed"]
-    if finetune:
-        params += ["finetune.method", "finetune.rank"]
+def view_state(design: Design | None = None) -> dict[str, Any]:
+    """The runs page as the sweep's question needs it: its factors and test top-1 as columns, parent first."""
+    params = [path for path, _ in (design.names() if design else [])] + ["seed"]
     metrics = ["test_top1", "best_test_top1", "epoch"]
     return {
         "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics]
@@ -127,9 +124,11 @@ def prepare_experiment(uri: str, experiment: str | None) -> str | None:
 class SweepTracker:
     """Parent/child runs of one sweep in one MLflow experiment."""
 
-    def __init__(self, *, uri: str, experiment: str, sweep: str, artifact_root: Path | None = None) -> None:
+    def __init__(self, *, uri: str, experiment: str, sweep: str, artifact_root: Path | None = None,
+                 design: Design | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        self.design = design  # the spec's factors: child run names and the saved view's columns
         for key, value in FAIL_FAST_HTTP.items():  # read by MLflow at each request
             os.environ.setdefault(key, value)
         self.uri, self.sweep = uri, sweep
@@ -145,11 +144,12 @@ class SweepTracker:
         self._runs: dict[str, str] = {}
         self._epochs: dict[str, set[int]] = {}
 
-    def save_view(self, *, finetune: bool = False) -> None:
+    def save_view(self) -> None:
         """The saved view `bvit-sweep` (MLflow's "saved views" envelope around the page state), overwritten."""
         created = int(self.client.get_experiment(self.experiment_id).creation_time or 0)
-        envelope = {"name": "sweep: arch, width, steps, seed, test top-1", "createdAt": created,
-                    "updatedAt": created, "state": json.dumps(view_state(finetune=finetune))}
+        columns = [col for _, col in (self.design.names() if self.design else [])] + ["seed", "test top-1"]
+        envelope = {"name": f"sweep: {', '.join(columns)}", "createdAt": created,
+                    "updatedAt": created, "state": json.dumps(view_state(self.design))}
         self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + VIEW_ID, json.dumps(envelope))
 
     def _find(self, filter_string: str) -> str | None:
@@ -172,7 +172,7 @@ class SweepTracker:
             rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_TRIAL}` = '{trial_id}'")
             if rid is None:
                 from mlflow.entities import Param
-                rid = self.client.create_run(self.experiment_id, run_name=run_name(cfg), tags={
+                rid = self.client.create_run(self.experiment_id, run_name=run_name(cfg, design=self.design), tags={
                     TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id, TAG_ROLE: "trial", TAG_RANK: UNRANKED,
                     "mlflow.parentRunId": self.parent_run_id(),
                 }).info.run_id
@@ -223,9 +223,10 @@ class SweepTracker:
 class MlflowProgressCallback(tune.Callback):
     """Logs each epoch result to the trial's child run from a background thread; failures only warn."""
 
-    def __init__(self, *, uri: str, experiment: str, sweep: str, artifact_root: str | None = None) -> None:
+    def __init__(self, *, uri: str, experiment: str, sweep: str, artifact_root: str | None = None,
+                 design: Design | None = None) -> None:
         self.kw = dict(uri=uri, experiment=experiment, sweep=sweep,
-                       artifact_root=Path(artifact_root) if artifact_root else None)
+                       artifact_root=Path(artifact_root) if artifact_root else None, design=design)
         self._q: queue.Queue | None = None
         self._thread: threading.Thread | None = None
 
@@ -276,12 +277,12 @@ class MlflowProgressCallback(tune.Callback):
 
 
 def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
-               artifact_root: Path | None = None) -> dict[str, int]:
+               artifact_root: Path | None = None, design: Design | None = None) -> dict[str, int]:
     """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent."""
     from ray.tune import ExperimentAnalysis
 
     analysis = ExperimentAnalysis(str(sweep_dir))
-    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)
+    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design)
     tracker.parent_run_id()
     logged = trials = 0
     for trial in analysis.trials:
@@ -296,50 +297,54 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
 
 
 # ---- the parent run as the sweep's front page ------------------------------------------------------------
-_CELL_COLUMNS = [  # (column in the frontier/transfer table, header, format)
-    ("arch", "arch", "{}"), ("width", "width", "{}"), ("steps", "steps", "{}"), ("method", "method", "{}"),
-    ("rank", "rank", "{}"), ("params", "params", "{:,.0f}"), ("trainable_params", "trained params", "{:,.0f}"),
+_CELL_COLUMNS = [  # (measured column of the frontier/transfer table, header, format); the factors' columns go first
+    ("params", "params", "{:,.0f}"), ("trainable_params", "trained params", "{:,.0f}"),
     ("seeds", "seeds", "{}"), ("still_improving", "still improving", "{:.0f}"), ("top1_mean", "test top-1 (%)", "{:.2f}"), ("top1_std", "± std", "{:.2f}"),
     ("merged_top1_mean", "merged top-1 (%)", "{:.2f}"), ("on_frontier", "on frontier", "{}"),
-    ("recovered_fraction", "recovered (bViT/ViT)", "{:.3f}"), ("gap_points", "gap (points)", "{:.2f}"),
+    ("baseline", "compared with", "{}"), ("recovered_fraction", "recovered (arm/baseline)", "{:.3f}"),
+    ("gap_points", "gap (points)", "{:.2f}"),
     ("gap_ci_low", "gap CI low", "{:.2f}"), ("gap_ci_high", "gap CI high", "{:.2f}"),
     ("welch_p_holm", "Holm p", "{:.3g}"), ("verdict", "verdict", "{}"),
 ]
 
 
-def _markdown_table(cells) -> str:
-    cols = [c for c in _CELL_COLUMNS if c[0] in cells.columns]
+def _markdown_table(cells, design: Design | None = None) -> str:
+    factors = [(col, col, "{}") for _, col in (design.names() if design else []) if col in cells.columns]
+    cols = factors + [c for c in _CELL_COLUMNS if c[0] in cells.columns]
     lines = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for _, row in cells.iterrows():
         out = []
         for key, _, fmt in cols:
             v = row[key]
             blank = v is None or (isinstance(v, float) and v != v)
-            out.append("" if blank else ("yes" if v is True else "" if v is False else fmt.format(v)))
+            out.append("" if blank else ("yes" if v is True else "" if v is False else
+                                         text(v) if fmt == "{}" else fmt.format(v)))
         lines.append("| " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 
 def describe_parent(*, sweep: str, table: list[dict[str, Any]], cells, plots: list[str], experiment_id: str,
-                    run_id: str, command: str, sha: str, headline: str = "") -> str:
+                    run_id: str, command: str, sha: str, headline: str = "", design: Design | None = None) -> str:
     """The parent run's description (markdown, rendered by MLflow's run page): the answer first."""
     done = [r for r in table if r["status"] == "TERMINATED" and r.get("final_test_top1") is not None]
     lines = [f"**{sweep}**: {len(table)} trials, {len(done)} finished."]
     if done:
         best = max(done, key=lambda r: r["final_test_top1"])
-        lines[0] += (f" Best final test top-1 **{best['final_test_top1']:.2f} %**: {best['arch']} width "
-                     f"{best['width']}, {best['steps']} steps, seed {best['seed']} (trial `{best['trial_id']}`).")
+        what = ", ".join(f"{col} {text(best.get(col))}" for _, col in (design.names() if design else []))
+        lines[0] += (f" Best final test top-1 **{best['final_test_top1']:.2f} %**: {what + ', ' if what else ''}"
+                     f"seed {best['seed']} (trial `{best['trial_id']}`).")
     lines += ["", f"Command: `{command}` · code: `{sha}`", ""]
     if headline:
         lines += ["95 % intervals over seeds (an interval that includes 0 is inconclusive):", "",
                   *(f"- {line}" for line in headline.splitlines()), ""]
     if cells is not None:
-        lines += ["Per cell, seeds averaged (final test top-1):", "", _markdown_table(cells), ""]
+        lines += ["Per cell and arm, seeds averaged (final test top-1):", "", _markdown_table(cells, design), ""]
     for name in plots:
         path = f"frontier/{name}"
         lines += [f"![{name}](get-artifact?path=frontier%2F{name}&run_uuid={run_id})",
                   f"[{name}](#/experiments/{experiment_id}/runs/{run_id}/artifactPath/{path})", ""]
-    lines.append("Children: one run per trial (name: arch · width · steps · seed · top-1); the experiment's "
+    named = " · ".join([col for _, col in (design.names() if design else [])] + ["seed", "top-1"])
+    lines.append(f"Children: one run per trial (name: {named}); the experiment's "
                  "saved view `bvit-sweep` lists them with these columns, best first.")
     return "\n".join(lines)
 
@@ -368,7 +373,8 @@ def _rank_and_name_children(tracker: SweepTracker, table: list[dict[str, Any]], 
         run, cfg = by_trial.get(row["trial_id"]), configs.get(row["trial_id"])
         if run is None or cfg is None:
             continue
-        want = {TAG_RANK: rank.get(row["trial_id"], UNRANKED), "mlflow.runName": run_name(cfg, row.get("final_test_top1"))}
+        want = {TAG_RANK: rank.get(row["trial_id"], UNRANKED),
+                "mlflow.runName": run_name(cfg, row.get("final_test_top1"), tracker.design)}
         for key, value in want.items():
             if run.data.tags.get(key) != value:
                 tracker.client.set_tag(run.info.run_id, key, value)
@@ -376,7 +382,7 @@ def _rank_and_name_children(tracker: SweepTracker, table: list[dict[str, Any]], 
 
 def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tuple | None, uri: str,
                   experiment: str, sweep: str, artifact_root: Path | None, complete: bool,
-                  configs: dict[str, TrialConfig], best: tuple[str, Path] | None) -> None:
+                  configs: dict[str, TrialConfig], best: tuple[str, Path] | None, design: Design | None = None) -> None:
     """The sweep's front page in MLflow, idempotent: any number of calls leave one copy of everything.
 
     `summary` is frontier.summarize's Summary or None before any trial finished. On the parent: the frontier
@@ -387,10 +393,10 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
     """
     from mlflow.entities import Param
 
-    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root)
+    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design)
     client, parent = tracker.client, tracker.parent_run_id()
-    kind, cells, paths = (summary.kind, summary.cells, summary.paths) if summary is not None else (None, None, {})
-    tracker.save_view(finetune=kind == "transfer")  # rewritten each time: a newer bvit-sweep's view replaces an older one
+    cells, paths = (summary.cells, summary.paths) if summary is not None else (None, {})
+    tracker.save_view()  # rewritten each time: a newer bvit-sweep's view replaces an older one
     for path in paths.values():
         client.log_artifact(parent, str(path), artifact_path="frontier")
     if cells is not None:
@@ -418,7 +424,7 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
             "mlflow.source.git.commit": sha,
             TAG_NOTE: describe_parent(sweep=sweep, table=table, cells=cells, plots=plots, run_id=parent,
                                       experiment_id=tracker.experiment_id, command=command, sha=sha,
-                                      headline=summary.headline if summary is not None else "")}
+                                      headline=summary.headline if summary is not None else "", design=design)}
     for key, value in tags.items():
         if run.data.tags.get(key) != value:
             client.set_tag(parent, key, value)
@@ -432,7 +438,8 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
         if run.data.metrics.get("best_final_test_top1") != float(row["final_test_top1"]):  # one point, not one per call
             client.log_metric(parent, "best_final_test_top1", float(row["final_test_top1"]))
     slope = (summary.slope or {}) if summary is not None else {}
-    for key, name in (("slope", "width_slope"), ("ci_low", "width_slope_ci_low"), ("ci_high", "width_slope_ci_high")):
+    for key, name in (("slope", "{}_slope"), ("ci_low", "{}_slope_ci_low"), ("ci_high", "{}_slope_ci_high")):
+        name = name.format(slope.get("factor", "trend"))
         if slope.get(key) is not None and run.data.metrics.get(name) != slope[key]:
             client.log_metric(parent, name, float(slope[key]))
     _rank_and_name_children(tracker, table, configs)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats as st
 
-from orchestrator.stats import compare, corrected_verdict, describe, holm, verdict, width_slope
+from orchestrator.stats import compare, corrected_verdict, describe, holm, trend_slope, verdict
 
 
 def test_describe_matches_the_student_t_interval():
@@ -18,18 +18,18 @@ def test_describe_matches_the_student_t_interval():
 
 
 def test_gap_is_welchs_interval_and_labels_say_whether_it_excludes_zero():
-    far = compare(bvit=[50.0, 51.0, 52.0], vit=[60.0, 61.0, 62.0])
-    assert far["gap"] == pytest.approx(10.0) and far["verdict"] == "ViT ahead"
+    far = compare(arm=[50.0, 51.0, 52.0], baseline=[60.0, 61.0, 62.0])
+    assert far["gap"] == pytest.approx(10.0) and far["verdict"] == "baseline ahead"
     assert far["gap_ci_low"] > 0 and far["welch_p"] < 0.01
     assert far["recovered"] == pytest.approx(51.0 / 61.0)
     assert far["recovered_ci_low"] < 51.0 / 61.0 < far["recovered_ci_high"] < 1.0
-    near = compare(bvit=[50.0, 55.0, 60.0], vit=[52.0, 57.0, 53.0])
+    near = compare(arm=[50.0, 55.0, 60.0], baseline=[52.0, 57.0, 53.0])
     assert near["verdict"] == "inconclusive (interval includes 0)"
     assert near["gap_ci_low"] < 0 < near["gap_ci_high"]
     assert near["recovered_ci_low"] < 1.0 < near["recovered_ci_high"]
-    ahead = compare(bvit=[70.0, 71.0, 72.0], vit=[60.0, 61.0, 62.0])
-    assert ahead["verdict"] == "bViT ahead"
-    assert compare(bvit=[50.0], vit=[60.0])["verdict"] == "inconclusive (too few seeds for an interval)"
+    ahead = compare(arm=[70.0, 71.0, 72.0], baseline=[60.0, 61.0, 62.0])
+    assert ahead["verdict"] == "arm ahead"
+    assert compare(arm=[50.0], baseline=[60.0])["verdict"] == "inconclusive (too few seeds for an interval)"
 
 
 def test_recovered_fraction_interval_has_its_nominal_coverage():
@@ -37,31 +37,30 @@ def test_recovered_fraction_interval_has_its_nominal_coverage():
     mb, mv, sd, n, runs = 60.0, 66.0, 3.0, 4, 2000
     covered = 0
     for _ in range(runs):
-        c = compare(bvit=rng.normal(mb, sd, n).tolist(), vit=rng.normal(mv, sd, n).tolist())
+        c = compare(arm=rng.normal(mb, sd, n).tolist(), baseline=rng.normal(mv, sd, n).tolist())
         covered += c["recovered_ci_low"] <= mb / mv <= c["recovered_ci_high"]
     assert 0.93 <= covered / runs <= 0.97  # binomial sd at 2000 runs: 0.5 points
 
 
-def test_width_slope_recovers_a_planted_slope_and_its_interval_covers_it():
-    exact = [{"width": w, "steps": s, "recovered": 0.8 + 0.05 * math.log2(w / 16) + (0.02 if s == 4 else 0)}
-             for w in (16, 32, 64) for s in (2, 4)]
-    r = width_slope(exact)
+def test_trend_slope_recovers_a_planted_slope_and_its_interval_covers_it():
+    exact = [(w, s, 0.8 + 0.05 * math.log2(w / 16) + (0.02 if s == 4 else 0)) for w in (16, 32, 64) for s in (2, 4)]
+    r = trend_slope(exact, factor="width")
     assert r["slope"] == pytest.approx(0.05) and r["df"] == 6 - 3
-    assert r["ci_low"] == pytest.approx(0.05, abs=1e-9) and r["verdict"] == "supported: wider bViTs recover more"
+    assert r["ci_low"] == pytest.approx(0.05, abs=1e-9) and r["verdict"] == "supported: a larger width recovers more"
     rng = np.random.default_rng(1)
     covered = 0
     for _ in range(500):
-        noisy = [{**c, "recovered": c["recovered"] + rng.normal(0, 0.02)} for c in exact]
-        s = width_slope(noisy)
+        noisy = [(w, g, r + rng.normal(0, 0.02)) for w, g, r in exact]
+        s = trend_slope(noisy)
         covered += s["ci_low"] <= 0.05 <= s["ci_high"]
     assert 0.92 <= covered / 500 <= 0.98
 
 
-def test_width_slope_is_inconclusive_when_flat_or_underdetermined():
-    flat = [{"width": w, "steps": 4, "recovered": 0.9 + d} for w, d in ((16, .01), (32, -.02), (64, .01))]
-    assert width_slope(flat)["verdict"] == "inconclusive (interval includes 0)"
-    assert width_slope([{"width": 16, "steps": 4, "recovered": 0.9}])["verdict"].startswith("inconclusive")
-    two = width_slope([{"width": 16, "steps": 4, "recovered": 0.9}, {"width": 32, "steps": 4, "recovered": 0.95}])
+def test_trend_slope_is_inconclusive_when_flat_or_underdetermined():
+    flat = [(w, 4, 0.9 + d) for w, d in ((16, .01), (32, -.02), (64, .01))]
+    assert trend_slope(flat)["verdict"] == "inconclusive (interval includes 0)"
+    assert trend_slope([(16, 4, 0.9)])["verdict"].startswith("inconclusive")
+    two = trend_slope([(16, 4, 0.9), (32, 4, 0.95)])
     assert two["df"] == 0 and two["ci_low"] is None and two["verdict"].startswith("inconclusive")
 
 

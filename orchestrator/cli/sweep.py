@@ -62,11 +62,12 @@ def plan(
 
     Example: `bvit-sweep plan sweeps/width.yaml --no-bench --json`
     """
+    from orchestrator.cells import design_of
     from orchestrator.planning import few_seed_comparisons, make_plan, print_plan
     from orchestrator.spec import load_spec
 
     result = make_plan(spec=load_spec(spec), smoke=smoke, bench=bench)
-    if warning := few_seed_comparisons([t.trial for t in result.trials]):
+    if warning := few_seed_comparisons([t.trial for t in result.trials], design_of(result.spec, smoke=smoke)):
         typer.echo(f"warning: {warning}", err=True)
     if json_out:
         print_json(result.to_dict())
@@ -187,11 +188,11 @@ def frontier(
         print_json(out)
         return
     table = Table(title=f"{out['kind']} ({out['dir']})")
-    cols = ["arch", "width", "steps", "params", "seeds", "top1_mean", "top1_ci_low", "top1_ci_high", "on_frontier",
+    cols = [*out["factors"], "params", "seeds", "top1_mean", "top1_ci_low", "top1_ci_high", "on_frontier",
             "recovered_fraction", "gap_points", "gap_ci_low", "gap_ci_high", "verdict"]
     if out["kind"] == "transfer":
-        cols = ["method", "rank", "trainable_params", "trainable_fraction", "seeds", "top1_mean", "top1_ci_low",
-                "top1_ci_high", "merged_top1_mean", "gap_to_full", "gap_ci_low", "gap_ci_high", "verdict"]
+        cols = [*out["factors"], "trainable_params", "trainable_fraction", "seeds", "top1_mean", "top1_ci_low",
+                "top1_ci_high", "merged_top1_mean", "gap_points", "gap_ci_low", "gap_ci_high", "verdict"]
     for c in cols:
         table.add_column(c)
     for cell in out["cells"]:

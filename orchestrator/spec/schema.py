@@ -16,7 +16,7 @@ from pydantic.functional_validators import field_validator, model_validator
 from orchestrator.errors import InputError
 from orchestrator.spec.paths import Axes, Problem, structure_problems
 
-__all__ = ["METRICS", "MAX_NAME", "MAX_TRIALS", "Convergence", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
+__all__ = ["METRICS", "MAX_NAME", "MAX_TRIALS", "Compare", "Convergence", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
            "grid_factors"]
 
 METRICS = {"test_top1": "max", "test_top5": "max", "test_loss": "min", "train_loss": "min"}  # name -> better
@@ -113,6 +113,16 @@ class Convergence(_Frozen):
         return gain
 
 
+class Compare(_Frozen):
+    """What the sweep's analysis compares (orchestrator.cells): each value of `axis` against `baseline`, within
+    every cell of the other varied axes. Unset, a sweep that varies `model.arch` compares each architecture
+    with its registered baseline; a sweep that varies neither gets per-cell statistics and no gaps."""
+
+    axis: str = Field(min_length=1)  # a varied dotted path, e.g. model.step_embed
+    baseline: str | int | float | bool | None  # one of that axis's values, e.g. none
+    trend: str | None = Field(None, min_length=1)  # a varied numeric path: the recovered fraction's slope per doubling
+
+
 class Tracking(_Frozen):
     uri: str | None = Field(None, min_length=1)  # MLflow tracking URI (None: SQLite in the results)
     experiment: str | None = Field(None, min_length=1)  # MLflow experiment (None: the spec's name)
@@ -145,6 +155,7 @@ class SweepSpec(_Frozen):
     ray_address: str | None = Field(None, min_length=1)  # Ray cluster to join (None: start a local one)
     smoke: Smoke = Field(default_factory=Smoke)  # what `--smoke` changes
     convergence: Convergence = Field(default_factory=Convergence)  # when a trial counts as still improving
+    compare: Compare | None = None  # what the analysis compares (None: model.arch's arms when it is varied)
 
     _source: str = PrivateAttr("<spec>")
 
@@ -166,12 +177,43 @@ class SweepSpec(_Frozen):
         for smoke, where in ((False, ("axes",)), (True, ("smoke",))):
             if (n := math.prod(size for _, size in grid_factors(self, smoke=smoke))) > MAX_TRIALS:
                 raise SpecError([(where, f"the grid has {n:,} trials, more than {MAX_TRIALS:,}; split it")])
+        if self.compare is not None and (problems := _compare_problems(self.compare, varied_values(self))):
+            raise SpecError(problems)
         return self
 
     @property
     def source(self) -> str:
         """The file this spec was loaded from (`<spec>` when built in code); error lines start with it."""
         return self._source
+
+
+def varied_values(spec: SweepSpec, *, smoke: bool = False) -> dict[str, list[Any]]:
+    """{dotted path: its values} of every axis and zip-group path that takes two values or more (seeds aside)."""
+    s = spec.smoke if smoke else Smoke()
+    out = {path: list(values) for path, values in {**spec.axes, **s.axes}.items()}
+    for group in s.zip if s.zip is not None else spec.zip:
+        out.update({path: list(values) for path, values in group.items()})
+    return {path: values for path, values in out.items() if len({repr(v) for v in values}) > 1}
+
+
+def _compare_problems(compare: Compare, varied: dict[str, list[Any]]) -> list[Problem]:
+    names = ", ".join(varied) or "none"
+    if compare.axis not in varied:
+        return [(("compare", "axis"), f"{compare.axis!r} is not a varied axis of this sweep (varied: {names}); "
+                 "compare names an axis or zip-group path with two values or more")]
+    problems: list[Problem] = []
+    if compare.baseline not in varied[compare.axis]:
+        problems.append((("compare", "baseline"), f"{compare.baseline!r} is not a value of {compare.axis} "
+                         f"(its values: {', '.join(map(str, varied[compare.axis]))})"))
+    if compare.trend is not None:
+        values = varied.get(compare.trend)
+        if values is None or compare.trend == compare.axis:
+            problems.append((("compare", "trend"), f"{compare.trend!r} is not a varied axis other than "
+                             f"{compare.axis} (varied: {names})"))
+        elif not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in values):
+            problems.append((("compare", "trend"), f"{compare.trend}: a trend needs positive numbers "
+                             f"(its values: {', '.join(map(str, values))})"))
+    return problems
 
 
 def grid_factors(spec: SweepSpec, *, smoke: bool) -> list[tuple[str, int]]:
