@@ -205,7 +205,7 @@ def write_frontier(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"frontier.csv": out_dir / "frontier.csv"}
-    cells.to_csv(paths["frontier.csv"], index=False, float_format="%.4f")
+    _to_csv(cells, bound, paths["frontier.csv"])
     if slope is not None:
         paths["slope.json"] = out_dir / "slope.json"
         paths["slope.json"].write_text(json.dumps(slope, indent=1) + "\n")
@@ -292,6 +292,12 @@ def write_frontier(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: s
     return paths
 
 
+def _to_csv(cells: pd.DataFrame, bound: Bound, path: Path) -> None:
+    """Measures to 4 decimals; the factors' values as every label shows them (orchestrator.cells.text: 64, not
+    64.0000; a rank of 8 read back beside blanks, 8, not 8.0)."""
+    cells.assign(**{c: cells[c].map(text) for c in bound.columns}).to_csv(path, index=False, float_format="%.4f")
+
+
 def _yerr(g: pd.DataFrame, mean: str = "top1_mean", ci: str = "top1_ci"):
     """Asymmetric error bars to the 95 % interval (2, cells) where a cell has one; None draws none."""
     low, high = (pd.to_numeric(g.get(f"{ci}_{s}"), errors="coerce") for s in ("low", "high"))
@@ -373,7 +379,7 @@ def write_transfer(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"transfer.csv": out_dir / "transfer.csv", "transfer.png": out_dir / "transfer.png"}
-    cells.to_csv(paths["transfer.csv"], index=False, float_format="%.4f")
+    _to_csv(cells, bound, paths["transfer.csv"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for arm, g in _arms(cells, bound):
         ax.errorbar(g["trainable_params"], g["top1_mean"], yerr=_yerr(g), marker="o", linestyle="none",

@@ -134,12 +134,12 @@ def test_a_swept_mlp_ratio_gets_its_own_rows_names_and_column(workdir, fmnist_di
     trials = read_csv(out / "trials.csv")
     assert sorted(t["mlp_ratio"] for t in trials) == ["1.0", "2.0"]
     rows = {r["mlp_ratio"]: r for r in read_csv(out / "frontier.csv")}
-    assert set(rows) == {"1.0", "2.0"} and rows["1.0"]["params"] != rows["2.0"]["params"]
-    by_ratio = {t["mlp_ratio"]: t for t in trials}
+    assert set(rows) == {"1", "2"} and rows["1"]["params"] != rows["2"]["params"]  # values as every label shows them
+    by_ratio = {t["mlp_ratio"][0]: t for t in trials}
     assert all(rows[k]["params"] == by_ratio[k]["params"] for k in rows)
-    assert "recovered_fraction" not in rows["1.0"] or rows["1.0"]["recovered_fraction"] == ""
+    assert rows["1"]["recovered_fraction"] == rows["1"]["baseline"] == ""  # nothing compared: no gaps
     assert yaml.safe_load((out / "spec.yaml").read_text())["axes"] == {"model.mlp_ratio": [1.0, 2.0]}
     client = MlflowClient(f"sqlite:///{out / 'mlflow' / 'mlflow.db'}")
     names = sorted(r.info.run_name for r in client.search_runs([client.get_experiment_by_name("mlp").experiment_id])
                    if r.data.tags.get("bvit.role") == "trial")
-    assert [n.split(" · top-1")[0] for n in names] == ["mlp_ratio 1.0 · seed 0", "mlp_ratio 2.0 · seed 0"]
+    assert [n.split(" · top-1")[0] for n in names] == ["mlp_ratio 1 · seed 0", "mlp_ratio 2 · seed 0"]
