@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.cells import Design, design_of
+from orchestrator.cells import Design, design_of, text
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
@@ -134,7 +134,8 @@ def results_design(results_dir: Path) -> Design | None:
 
 
 def _frontier_doc(summary, out: Path) -> dict[str, Any]:
-    cells = summary.cells.astype(object).where(summary.cells.notna(), None)  # NaN -> null in JSON
+    cells = summary.cells.assign(**{c: summary.cells[c].map(text) for c in summary.factors})  # as labels show them
+    cells = cells.astype(object).where(cells.notna(), None)  # NaN -> null in JSON
     return {"kind": summary.kind, "factors": summary.factors, "cells": cells.to_dict("records"), "dir": str(out),
             "headline": summary.headline,
             "slope": summary.slope, "files": [str(p) for p in summary.paths.values()]}
