@@ -121,15 +121,19 @@ def test_step_embed_learned_is_used_and_counted():
     assert "step_embed" in emb.no_weight_decay()
 
 
-def test_grad_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("arch", ["bvit", "rbvit"])
+def test_grad_checkpointing_gives_same_gradients(arch):
+    """rbvit: the recomputation in the backward pass runs each step with its own delta."""
     torch.manual_seed(0)
-    a = BViT(num_steps=5, step_embed="learned", **SMALL)
+    a = BViT(num_steps=5, step_embed="learned", **SMALL) if arch == "bvit" else _relaxed(5, step_embed="learned")
+    a.train()
     b = copy.deepcopy(a)
     b.set_grad_checkpointing(True)
     x = torch.randn(3, 1, 28, 28)
     a(x).logsumexp(-1).sum().backward()
     b(x).logsumexp(-1).sum().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert pa.grad is not None, n
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
@@ -254,19 +258,6 @@ def test_rbvit_anytime_steps_past_t_reuse_the_last_delta_and_skipping_skips_a_st
     assert torch.equal(skipped[2], skipped[1])
     torch.testing.assert_close(skipped[3], _merged_block(model, 2)(skipped[2]), rtol=0, atol=1e-5)  # delta 2, not 1
     assert torch.equal(model(x, num_steps=2), model.forward_head(model.norm(states[2])))
-
-
-def test_rbvit_grad_checkpointing_gives_same_gradients():
-    """The recomputation in the backward pass runs each step with its own delta."""
-    a = _relaxed(4, step_embed="learned").train()
-    b = copy.deepcopy(a)
-    b.set_grad_checkpointing(True)
-    x = torch.randn(3, 1, 28, 28)
-    a(x).logsumexp(-1).sum().backward()
-    b(x).logsumexp(-1).sum().backward()
-    for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
-        assert pa.grad is not None, n
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 def test_rbvit_checkpoint_round_trips_as_data(tmp_path):

@@ -160,3 +160,23 @@ def test_no_arch_name_branch_outside_the_registry_and_the_models():
                 continue
             offenders += [f"{rel}:{line}: {name!r}" for line, name in arch_branches(path.read_text())]
     assert offenders == [], "branches on an arch's name (move the behaviour into bvit/archs.py):\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("arch", ["bvit", "vit"])
+def test_timm_create_model_initialises_as_the_direct_constructor(arch):
+    """build_from_config goes through timm.create_model: a seed still gives the weights the committed results
+    started from (the constructors called directly, as before the registry)."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    from bvit.models import BViT
+
+    m = ModelConfig(arch=arch, width=64, steps=4, heads=4)
+    common = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, global_pool="token", embed_dim=64,
+                  num_heads=4, mlp_ratio=4.0, class_token=True, drop_path_rate=0.0)
+    torch.manual_seed(3)
+    direct = BViT(num_steps=4, **common) if arch == "bvit" else VisionTransformer(depth=4, **common)
+    torch.manual_seed(3)
+    built = build_from_config(m).state_dict()
+    assert direct.state_dict().keys() == built.keys()
+    assert all(torch.equal(v, built[k]) for k, v in direct.state_dict().items())
