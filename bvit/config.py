@@ -9,9 +9,11 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["CHECKPOINT_NAME", "FINETUNED_NAME", "PHASES", "ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
+from bvit.archs import ARCH_OPTIONS, ARCHS, get_arch
+
+__all__ = ["ADDED_FIELDS", "CHECKPOINT_NAME", "FINETUNED_NAME", "PHASES", "ModelConfig", "DataConfig", "OptimConfig", "FinetuneConfig", "FinetuneMethod", "TrialConfig"]
 
 CHECKPOINT_NAME = "checkpoint.pt"  # what `bvit.trial.run_trial` writes into its checkpoint_dir each epoch
 FINETUNED_NAME = "finetuned.pt"  # what `bvit.trial.finetune(out=DIR)` writes into DIR
@@ -24,12 +26,18 @@ trainable), model build, data open, FFCV pipeline compile (`bvit.trial`), then p
 `phase_first_step_s` is the first part of `phase_train_s`, not added to it."""
 
 
+ADDED_FIELDS: dict[str, Any] = {"model.relax_rank": 0}
+"""Fields added after trial ids were first committed (results/*/trials.csv), and the value they implicitly had
+before; `TrialConfig.trial_id` leaves a field out while it holds that value."""
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # lr: .inf is not a number to train with
 
 
 class ModelConfig(_Frozen):
-    arch: Literal["bvit", "vit"] = Field("bvit", description="bvit: one block applied `steps` times; vit: `steps` distinct blocks")
+    arch: str = Field("bvit", description=f"one of {', '.join(ARCHS)} (bvit.archs): bvit applies one block `steps` "
+                                          "times, vit has `steps` distinct blocks, rbvit relaxes bvit's block per step")
     width: int = Field(128, gt=0, description="embedding dimension of every token")
     steps: int = Field(6, ge=1, le=256, description="recurrent steps (bvit) or depth (vit)")
     heads: int = Field(4, ge=1, description="attention heads; width must be divisible by heads")
@@ -39,9 +47,16 @@ class ModelConfig(_Frozen):
     in_chans: int = Field(1, ge=1, description="input channels (1 for Fashion-MNIST, 3 for RGB)")
     num_classes: int = Field(10, ge=2, description="classifier outputs")
     global_pool: Literal["token", "avg"] = Field("token", description="class token or mean of patch tokens")
-    step_embed: Literal["none", "learned"] = Field("none", description="bvit only: learned per-step vector added before each step")
+    step_embed: Literal["none", "learned"] = Field("none", description="bvit, rbvit: learned per-step vector added before each step")
+    relax_rank: int = Field(0, ge=0, description="rbvit: rank of each step's low-rank delta on the shared block (0: bvit)")
     drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth rate (bvit: per step; vit: max of linear schedule)")
     grad_checkpointing: bool = Field(False, description="recompute activations per step in backward to save memory")
+
+    @field_validator("arch")
+    @classmethod
+    def _registered(cls, arch: str) -> str:
+        get_arch(arch)  # an unknown arch lists the registered ones
+        return arch
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -49,8 +64,11 @@ class ModelConfig(_Frozen):
             raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
         if self.img_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} does not divide img_size={self.img_size}")
-        if self.arch == "vit" and self.step_embed != "none":
-            raise ValueError("step_embed applies to arch='bvit' only")
+        arch = get_arch(self.arch)
+        for name in sorted(ARCH_OPTIONS - arch.options):
+            if getattr(self, name) != type(self).model_fields[name].default:
+                readers = sorted(a.name for a in ARCHS.values() if name in a.options)
+                raise ValueError(f"{name} applies to arch {' or '.join(map(repr, readers))} only, not {self.arch!r}")
         return self
 
 
@@ -125,8 +143,16 @@ class TrialConfig(_Frozen):
         return self.model_dump(mode="json", exclude={"finetune"} if self.finetune is None else None)
 
     def trial_id(self) -> str:
-        """Stable 10-hex-digit id of the resolved config: the same trial gets the same id in every run."""
-        blob = json.dumps(self._dump(), sort_keys=True, separators=(",", ":"))
+        """Stable 10-hex-digit id of the resolved config: the same trial gets the same id in every run.
+
+        Fields added after results were committed (`ADDED_FIELDS`) are hashed only when they differ from the
+        value every earlier trial had, so those trials keep their ids."""
+        dump = self._dump()
+        for path, old in ADDED_FIELDS.items():
+            section, name = path.split(".")
+            if dump[section].get(name) == old:
+                del dump[section][name]
+        blob = json.dumps(dump, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
     def flat(self) -> dict[str, Any]:

@@ -24,15 +24,14 @@ exactly the pre-trained architecture. `lora-step` merges into T plain blocks, on
 from __future__ import annotations
 
 import copy
-import math
 from typing import get_args
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bvit.config import FinetuneMethod
 from bvit.models.bvit import BViT
+from bvit.models.lora import LoRALinear, replace_module
 
 __all__ = [
     "METHODS", "Method", "LoRALinear", "StepBlocks", "StepIndexedBViT", "apply_peft", "merge_lora",
@@ -42,47 +41,6 @@ __all__ = [
 Method = FinetuneMethod  # one list of methods, shared with the trial config's `finetune.method`
 METHODS: tuple[str, ...] = get_args(Method)
 LORA_TARGETS: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-
-
-class LoRALinear(nn.Module):
-    """`base(x) + (alpha / rank) * B_s A_s x` with a frozen `base` and `num_adapters` (A, B) pairs.
-
-    A: (rank, in) Kaiming-uniform, B: (out, rank) zeros, so a fresh adapter changes nothing. `step`
-    selects the adapter (set by `StepIndexedBViT` when there is more than one).
-    """
-
-    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, num_adapters: int = 1) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        if alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {alpha}")
-        if num_adapters < 1:
-            raise ValueError(f"num_adapters must be >= 1, got {num_adapters}")
-        self.base = base
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        self.num_steps = num_adapters
-        self.step = 0
-        p = base.weight
-        self.lora_A = nn.Parameter(torch.empty(num_adapters, rank, base.in_features, device=p.device, dtype=p.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(num_adapters, base.out_features, rank, device=p.device, dtype=p.dtype))
-        for a in self.lora_A:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        base.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.lora_A[self.step], self.lora_B[self.step]  # (r, in), (out, r)
-        return self.base(x) + F.linear(F.linear(x, a), b) * self.scaling  # (..., in) -> (..., out)
-
-    @torch.no_grad()
-    def merged(self, adapter: int = 0) -> nn.Linear:
-        """A plain Linear computing what this module computes with adapter `adapter`."""
-        out = copy.deepcopy(self.base)
-        out.weight += self.scaling * (self.lora_B[adapter] @ self.lora_A[adapter])  # (out, r) @ (r, in)
-        return out
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}, adapters={self.num_steps}"
 
 
 class StepBlocks(nn.Module):
@@ -112,11 +70,6 @@ class StepIndexedBViT(BViT):
             raise ValueError("per-step adapters cannot run under activation checkpointing: the recomputation in "
                              "the backward pass would not see the step index; train without grad_checkpointing")
         self.grad_checkpointing = False
-
-
-def _replace(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent, _, name = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:
@@ -161,7 +114,7 @@ def apply_peft(
         for block in _blocks(model):
             for target in LORA_TARGETS:
                 base = block.get_submodule(target)
-                _replace(block, target, LoRALinear(base, rank=rank, alpha=alpha, num_adapters=adapters))
+                replace_module(block, target, LoRALinear(base, rank=rank, alpha=alpha, num_adapters=adapters))
     model.get_classifier().requires_grad_(True)
     return model
 
@@ -175,7 +128,7 @@ def _merge_block(block: nn.Module, adapter: int) -> nn.Module:
     block = copy.deepcopy(block)
     for name, m in list(block.named_modules()):
         if isinstance(m, LoRALinear):
-            _replace(block, name, m.merged(adapter))
+            replace_module(block, name, m.merged(adapter))
     return block
 
 

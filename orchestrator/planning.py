@@ -1,7 +1,8 @@
 """What a sweep costs before any compute is spent: exact parameters and FLOPs, estimated time per trial.
 
-Parameters and FLOPs come from closed-form counts of the models `bvit.models.build_model` builds (tested equal
-to `count_params` / `count_flops`), cached per model shape, so a 10,000-trial grid plans in about a second.
+Parameters and FLOPs come from the closed-form counts of each arch's registry entry (`bvit.archs`; tested equal
+to `count_params` / `count_flops` of the built model for every registered arch), cached per model shape, so a
+10,000-trial grid plans in about a second.
 Time is an estimate: the training FLOP rate of one small model measured on this machine (or, with
 `bench=False` or for GPUs, a stated fixed rate), scaled by each trial's FLOPs.
 """
@@ -14,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bvit.archs import get_arch
 from bvit.config import ModelConfig, TrialConfig
 from orchestrator.cells import Design
 from orchestrator.spec import SweepSpec, Trial, expand_trials
@@ -37,35 +39,28 @@ DATASET_SIZES = {"fashion-mnist": (60_000, 10_000), "cifar100": (50_000, 10_000)
                  "imagenet": (1_281_167, 50_000), "mnist": (60_000, 10_000)}
 
 
-def _shape(m: ModelConfig) -> tuple:
-    return (m.arch, m.width, m.steps, m.mlp_ratio, m.patch_size, m.img_size, m.in_chans, m.num_classes,
-            m.global_pool, m.step_embed)
+_NOT_SHAPE = {"drop_path": 0.0, "grad_checkpointing": False}  # training-time options of one and the same model
+
+
+def _shape(m: ModelConfig) -> ModelConfig:
+    """`m` with its training-time options reset: configs of equal shape have equal counts (and one cache entry)."""
+    return m.model_copy(update=_NOT_SHAPE)
 
 
 @functools.lru_cache(maxsize=4096)
-def _counts(arch: str, width: int, steps: int, mlp_ratio: float, patch: int, img: int, chans: int,
-            classes: int, pool: str, step_embed: str) -> tuple[int, int]:
-    d, h = width, int(width * mlp_ratio)
-    patches = (img // patch) ** 2
-    cls = int(pool == "token")
-    tokens = patches + cls
-    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)  # 2 norms, qkv, proj, mlp
-    params = (chans * patch * patch * d + d) + cls * d + tokens * d + 2 * d + (d * classes + classes)
-    params += block * (1 if arch == "bvit" else steps) + (steps * d if step_embed == "learned" else 0)
-    # Matmuls only (2 FLOPs per multiply-add), as torch's FlopCounterMode counts them.
-    block_flops = 2 * tokens * d * (3 * d + d + 2 * h) + 2 * 2 * tokens * tokens * d  # linears + QK^T and AV
-    flops = 2 * patches * d * chans * patch * patch + steps * block_flops + 2 * d * classes
-    return params, flops
+def _counts(shape: ModelConfig) -> tuple[int, int]:
+    """(parameters, forward FLOPs per image): the closed forms of the arch's registry entry (`bvit.archs`)."""
+    return get_arch(shape.arch).counts(shape)
 
 
 def model_params(m: ModelConfig) -> int:
     """Parameters of the model `m` describes (a bViT's shared block counted once)."""
-    return _counts(*_shape(m))[0]
+    return _counts(_shape(m))[0]
 
 
 def model_flops(m: ModelConfig) -> int:
     """Forward FLOPs for one image, equal to `bvit.models.count_flops` of the built model."""
-    return _counts(*_shape(m))[1]
+    return _counts(_shape(m))[1]
 
 
 @dataclass(frozen=True)
@@ -231,7 +226,7 @@ def few_seed_comparisons(trials: list[Trial], design: Design) -> str | None:
 def relative_cost(cfg: TrialConfig) -> float:
     """A trial's work in forward-FLOP units (training images x 3 + scored test images, times FLOPs per image,
     over its epochs): comparable between the trials of one sweep, whatever the machine's speed."""
-    _, flops = _counts(*_shape(cfg.model))
+    _, flops = _counts(_shape(cfg.model))
     train, test = _dataset_size(cfg)
     per_epoch = TRAIN_FLOPS_PER_FORWARD * (train or 1) + (test or 0) / cfg.eval_every
     return float(per_epoch * flops * cfg.optim.epochs)
@@ -262,7 +257,7 @@ def make_plan(*, spec: SweepSpec, smoke: bool = False, bench: bool = True) -> Pl
     costs = []
     for trial in trials:
         cfg = trial.config
-        params, flops = _counts(*_shape(cfg.model))
+        params, flops = _counts(_shape(cfg.model))
         train, test = _dataset_size(cfg)
         per_epoch = None
         if train is not None:

@@ -1,4 +1,5 @@
-"""The model core: parameter counts, weight-tying equivalence with timm's ViT, FLOPs, anytime steps."""
+"""The model core: parameter counts, weight-tying equivalence with timm's ViT, FLOPs, anytime steps; the relaxed
+bViT (rbvit): bViT at r = 0 and at initialisation, a ViT of per-step merged blocks, anytime and skipping."""
 import copy
 
 import pytest
@@ -7,7 +8,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 import bvit.models  # noqa: F401  (registers bvit_* with timm)
-from bvit.models import BViT, build_model, count_flops, count_params
+from bvit.models import BViT, RBViT, build_model, count_flops, count_params
+from bvit.models.lora import LoRALinear
 
 SMALL = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=64, num_heads=4)
 
@@ -119,15 +121,19 @@ def test_step_embed_learned_is_used_and_counted():
     assert "step_embed" in emb.no_weight_decay()
 
 
-def test_grad_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("arch", ["bvit", "rbvit"])
+def test_grad_checkpointing_gives_same_gradients(arch):
+    """rbvit: the recomputation in the backward pass runs each step with its own delta."""
     torch.manual_seed(0)
-    a = BViT(num_steps=5, step_embed="learned", **SMALL)
+    a = BViT(num_steps=5, step_embed="learned", **SMALL) if arch == "bvit" else _relaxed(5, step_embed="learned")
+    a.train()
     b = copy.deepcopy(a)
     b.set_grad_checkpointing(True)
     x = torch.randn(3, 1, 28, 28)
     a(x).logsumexp(-1).sum().backward()
     b(x).logsumexp(-1).sum().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert pa.grad is not None, n
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
@@ -146,10 +152,12 @@ def test_timm_conventions():
 def test_bad_hyperparameters_raise_clear_errors():
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         BViT(embed_dim=100, num_heads=6)
-    with pytest.raises(ValueError, match="step_embed applies to arch='bvit' only"):
+    with pytest.raises(ValueError, match="step_embed applies to arch 'bvit' or 'rbvit' only, not 'vit'"):
         build_model(arch="vit", step_embed="learned")
-    with pytest.raises(ValueError, match="arch must be"):
+    with pytest.raises(ValueError, match="unknown arch 'resnet'; registered: bvit, rbvit, vit"):
         build_model(arch="resnet")
+    with pytest.raises(ValueError, match="relax_rank must be >= 0"):
+        RBViT(relax_rank=-1)
 
 
 REGISTERED = timm.list_models("bvit_*")
@@ -173,3 +181,96 @@ def test_every_registered_bvit_forward_backward(name):
     assert torch.isfinite(out).all()
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# --- rbViT: relaxed recursion ---------------------------------------------------------------------------
+
+RELAXED = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def test_rbvit_rank_0_is_bvit():
+    torch.manual_seed(0)
+    plain = BViT(num_steps=4, **SMALL)
+    torch.manual_seed(0)
+    relaxed = RBViT(num_steps=4, relax_rank=0, **SMALL)
+    assert relaxed.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, relaxed.state_dict()[k]) for k, v in plain.state_dict().items())
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(relaxed(x), plain(x))
+
+
+def test_rbvit_at_initialisation_computes_its_bvit():
+    """The deltas start at zero (B = 0), on the base weights a bViT of the same seed has: the same logits."""
+    torch.manual_seed(0)
+    plain = BViT(num_steps=4, **SMALL).eval()
+    torch.manual_seed(0)
+    relaxed = RBViT(num_steps=4, relax_rank=8, **SMALL).eval()
+    for name in RELAXED:
+        m = relaxed.block.get_submodule(name)
+        assert isinstance(m, LoRALinear) and m.lora_A.shape[:2] == (4, 8) and not m.lora_B.any()
+        assert torch.equal(m.base.weight, plain.block.get_submodule(name).weight)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(relaxed(x), plain(x))
+    assert all(p.requires_grad for p in relaxed.parameters())  # trained from scratch: base and deltas
+
+
+def _relaxed(steps: int = 4, rank: int = 2, **kw) -> RBViT:
+    torch.manual_seed(0)
+    model = RBViT(num_steps=steps, relax_rank=rank, **SMALL, **kw).eval()
+    with torch.no_grad():
+        for name in RELAXED:
+            model.block.get_submodule(name).lora_B.normal_(std=0.05)  # trained deltas: each step its own
+    return model
+
+
+def _merged_block(model: RBViT, t: int) -> torch.nn.Module:
+    """Step t's block with its delta folded into the weights: W + B_t A_t."""
+    block = copy.deepcopy(model.block)
+    for name in RELAXED:
+        parent, _, leaf = name.rpartition(".")
+        setattr(block.get_submodule(parent), leaf, model.block.get_submodule(name).merged(t))
+    return block
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_rbvit_is_a_vit_of_its_per_step_merged_blocks(steps):
+    """Relaxed recursion is a ViT whose block t is W + B_t A_t: same logits as that timm ViT."""
+    model = _relaxed(steps)
+    vit = tied_vit(BViT(num_steps=steps, **SMALL), steps)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("block.")}
+    for t in range(steps):
+        sd.update({f"blocks.{t}.{k}": v for k, v in _merged_block(model, t).state_dict().items()})
+    vit.load_state_dict(sd)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(model(x), vit.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_rbvit_anytime_steps_past_t_reuse_the_last_delta_and_skipping_skips_a_steps_delta():
+    model = _relaxed(4)
+    x = torch.randn(2, 1, 28, 28)
+    _, states = model.forward_features(x, return_states=True)
+    last = _merged_block(model, 3)
+    h = states[4]
+    for _ in range(2):
+        h = last(h)
+    torch.testing.assert_close(model(x, num_steps=6), model.forward_head(model.norm(h)), rtol=0, atol=1e-5)
+    _, skipped = model.forward_features(x, skip_steps={1}, return_states=True)
+    assert torch.equal(skipped[2], skipped[1])
+    torch.testing.assert_close(skipped[3], _merged_block(model, 2)(skipped[2]), rtol=0, atol=1e-5)  # delta 2, not 1
+    assert torch.equal(model(x, num_steps=2), model.forward_head(model.norm(states[2])))
+
+
+def test_rbvit_checkpoint_round_trips_as_data(tmp_path):
+    """A trained rbvit's checkpoint.pt loads with weights_only=True into the model its config describes."""
+    from bvit.checkpoint import load_trained
+    from bvit.config import TrialConfig
+
+    cfg = TrialConfig.model_validate({"model": {"arch": "rbvit", "width": 64, "heads": 4, "steps": 4,
+                                                "relax_rank": 2}})
+    model = _relaxed(4)
+    torch.save({"model": model.state_dict(), "config": cfg.model_dump(mode="json")}, tmp_path / "checkpoint.pt")
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["model"]["relax_rank"] == 2
+    loaded, loaded_cfg = load_trained(tmp_path)
+    assert isinstance(loaded, RBViT) and loaded_cfg == cfg
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(loaded(x), model(x))

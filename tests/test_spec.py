@@ -153,7 +153,7 @@ def test_smoke_overrides_shrink_the_grid(tmp_path):
     ({"zip": [{"model.width": [64, 100], "model.heads": [4, 3]}]},
      'zip[0]["model.width"][1]: width=100 is not divisible by heads=3'),
     ({"axes": {"model.arch": ["vit"]}, "base": {"model": {"step_embed": "learned"}}},
-     'axes["model.arch"][0]: step_embed applies to arch=\'bvit\' only'),
+     'axes["model.arch"][0]: step_embed applies to arch \'bvit\' or \'rbvit\' only, not \'vit\''),
     ({"base": {"optim": {"epochs": 2}}, "smoke": {"axes": {"optim.warmup_epochs": [3]}}}, None),
 ])
 def test_trial_errors_name_the_axis_value_or_base_entry_behind_them(tmp_path, spec, expected):

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import bvit.models  # noqa: F401  (registers bvit_* with timm)
 from bvit.checkpoint import load_trained
 from bvit.config import TrialConfig
-from bvit.models import build_model
+from bvit.models import RBViT, build_model
 from bvit.models.bvit import (
     BViT,
     bvit_to_vit_state_dict,
@@ -32,13 +32,20 @@ from bvit.models.bvit import (
 from orchestrator.cli import app
 
 NAMES = timm.list_models("bvit_*")
+RELAXED_NAMES = timm.list_models("rbvit_*")
 SMALL = dict(embed_dim=32, num_heads=2, num_steps=4)  # every variant keeps its patching, channels and classes
 
 
 def _make(name: str, scriptable: bool = False, **kwargs) -> BViT:
+    """A seeded small variant; an rbvit's per-step deltas (zero at initialisation) set as if trained."""
     torch.manual_seed(0)
     with set_scriptable(scriptable):
-        return timm.create_model(name, **{**SMALL, **kwargs})
+        model = timm.create_model(name, **{**SMALL, **kwargs})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.05)
+    return model
 
 
 def _input(model: BViT, batch: int = 2) -> torch.Tensor:
@@ -57,7 +64,12 @@ def _run_fresh(code: str) -> str:
 
 # --- TorchScript and torch.fx ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
+def test_every_relaxed_variant_mirrors_a_bvit_variant():
+    """Guards the parametrizations over RELAXED_NAMES: each bvit_* has its rbvit_*."""
+    assert RELAXED_NAMES == [f"r{n}" for n in NAMES] and len(NAMES) == 8
+
+
+@pytest.mark.parametrize("name", NAMES + RELAXED_NAMES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_torchscript_logits_equal_eager(name, mode):
     model = _make(name, scriptable=True, step_embed="learned").train(mode == "train")
@@ -68,7 +80,7 @@ def test_torchscript_logits_equal_eager(name, mode):
     torch.testing.assert_close(scripted(x, 6, [1]), model(x, num_steps=6, skip_steps={1}), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + RELAXED_NAMES)
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_fx_trace_logits_equal_eager_and_script(name, mode):
     model = _make(name, step_embed="learned").train(mode == "train")
@@ -176,7 +188,7 @@ def test_group_matcher_covers_every_parameter_and_orders_layer_decay(kwargs):
     assert scale["pos_embed"] == 0.25 and scale["block.attn.qkv.weight"] == 0.5 and scale["head.weight"] == 1.0
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + RELAXED_NAMES)
 def test_default_cfgs_are_complete_and_match_the_model(name):
     model = timm.create_model(name, device="meta")
     cfg = model.pretrained_cfg
@@ -345,3 +357,48 @@ def test_bad_vit_block_is_a_clear_error(vit_file):
         vit_to_bvit_state_dict({"pos_embed": torch.zeros(1)})
     model = _make("bvit_tiny_patch16_224")
     assert checkpoint_filter_fn(model.state_dict(), model).keys() == model.state_dict().keys()
+
+
+# --- rbViT: relaxed recursion as a timm model -------------------------------------------------------------
+
+def test_create_model_builds_rbvit_with_the_registry_count():
+    from bvit.archs import get_arch
+    from bvit.config import ModelConfig
+
+    model = timm.create_model("rbvit_tiny_patch4_28")
+    assert isinstance(model, RBViT) and (model.embed_dim, model.num_steps, model.relax_rank) == (192, 12, 8)
+    m = ModelConfig(arch="rbvit", width=192, steps=12, heads=3, relax_rank=8)
+    assert sum(p.numel() for p in model.parameters()) == get_arch("rbvit").counts(m)[0] == 755_146
+    assert timm.create_model("rbvit_tiny_patch4_28", relax_rank=2).relax_rank == 2
+
+
+def _training_checkpoint(tmp_path, arch: str, **model) -> tuple[torch.nn.Module, dict]:
+    cfg = TrialConfig.model_validate({"model": {"arch": arch, "width": 16, "steps": 3, "heads": 2, **model}})
+    torch.manual_seed(0)
+    trained = build_model(**cfg.model.model_dump()).eval()
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if n.endswith("lora_B"):
+                p.normal_(std=0.05)
+    torch.save({"model": trained.state_dict(), "config": cfg.model_dump(mode="json"), "epoch": 1},
+               tmp_path / "checkpoint.pt")
+    return trained, dict(file=str(tmp_path / "checkpoint.pt"))
+
+
+def test_rbvit_training_checkpoint_loads_with_create_model_and_bvit_refuses_it(tmp_path):
+    trained, overlay = _training_checkpoint(tmp_path, "rbvit", relax_rank=2)
+    model = timm.create_model("rbvit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    assert (model.embed_dim, model.num_steps, model.relax_rank, model.in_chans) == (16, 3, 2, 1)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(x), trained(x))
+    with pytest.raises(ValueError, match="relaxed bViT .* load it with the rbvit_\\* model"):
+        timm.create_model("bvit_small_patch16_224", pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+def test_a_bvit_checkpoint_starts_an_rbvit_at_exactly_that_bvit(tmp_path):
+    trained, overlay = _training_checkpoint(tmp_path, "bvit")
+    model = timm.create_model("rbvit_tiny_patch4_28", pretrained=True, pretrained_cfg_overlay=overlay,
+                              relax_rank=4).eval()
+    assert model.relax_rank == 4 and not model.block.attn.qkv.lora_B.any()  # the deltas start at zero
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(model(x), trained(x))

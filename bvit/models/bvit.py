@@ -17,8 +17,8 @@ Beyond the paper, off by default:
     ("does the block need to know which step it is at?"). Steps past the trained T reuse the last one.
   * per-step activation checkpointing (`set_grad_checkpointing()`, timm's convention).
 
-`bvit.models.factory.build_model(arch=...)` builds both arms of every comparison from one set of
-hyper-parameters.
+`bvit.models.factory.build_from_config` builds every arm of a comparison from one `ModelConfig` (bvit.archs);
+`bvit.models.rbvit` relaxes the shared block per step.
 """
 # No `from __future__ import annotations` here: torch.fx copies forward's annotations into the code it
 # generates, and TorchScript cannot script that code when they are strings (test_timm.py, fx + script).
@@ -44,6 +44,7 @@ from timm.models import (
 from timm.models.vision_transformer import Block, init_weights_vit_timm
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter_fn
 
+from bvit.archs import get_arch
 from bvit.serialization import read_checkpoint
 
 __all__ = [
@@ -227,7 +228,11 @@ class BViT(nn.Module):
         if self.step_embed is not None:
             x = x + self.step_embed[min(t, self.num_step_embeds - 1)]
         if not torch.jit.is_scripting() and self.grad_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(self._apply_block, x, t, use_reentrant=False)
+        return self._apply_block(x, t)
+
+    def _apply_block(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """The shared block at step `t` (bViT's is the same at every step; a relaxed one reads `t`)."""
         return self.block(x)
 
     def _run_steps(
@@ -504,14 +509,19 @@ def checkpoint_filter_fn(
 
 def _bvit_args(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """BViT arguments for a bvit-sweep `ModelConfig` (as saved in a checkpoint's config["model"]), as
-    `build_model` builds it. A `vit` arm keeps its shapes; its blocks become the shared block."""
-    return dict(
+    `build_from_config` builds it. A `vit` arm keeps its shapes; its blocks become the shared block. An rbvit
+    checkpoint adds its `relax_rank` (only an rbvit_* model takes it)."""
+    options = get_arch(model_cfg.get("arch", "bvit")).options
+    args = dict(
         embed_dim=model_cfg["width"], num_steps=model_cfg["steps"], num_heads=model_cfg["heads"],
         mlp_ratio=model_cfg["mlp_ratio"], patch_size=model_cfg["patch_size"], img_size=model_cfg["img_size"],
         in_chans=model_cfg["in_chans"], num_classes=model_cfg["num_classes"], global_pool=model_cfg["global_pool"],
         class_token=model_cfg["global_pool"] == "token",
-        step_embed=model_cfg.get("step_embed", "none") if model_cfg.get("arch", "bvit") == "bvit" else "none",
+        step_embed=model_cfg.get("step_embed", "none") if "step_embed" in options else "none",
     )
+    if model_cfg.get("relax_rank", 0) and "relax_rank" in options:
+        args["relax_rank"] = model_cfg["relax_rank"]
+    return args
 
 
 def _read_weights(file: str | Path) -> Any:
@@ -556,14 +566,20 @@ def _fit_to_weights(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**kwargs, "pretrained_cfg_overlay": overlay}
 
 
-def _create_bvit(variant: str, pretrained: bool = False, **kwargs) -> BViT:
+def _create_bvit(
+        variant: str, pretrained: bool = False, *, model_cls: type[BViT] = BViT, filter_fn: Any = None, **kwargs,
+) -> BViT:
+    """A registered variant of `model_cls` (BViT or a subclass) through timm's `build_model_with_cfg`."""
     vit_block = kwargs.pop("vit_block", 0)  # timm ViT weights: which block becomes the shared one
     if pretrained:
         kwargs = _fit_to_weights(variant, kwargs)
+        if "relax_rank" in kwargs and model_cls is BViT:
+            raise ValueError(f"{variant}: the checkpoint is a relaxed bViT (arch rbvit, relax_rank="
+                             f"{kwargs['relax_rank']}); load it with the rbvit_* model of this name")
     out_indices = kwargs.pop("out_indices", min(3, kwargs.get("num_steps", 3)))  # features_only: the last 3 steps
     return build_model_with_cfg(
-        BViT, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, vit_block=vit_block),
+        model_cls, variant, pretrained,
+        pretrained_filter_fn=partial(filter_fn or checkpoint_filter_fn, vit_block=vit_block),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

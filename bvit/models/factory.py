@@ -1,59 +1,40 @@
-"""Both arms of every comparison from one set of hyper-parameters, and how big they are.
+"""Every arm of every comparison from one `ModelConfig`, and how big it is.
 
-    model = build_from_config(cfg.model)          # a `ModelConfig` -> BViT or timm VisionTransformer
-    model = build_model(arch="vit", width=64, steps=4, heads=2, img_size=28, patch_size=4, in_chans=1, num_classes=10)
+    model = build_from_config(cfg.model)          # the registry entry of cfg.model.arch (bvit.archs), via timm
+    model = build_model(arch="vit", width=64, steps=4, heads=2)   # the same, from ModelConfig fields
     count_params(model), count_flops(model, img_size=28, in_chans=1)
 
-`bvit`: one block applied `steps` times (`bvit.models.bvit.BViT`). `vit`: a standard timm
-`VisionTransformer` of depth `steps` with otherwise identical hyper-parameters -- the same FLOPs per image.
+`build_from_config` is the one place a `ModelConfig` becomes a model: `timm.create_model` of the arch's
+registered model with the arguments its entry derives from the config. `vit` (a timm `VisionTransformer` of
+depth `steps`), `bvit` and `rbvit` of the same width, heads, MLP ratio and patching run the same number of
+block applications, so their FLOPs per image agree (rbvit adds its low-rank deltas).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
+import timm
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
 
+import bvit.models.bvit  # noqa: F401  (registers bvit_* with timm)
+import bvit.models.rbvit  # noqa: F401  (registers rbvit_* with timm)
+from bvit.archs import get_arch
 from bvit.config import ModelConfig
-from bvit.models.bvit import BViT
 
 __all__ = ["build_model", "build_from_config", "count_params", "count_flops"]
 
 
-def build_model(
-        *,
-        arch: Literal["bvit", "vit"] = "bvit",
-        width: int = 192,
-        steps: int = 12,
-        heads: int = 3,
-        patch_size: int = 16,
-        img_size: int = 224,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        mlp_ratio: float = 4.0,
-        global_pool: Literal["token", "avg"] = "token",
-        step_embed: Literal["none", "learned"] = "none",
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-) -> nn.Module:
-    """Both arms of a comparison from one set of hyper-parameters.
+def build_from_config(m: ModelConfig) -> nn.Module:
+    """The (untrained) model a `ModelConfig` describes: the one place a config becomes constructor arguments."""
+    arch = get_arch(m.arch)
+    return timm.create_model(arch.model, **arch.kwargs(m))
 
-    `bvit`: one block applied `steps` times. `vit`: a timm `VisionTransformer` of depth `steps` with the
-    same width, heads, MLP ratio, patching, pooling and head -- the same FLOPs per image.
-    """
-    common = dict(
-        img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-        global_pool=global_pool, embed_dim=width, num_heads=heads, mlp_ratio=mlp_ratio,
-        class_token=global_pool == "token", drop_rate=drop_rate, drop_path_rate=drop_path_rate,
-    )
-    if arch == "bvit":
-        return BViT(num_steps=steps, step_embed=step_embed, **common)
-    if arch == "vit":
-        if step_embed != "none":
-            raise ValueError("step_embed applies to arch='bvit' only; a ViT's blocks are already distinct")
-        return VisionTransformer(depth=steps, **common)
-    raise ValueError(f"arch must be 'bvit' or 'vit', got {arch!r}")
+
+def build_model(**fields: Any) -> nn.Module:
+    """`build_from_config(ModelConfig(**fields))`: e.g. `build_model(arch="vit", width=64, steps=4, heads=2)`;
+    fields left out take `ModelConfig`'s defaults (28x28 grey images, patch 4, 10 classes)."""
+    return build_from_config(ModelConfig(**fields))
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:
@@ -87,12 +68,3 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int) -> int:
             m.fused_attn = s
         model.train(was_training)
 
-
-
-def build_from_config(m: ModelConfig) -> nn.Module:
-    """The (untrained) model a `ModelConfig` describes: the one place a config becomes constructor arguments."""
-    return build_model(
-        arch=m.arch, width=m.width, steps=m.steps, heads=m.heads, patch_size=m.patch_size, img_size=m.img_size,
-        in_chans=m.in_chans, num_classes=m.num_classes, mlp_ratio=m.mlp_ratio, global_pool=m.global_pool,
-        step_embed=m.step_embed, drop_path_rate=m.drop_path,
-    )
