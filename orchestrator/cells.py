@@ -139,6 +139,10 @@ class Bound:
             return []
         return [self.arm_column] + [c for c in f.columns if c != self.arm_column]
 
+    def tied(self, column: str | None) -> list[str]:
+        """The columns of the factor `column` belongs to (its zip group), `column` included."""
+        return next((list(f.columns) for f in self.design.factors if column in f.columns), [])
+
     def _compared_factor(self) -> Factor | None:
         return next((f for f in self.design.factors if self.arm_column in f.columns), None)
 

@@ -138,11 +138,12 @@ def _correct_for_multiplicity(rows: list[dict[str, Any]]) -> None:
 
 def frontier_slope(cells: pd.DataFrame, bound: Bound) -> dict[str, Any] | None:
     """stats.trend_slope of the compared rows' recovered fractions over the design's trend factor (one
-    intercept per arm and value of the other cell factors); None without a declared trend."""
+    intercept per arm and value of the other cell factors); None without a declared trend or with fewer than
+    two of its values compared."""
     x = bound.trend_column
     if x is None or "recovered_fraction" not in cells:
         return None
-    others = [c for c in bound.cell_columns if c != x]
+    others = [c for c in bound.cell_columns if c not in bound.tied(x)]  # heads zipped with width: no intercept
     rec = cells[cells["recovered_fraction"].notna()]
     if rec[x].map(text).nunique() < 2:
         return None
@@ -258,7 +259,7 @@ def write_frontier(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: s
     if not rec.empty:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.6, 3.8))
         t = bound.trend_column
-        lines = [c for c in bound.cell_columns if c != t]
+        lines = [c for c in bound.cell_columns if c not in bound.tied(t)]
         keyed = rec.assign(_line=rec.apply(lambda c: " · ".join(p for p in (bound.arm(c), " · ".join(
             f"{o} {text(c[o])}" for o in lines)) if p), axis=1))
         labels = list(dict.fromkeys(rec.apply(bound.cell_label, axis=1)))
