@@ -30,16 +30,18 @@ from ray import tune
 
 from bvit.config import ModelConfig, TrialConfig
 from orchestrator.cells import design_of
-from orchestrator.envelope import TRIAL_KEY, Pretrained, TrialEnvelope, build_envelopes
+from orchestrator.envelope import Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
+from orchestrator.pareto import write_search_results
 from orchestrator.planning import run_order
 from orchestrator.preflight import data_problems, memory_problems, resource_problems
 from orchestrator.progress import ProgressTable
 from orchestrator.provenance import code_version
 from orchestrator.reaper import Reaper
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
-from orchestrator.spec import SweepSpec, Trial, expand_trials, load_spec
+from orchestrator.spec import SweepSpec, Trial, load_spec
+from orchestrator.strategy import GridStrategy, OptunaStrategy, strategy_for
 from orchestrator.sweep_dir import SNAPSHOT, check_tune_state, read_snapshot, sweep_dir_for
 from orchestrator.timing import record_launch
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
@@ -394,8 +396,8 @@ def launch(
     """Run (or resume) every trial of the sweep; write results/<name>/trials.csv; return the trial table."""
     started_at = time.time()
     spec = load_spec(spec_path)
-    trials = expand_trials(spec, smoke=smoke)
-    configs = [t.config for t in trials]
+    strategy = strategy_for(spec, smoke=smoke)  # the grid's trials, or a sampler's (orchestrator.strategy)
+    configs = strategy.configs
     if spec.scheduler.type == "asha" and spec.scheduler.metric.startswith("test_"):
         late = sorted({c.eval_every for c in configs if c.eval_every != 1})
         if late:
@@ -412,16 +414,16 @@ def launch(
                              tracking_uri=tracking_uri)
     # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
     with sweep_lock(sweep_dir):
-        return _launch_locked(spec=spec, spec_path=Path(spec_path), trials=trials, sweep_dir=sweep_dir,
+        return _launch_locked(spec=spec, spec_path=Path(spec_path), strategy=strategy, sweep_dir=sweep_dir,
                               address=address, smoke=smoke, resume=resume, force=force, command=command,
                               results_root=Path(results_root), tracking_uri=tracking_uri, verbose=verbose,
                               started_at=started_at)
 
 
-def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], sweep_dir: Path, address: str | None,
-                   smoke: bool, resume: bool, force: bool, command: str, results_root: Path,
+def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: GridStrategy | OptunaStrategy, sweep_dir: Path,
+                   address: str | None, smoke: bool, resume: bool, force: bool, command: str, results_root: Path,
                    tracking_uri: str | None, verbose: bool, started_at: float) -> LaunchResult:
-    configs = [t.config for t in trials]
+    trials, configs = strategy.trials, strategy.configs
     name = sweep_dir.name
     snapshot = _snapshot(spec, smoke, trials)
     snap_file = sweep_dir / SNAPSHOT
@@ -455,7 +457,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
         design = design_of(spec, smoke=smoke)
         tracking = dict(uri=uri, experiment=experiment, sweep=name,
                         artifact_root=str(results_dir / "mlflow" / "artifacts"), design=design)
-        callbacks = [ProgressTable(total=len(trials), design=design)] if verbose else []
+        callbacks = [ProgressTable(total=strategy.total, design=design)] if verbose else []
         callbacks += [MlflowProgressCallback(**tracking), KeepHistoryOnRetry(), *_history_loggers(), _PrepareFinish()]
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=tune_trainable(spec.resources),
@@ -463,16 +465,20 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
         else:
             envelopes = build_envelopes(spec, run_order(trials), data_paths=data_paths, pretrained=pretrained,
                                         sweep_dir=sweep_dir)
-            tuner = _new_tuner(spec, configs, envelopes, sweep_dir=sweep_dir, callbacks=callbacks)
+            tuner = _new_tuner(spec, configs, envelopes, sweep_dir=sweep_dir, callbacks=callbacks, strategy=strategy,
+                               search_alg=strategy.search_alg(data_paths=data_paths, sweep_dir=sweep_dir))
         interrupted = False
         try:
             with _only_our_loggers(not resume):
                 tuner.fit()
         except KeyboardInterrupt:
             interrupted = True
-        table = collect_trials(sweep_dir, trials=trials)
+        table = collect_trials(sweep_dir, trials=strategy.finished_trials(sweep_dir))
         interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
         write_results(table, spec=spec, command=command, results_dir=results_dir, sweep_dir=sweep_dir, sha=sha)
+        if "search" in spec.model_fields_set:  # pareto.csv, hypervolume.csv and their plots; MLflow's hypervolume
+            write_search_results(table, spec=spec, sweep_dir=sweep_dir, results_dir=results_dir, strategy=strategy,
+                                 uri=uri, experiment=experiment, verbose=verbose)
         finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
                  complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)
@@ -526,11 +532,12 @@ def _only_our_loggers(on: bool) -> Iterator[None]:
 
 
 def _new_tuner(spec: SweepSpec, configs: list[TrialConfig], envelopes: list[TrialEnvelope], *, sweep_dir: Path,
-               callbacks: list) -> tune.Tuner:
+               callbacks: list, strategy: GridStrategy | OptunaStrategy, search_alg=None) -> tune.Tuner:
     return tune.Tuner(
         tune_trainable(spec.resources),
-        param_space={TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])},
+        param_space=strategy.param_space(envelopes),  # the grid's envelopes, or nothing: the searcher's points
         tune_config=tune.TuneConfig(
+            search_alg=search_alg, num_samples=strategy.num_samples,
             # A metric only for ASHA: FIFO trials may score the test set only at the end (eval_every).
             metric=spec.scheduler.metric if spec.scheduler.type == "asha" else None,
             mode=spec.scheduler.mode if spec.scheduler.type == "asha" else None,

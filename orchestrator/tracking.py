@@ -446,3 +446,17 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
     if complete:
         tracker.finish_parent(ok=all(r["status"] == "TERMINATED" for r in table))
 
+
+
+def log_hypervolume(*, uri: str, experiment: str, sweep: str, history: list[float], files: list[Path]) -> None:
+    """A search's hypervolume on the sweep's parent run, as metric `hypervolume` stepped by trials finished
+    (idempotent: steps already logged are not logged again), and its Pareto and hypervolume tables."""
+    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep)
+    parent = tracker.parent_run_id()
+    logged = {m.step for m in tracker.client.get_metric_history(parent, "hypervolume")}
+    for step, value in enumerate(history, start=1):
+        if step not in logged:
+            tracker.client.log_metric(parent, "hypervolume", float(value), step=step)
+    for path in files:
+        if Path(path).exists():
+            tracker.client.log_artifact(parent, str(path), artifact_path="search")

@@ -15,6 +15,7 @@ from pydantic.functional_validators import field_validator, model_validator
 
 from orchestrator.errors import InputError
 from orchestrator.spec.paths import Axes, Problem, structure_problems
+from orchestrator.spec.search import Search, search_problems
 
 __all__ = ["METRICS", "MAX_NAME", "MAX_TRIALS", "Compare", "Convergence", "Resources", "Scheduler", "Smoke", "SpecError", "SweepSpec", "Tracking",
            "grid_factors"]
@@ -156,6 +157,7 @@ class SweepSpec(_Frozen):
     smoke: Smoke = Field(default_factory=Smoke)  # what `--smoke` changes
     convergence: Convergence = Field(default_factory=Convergence)  # when a trial counts as still improving
     compare: Compare | None = None  # what the analysis compares (None: model.arch's arms when it is varied)
+    search: Search = Field(default_factory=Search)  # how trials are chosen (orchestrator.spec.search; grid default)
 
     _source: str = PrivateAttr("<spec>")
 
@@ -178,6 +180,9 @@ class SweepSpec(_Frozen):
             if (n := math.prod(size for _, size in grid_factors(self, smoke=smoke))) > MAX_TRIALS:
                 raise SpecError([(where, f"the grid has {n:,} trials, more than {MAX_TRIALS:,}; split it")])
         if self.compare is not None and (problems := _compare_problems(self.compare, varied_values(self))):
+            raise SpecError(problems)
+        if problems := search_problems(self.search, scheduler_type=self.scheduler.type, axes=self.axes,
+                                       zip_groups=self.zip, seeds=self.seeds, given="search" in self.model_fields_set):
             raise SpecError(problems)
         return self
 

@@ -1,0 +1,329 @@
+"""How a sweep chooses its trials: the one object the launch asks for the Tuner's `param_space`, `search_alg` and
+`num_samples` (issue #27). Two strategies:
+
+    strategy = strategy_for(spec, smoke=False)
+    GridStrategy     every point, pre-expanded: one `tune.grid_search` over the trials' envelopes (as before)
+    OptunaStrategy   `num_trials` points chosen by an Optuna sampler (random, tpe, nsga2) through Ray Tune's
+                     `OptunaSearch`, wrapped in `PointSearcher`, which turns each sampled point into a trial
+
+A sampled point becomes a trial exactly as a grid point does: the spec's base with the point's values written at
+their dotted paths (`heads = width / head_dim` when `search.head_dim` is set), validated as a `TrialConfig`, its
+id that config's hash (`TrialConfig.trial_id`), so MLflow runs and checkpoints line up as for grids. A point that
+does not build (a width no head dim divides) is refused and the sampler asked again; a point already run is
+re-sampled too, its earlier result told to the sampler. Both are counted in `<sweep_dir>/search.json`.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ray import tune
+from ray.tune.search import Searcher
+
+from bvit.archs import get_arch
+from bvit.config import TrialConfig
+from orchestrator.envelope import TRIAL_KEY, TrialEnvelope, resolve_config
+from orchestrator.errors import InputWarning, error_message
+from orchestrator.spec import SweepSpec, Trial, expand_trials
+from orchestrator.spec.paths import assign, merge
+from orchestrator.spec.search import STATIC_OBJECTIVES, Range
+
+__all__ = ["GridStrategy", "OptunaStrategy", "PointSearcher", "SEARCH_STATE", "Space", "static_measures",
+           "strategy_for"]
+
+SEARCH_STATE = "search.json"  # in the sweep dir: points issued, refused and re-sampled
+MAX_ATTEMPTS = 1000  # samples per trial before a sampler that keeps proposing refused or run points is stopped
+
+
+def static_measures(cfg: TrialConfig) -> dict[str, float]:
+    """The model's parameters and forward FLOPs per image, in closed form (no model is built)."""
+    params, flops = get_arch(cfg.model.arch).counts(cfg.model)
+    return {"params": float(params), "flops_per_image": float(flops)}
+
+
+@dataclass(frozen=True)
+class Space:
+    """A search's dimensions: the spec's axes (categorical), its ranges and `head_dim`; and how a point builds."""
+
+    base: dict[str, Any]
+    categorical: dict[str, list[Any]]
+    ranges: dict[str, Range]
+    head_dim: tuple[int, ...] | None
+    seed: int
+
+    @classmethod
+    def of(cls, spec: SweepSpec, *, smoke: bool = False) -> Space:
+        s = spec.search
+        axes = {**spec.axes, **(spec.smoke.axes if smoke else {})}
+        seeds = (spec.smoke.seeds if smoke and spec.smoke.seeds is not None else spec.seeds)
+        return cls(base=merge(spec.base, spec.smoke.base) if smoke else dict(spec.base),
+                   categorical={p: list(v) for p, v in axes.items()}, ranges=dict(s.ranges),
+                   head_dim=tuple(s.head_dim) if s.head_dim else None, seed=seeds[0])
+
+    def finite_values(self) -> dict[str, list[Any]] | None:
+        """Every dimension's values, or None when one is continuous."""
+        out = dict(self.categorical)
+        for path, r in self.ranges.items():
+            if (values := r.values) is None:
+                return None
+            out[path] = values
+        if self.head_dim:
+            out["head_dim"] = list(self.head_dim)
+        return out
+
+    def build(self, point: dict[str, Any]) -> Trial | str:
+        """The trial of a point, or why it cannot be built (one line)."""
+        tree = merge({}, self.base)
+        for path, value in point.items():
+            if path != "head_dim":
+                assign(tree, path, value)
+        if "head_dim" in point:
+            width = point.get("model.width", tree.get("model", {}).get("width", TrialConfig().model.width))
+            if width % point["head_dim"]:
+                return f"model.width={width} is not divisible by head_dim={point['head_dim']}"
+            assign(tree, "model.heads", width // point["head_dim"])
+        assign(tree, "seed", self.seed)
+        try:
+            config = TrialConfig.model_validate(tree)
+        except ValidationError as e:
+            return "; ".join(error_message(err) for err in e.errors())
+        return Trial(config, {"seed": self.seed, **point}, config.trial_id())
+
+    def enumerate(self) -> tuple[list[Trial], int] | None:
+        """(every buildable point as a trial, in product order; how many points were refused); None when
+        the space is continuous."""
+        values = self.finite_values()
+        if values is None:
+            return None
+        trials: dict[str, Trial] = {}
+        refused = 0
+        for combo in itertools.product(*values.values()):
+            trial = self.build(dict(zip(values, combo, strict=True)))
+            if isinstance(trial, str):
+                refused += 1
+            else:
+                trials.setdefault(trial.id, trial)
+        return list(trials.values()), refused
+
+    def sample(self, ot_trial) -> None:
+        """Optuna's define-by-run space: ask the trial for each dimension (the point is its params)."""
+        for path, values in self.categorical.items():
+            ot_trial.suggest_categorical(path, values)
+        for path, r in self.ranges.items():
+            if r.integer:
+                ot_trial.suggest_int(path, int(r.low), int(r.high), step=1 if r.log else int(r.step or 1), log=r.log)
+            else:
+                ot_trial.suggest_float(path, float(r.low), float(r.high), step=r.step, log=r.log)
+        if self.head_dim:
+            ot_trial.suggest_categorical("head_dim", list(self.head_dim))
+
+
+class GridStrategy:
+    """Every trial, pre-expanded: one `tune.grid_search` over their envelopes (the default, as before)."""
+
+    sampled = False
+    num_samples = 1
+
+    def __init__(self, trials: list[Trial]) -> None:
+        self.trials = trials
+        self.configs = [t.config for t in trials]
+        self.total = len(trials)
+
+    def param_space(self, envelopes: list[TrialEnvelope]) -> dict[str, Any]:
+        return {TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])}
+
+    def search_alg(self, **context: Any) -> None:
+        return None
+
+    def finished_trials(self, sweep_dir: Path) -> list[Trial]:
+        return self.trials
+
+
+class OptunaStrategy:
+    """`num_trials` points chosen by an Optuna sampler through Ray Tune's `OptunaSearch` (see `PointSearcher`)."""
+
+    sampled = True
+
+    def __init__(self, spec: SweepSpec, space: Space, *, known: list[Trial] | None, num_trials: int) -> None:
+        self.spec, self.space = spec, space
+        self.trials: list[Trial] = []  # unknown until sampled
+        self.configs = [t.config for t in known] if known else [space.build(_corner(space)).config]
+        self.total = self.num_samples = num_trials
+
+    def param_space(self, envelopes: list[TrialEnvelope]) -> dict[str, Any]:
+        return {}
+
+    def search_alg(self, *, data_paths: dict[str, str], sweep_dir: Path) -> PointSearcher:
+        return PointSearcher(space=self.space, spec=self.spec, data_paths=data_paths, sweep_dir=str(sweep_dir),
+                             num_trials=self.num_samples)
+
+    def finished_trials(self, sweep_dir: Path) -> list[Trial]:
+        """The sampled trials, in the order they were issued (their envelopes in Tune's state)."""
+        from orchestrator.results import trial_envelopes
+
+        state = read_search_state(sweep_dir)
+        order = {tid: i for i, tid in enumerate(state.get("issued", []))}
+        envs = sorted(trial_envelopes(sweep_dir).values(), key=lambda e: order.get(e.trial_id, len(order)))
+        return [Trial(e.config, {}, e.trial_id) for e in envs]
+
+
+def _corner(space: Space) -> dict[str, Any]:
+    """The largest point of a continuous space (for memory and data checks before the launch)."""
+    point = {p: v[-1] for p, v in space.categorical.items()}
+    point.update({p: r.high for p, r in space.ranges.items()})
+    if space.head_dim:
+        point["head_dim"] = max(space.head_dim)
+    return point
+
+
+def strategy_for(spec: SweepSpec, *, smoke: bool = False) -> GridStrategy | OptunaStrategy:
+    """The spec's strategy: the grid unless `search.algorithm` names a sampler and the space is larger than
+    `num_trials` (a finite space that fits the budget is run whole, with a warning)."""
+    s = spec.search
+    if not s.sampled and not s.ranges and not s.head_dim:
+        return GridStrategy(expand_trials(spec, smoke=smoke))  # the grid path, unchanged
+    space = Space.of(spec, smoke=smoke)
+    found = space.enumerate()
+    if not s.sampled:
+        return GridStrategy(found[0])
+    num_trials = min(s.num_trials, 2) if smoke else s.num_trials
+    if found is not None and num_trials >= len(found[0]):
+        warnings.warn(f"{spec.source}: search.num_trials={num_trials} covers the whole space ({len(found[0])} "
+                      "buildable points); running the grid", InputWarning, stacklevel=2)
+        return GridStrategy(found[0])
+    return OptunaStrategy(spec, space, known=found[0] if found else None, num_trials=num_trials)
+
+
+def read_search_state(sweep_dir: Path) -> dict[str, Any]:
+    path = Path(sweep_dir) / SEARCH_STATE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _sampler(algorithm: str, seed: int):
+    import optuna
+
+    if algorithm == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if algorithm == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+class PointSearcher(Searcher):
+    """Ray Tune's `OptunaSearch`, asked for points, each turned into a trial envelope (config-hash id).
+
+    A refused point (it does not build) is told to Optuna as failed and the sampler asked again; a point already
+    issued is told its earlier result (or pruned while it still runs) and the sampler asked again; both counted.
+    After `num_trials` issued points, or when the sampler proposes only refused or run points, it is finished.
+    """
+
+    def __init__(self, *, space: Space, spec: SweepSpec, data_paths: dict[str, str], sweep_dir: str,
+                 num_trials: int) -> None:
+        from ray.tune.search.optuna import OptunaSearch
+
+        s = spec.search
+        self.objectives = dict(s.objectives)
+        metrics, modes = list(self.objectives), list(self.objectives.values())
+        super().__init__(metric=metrics[0], mode=modes[0])
+        self.space, self.num_trials, self.sweep_dir = space, num_trials, sweep_dir
+        self.context = dict(data_paths=data_paths, resources=spec.resources.model_dump(),
+                            max_failures=spec.max_failures)
+        multi = len(metrics) > 1
+        self.inner = OptunaSearch(space=_DefineByRun(space), metric=metrics if multi else metrics[0],
+                                  mode=modes if multi else modes[0], sampler=_sampler(s.algorithm, s.seed))
+        self.keys: dict[str, tuple[str, str]] = {}  # tune trial id -> (optuna key, config id)
+        self.results: dict[str, dict[str, float] | None] = {}  # config id -> objective values (None: failed)
+        self.issued: list[str] = []  # config ids, in the order they were issued
+        self._configs: dict[str, Any] = {}  # config id -> its TrialConfig as JSON data
+        self.refused = self.resampled = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the objectives are the spec's
+
+    def suggest(self, trial_id: str):
+        if trial_id in self.keys:
+            return self._envelope(self.keys[trial_id][1])
+        if len(self.issued) >= self.num_trials:
+            return Searcher.FINISHED
+        for attempt in range(MAX_ATTEMPTS):
+            key = f"{trial_id}~{len(self.issued)}~{attempt}"
+            point = self.inner.suggest(key)
+            trial = self.space.build(point)
+            if isinstance(trial, str):
+                self.refused += 1
+                self.inner.on_trial_complete(key, None, error=True)
+                continue
+            if trial.id in self._configs:
+                self.resampled += 1
+                known = self.results.get(trial.id)
+                self.inner.on_trial_complete(key, known, error=known is None and trial.id in self.results)
+                continue
+            self.keys[trial_id] = (key, trial.id)
+            self._configs[trial.id] = trial.config.model_dump(mode="json")
+            self.issued.append(trial.id)
+            self._save_state()
+            return self._envelope(trial.id)
+        self._save_state()
+        return Searcher.FINISHED
+
+    def _envelope(self, config_id: str) -> dict[str, Any]:
+        cfg = TrialConfig.model_validate(self._configs[config_id])
+        c = self.context
+        env = TrialEnvelope(trial_id=config_id, config=cfg, resolved=resolve_config(cfg, c["data_paths"], {}),
+                            resources=c["resources"], max_failures=c["max_failures"], sweep_dir=self.sweep_dir)
+        return {TRIAL_KEY: env.to_tune()}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self.keys:
+            return
+        key, config_id = self.keys[trial_id]
+        if config_id in self.results:
+            return
+        values = self.objective_values(config_id, result if not error else None)
+        self.results[config_id] = values
+        self.inner.on_trial_complete(key, values, error=values is None)
+        self._save_state()
+
+    def objective_values(self, config_id: str, result: dict | None) -> dict[str, float] | None:
+        """The trial's objectives: trained metrics from its last result, static ones from its config."""
+        if not result or result.get("failed"):
+            return None
+        static = static_measures(TrialConfig.model_validate(self._configs[config_id]))
+        out = {m: (static[m] if m in STATIC_OBJECTIVES else result.get(m)) for m in self.objectives}
+        return None if any(v is None for v in out.values()) else {k: float(v) for k, v in out.items()}
+
+    def _save_state(self) -> None:
+        path = Path(self.sweep_dir) / SEARCH_STATE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"num_trials": self.num_trials, "issued": self.issued, "refused": self.refused,
+                 "resampled": self.resampled, "finished": sum(v is not None for v in self.results.values())}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(path)
+
+    def save(self, checkpoint_path: str) -> None:
+        import pickle  # Tune's own searcher state (this object), never a user's file
+
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        import pickle
+
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class _DefineByRun:
+    """A picklable define-by-run space for `OptunaSearch` (Tune saves the searcher with it)."""
+
+    def __init__(self, space: Space) -> None:
+        self.space = space
+
+    def __call__(self, ot_trial) -> None:
+        self.space.sample(ot_trial)
