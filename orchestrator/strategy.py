@@ -38,6 +38,7 @@ __all__ = ["GridStrategy", "OptunaStrategy", "PointSearcher", "SEARCH_STATE", "S
 
 SEARCH_STATE = "search.json"  # in the sweep dir: points issued, refused and re-sampled
 MAX_ATTEMPTS = 1000  # samples per trial before a sampler that keeps proposing refused or run points is stopped
+REPEATS = 25  # refused or already-issued proposals in a row before an unvisited point is enqueued
 
 
 def static_measures(cfg: TrialConfig) -> dict[str, float]:
@@ -219,6 +220,7 @@ class PointSearcher(Searcher):
 
     A refused point (it does not build) is told to Optuna as failed and the sampler asked again; a point already
     issued is told its earlier result (or pruned while it still runs) and the sampler asked again; both counted.
+    A sampler that keeps proposing such points (TPE converged on a small space) is handed an unvisited point.
     After `num_trials` issued points, or when the sampler proposes only refused or run points, it is finished.
     """
 
@@ -240,7 +242,8 @@ class PointSearcher(Searcher):
         self.results: dict[str, dict[str, float] | None] = {}  # config id -> objective values (None: failed)
         self.issued: list[str] = []  # config ids, in the order they were issued
         self._configs: dict[str, Any] = {}  # config id -> its TrialConfig as JSON data
-        self.refused = self.resampled = 0
+        self.refused = self.resampled = self.enqueued = 0
+        self.seed = s.seed
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the objectives are the spec's
@@ -252,6 +255,8 @@ class PointSearcher(Searcher):
             return Searcher.FINISHED
         for attempt in range(MAX_ATTEMPTS):
             key = f"{trial_id}~{len(self.issued)}~{attempt}"
+            if attempt and attempt % REPEATS == 0 and not self._enqueue_unvisited(attempt):
+                break  # a finite space with every buildable point issued
             point = self.inner.suggest(key)
             trial = self.space.build(point)
             if isinstance(trial, str):
@@ -270,6 +275,23 @@ class PointSearcher(Searcher):
             return self._envelope(trial.id)
         self._save_state()
         return Searcher.FINISHED
+
+    def _enqueue_unvisited(self, attempt: int) -> bool:
+        """After REPEATS proposals in a row of refused or issued points (a sampler that has converged on a
+        small space), hand Optuna a random buildable point not issued yet as its next trial (`enqueue_trial`, so
+        its history stays whole); False when a finite space has none left. A continuous space: True (ask again)."""
+        import random
+
+        found = self.space.enumerate()
+        if found is None:
+            return True
+        unvisited = [t for t in found[0] if t.id not in self._configs]
+        if not unvisited:
+            return False
+        pick = random.Random(f"{self.seed}:{len(self.issued)}:{attempt}").choice(unvisited)
+        self.inner._ot_study.enqueue_trial({k: v for k, v in pick.axes.items() if k != "seed"})
+        self.enqueued += 1
+        return True
 
     def _envelope(self, config_id: str) -> dict[str, Any]:
         cfg = TrialConfig.model_validate(self._configs[config_id])
@@ -301,7 +323,7 @@ class PointSearcher(Searcher):
         path = Path(self.sweep_dir) / SEARCH_STATE
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"num_trials": self.num_trials, "issued": self.issued, "refused": self.refused,
-                 "resampled": self.resampled, "finished": sum(v is not None for v in self.results.values())}
+                 "resampled": self.resampled, "enqueued": self.enqueued, "finished": sum(v is not None for v in self.results.values())}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(path)
