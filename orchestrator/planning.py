@@ -249,9 +249,10 @@ def _concurrent(spec: SweepSpec) -> int | None:
     return min(slots, cap) if cap else slots
 
 
-def make_plan(*, spec: SweepSpec, smoke: bool = False, bench: bool = True) -> Plan:
-    """Expand `spec` and cost every trial; `bench=False`: a stated fixed rate, not a ~1 s measurement."""
-    trials = expand_trials(spec, smoke=smoke)
+def make_plan(*, spec: SweepSpec, smoke: bool = False, bench: bool = True, trials: list[Trial] | None = None) -> Plan:
+    """Expand `spec` and cost every trial; `bench=False`: a stated fixed rate, not a ~1 s measurement.
+    `trials`: cost these instead (a search's space, `orchestrator.strategy.describe_search`)."""
+    trials = expand_trials(spec, smoke=smoke) if trials is None else trials
     rates = _rates(spec, {t.config.precision for t in trials}, bench=bench)
     max_t = spec.scheduler.max_t if spec.scheduler.type == "asha" else None
     costs = []

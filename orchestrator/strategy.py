@@ -33,8 +33,8 @@ from orchestrator.spec import SweepSpec, Trial, expand_trials
 from orchestrator.spec.paths import assign, merge
 from orchestrator.spec.search import STATIC_OBJECTIVES, Range
 
-__all__ = ["GridStrategy", "OptunaStrategy", "PointSearcher", "SEARCH_STATE", "Space", "static_measures",
-           "strategy_for"]
+__all__ = ["GridStrategy", "OptunaStrategy", "PointSearcher", "SEARCH_STATE", "Space", "describe_search",
+           "static_measures", "strategy_for"]
 
 SEARCH_STATE = "search.json"  # in the sweep dir: points issued, refused and re-sampled
 MAX_ATTEMPTS = 1000  # samples per trial before a sampler that keeps proposing refused or run points is stopped
@@ -198,6 +198,42 @@ def strategy_for(spec: SweepSpec, *, smoke: bool = False) -> GridStrategy | Optu
                       "buildable points); running the grid", InputWarning, stacklevel=2)
         return GridStrategy(found[0])
     return OptunaStrategy(spec, space, known=found[0] if found else None, num_trials=num_trials)
+
+
+def describe_search(spec: SweepSpec, *, smoke: bool = False, seconds: list[float | None] | None = None,
+                    concurrent: int | None = None) -> str:
+    """One line for `validate` and `plan`: the algorithm, the space's size, the budget, the objectives and the
+    hypervolume's reference point (the default derived here). `seconds`: estimated time of each point of a
+    finite space (`plan`), for the budget's estimated trial and wall time."""
+    from orchestrator.pareto import default_reference_point
+
+    s, space = spec.search, Space.of(spec, smoke=smoke)
+    found = space.enumerate()
+    strategy = strategy_for(spec, smoke=smoke)
+    size = (f"{len(found[0])} buildable points ({found[1]} refused by their constraints)" if found
+            else "a continuous space")
+    budget = strategy.total
+    objectives = ", ".join(f"{m} {d}" for m, d in s.objectives.items())
+    configs = [t.config for t in found[0]] if found else strategy.configs
+    if s.reference_point:
+        ref = ", ".join(f"{m}={v:g}" for m, v in s.reference_point.items())
+    elif any(m not in ("test_top1", "test_top5", *STATIC_OBJECTIVES) for m in s.objectives):
+        ref = "derived at the end from the worst loss seen"
+    else:
+        import numpy as np
+
+        values = default_reference_point(dict(s.objectives), space_configs=configs, observed=np.zeros((1, len(s.objectives))))
+        ref = ", ".join(f"{m}={v:g}" for m, v in zip(s.objectives, values, strict=True)) + " (derived)"
+    line = (f"search: {s.algorithm if strategy.sampled else 'grid'} over {size}; budget {budget} trials"
+            + (f" ({budget / len(found[0]):.0%} of the space)" if found else "")
+            + f"; objectives {objectives}; hypervolume reference point {ref}")
+    known = [x for x in (seconds or []) if x is not None]
+    if known:
+        trial_s = budget * sum(known) / len(known)
+        line += f"; estimated {trial_s / 60:.1f} min of trial time"
+        if concurrent:
+            line += f", ~{trial_s / 60 / concurrent:.1f} min wall with {concurrent} at once"
+    return line
 
 
 def read_search_state(sweep_dir: Path) -> dict[str, Any]:

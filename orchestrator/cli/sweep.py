@@ -47,7 +47,12 @@ def validate(spec: SpecFile, json_out: JsonOut = False) -> None:
     if json_out:
         print_json(result.to_dict())
     else:
-        typer.echo(result.summary())
+        if "search" in result.spec.model_fields_set:  # a search: its space, budget and reference point
+            from orchestrator.strategy import describe_search
+
+            typer.echo(f"{result.spec.source}: valid; {describe_search(result.spec)}")
+        else:
+            typer.echo(result.summary())
 
 
 @command()
@@ -66,13 +71,22 @@ def plan(
     from orchestrator.planning import few_seed_comparisons, make_plan, print_plan
     from orchestrator.spec import load_spec
 
-    result = make_plan(spec=load_spec(spec), smoke=smoke, bench=bench)
+    loaded = load_spec(spec)
+    searched = "search" in loaded.model_fields_set  # plan a search's whole space, then state its budget
+    if searched:
+        from orchestrator.strategy import Space, describe_search
+
+        found = Space.of(loaded, smoke=smoke).enumerate()
+    result = make_plan(spec=loaded, smoke=smoke, bench=bench, trials=found[0] if searched and found else None)
     if warning := few_seed_comparisons([t.trial for t in result.trials], design_of(result.spec, smoke=smoke)):
         typer.echo(f"warning: {warning}", err=True)
     if json_out:
         print_json(result.to_dict())
     else:
         print_plan(result, console=_console(200), max_rows=None if all_rows else 200)
+    if searched:
+        typer.echo(describe_search(loaded, smoke=smoke, seconds=[t.seconds for t in result.trials],
+                                   concurrent=result.concurrent), err=json_out)
 
 
 @command()
