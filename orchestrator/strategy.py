@@ -355,8 +355,10 @@ class PointSearcher(Searcher):
         out = {m: (static[m] if m in STATIC_OBJECTIVES else result.get(m)) for m in self.objectives}
         return None if any(v is None for v in out.values()) else {k: float(v) for k, v in out.items()}
 
-    def _save_state(self) -> None:
-        path = Path(self.sweep_dir) / SEARCH_STATE
+    def _save_state(self, directory: Path | None = None) -> None:
+        """search.json in the sweep dir (live), and beside Tune's searcher state when Tune saves it: Tune syncs its
+        driver-side copy of the experiment over the sweep dir, so a file written only there would be rolled back."""
+        path = Path(directory or self.sweep_dir) / SEARCH_STATE
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"num_trials": self.num_trials, "issued": self.issued, "refused": self.refused,
                  "resampled": self.resampled, "enqueued": self.enqueued, "finished": sum(v is not None for v in self.results.values())}
@@ -369,6 +371,7 @@ class PointSearcher(Searcher):
 
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.__dict__, f)
+        self._save_state(Path(checkpoint_path).parent)
 
     def restore(self, checkpoint_path: str) -> None:
         import pickle

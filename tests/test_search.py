@@ -200,6 +200,8 @@ def test_sigkilled_search_resumes_to_exactly_num_trials_without_duplicate_mlflow
     with open(workdir / "results" / "ks" / "trials.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
     assert (workdir / "results" / "ks" / "hypervolume.csv").exists()
+    state = json.loads(state.read_text())  # the searcher's own count survived the kill and Tune's sync
+    assert sorted(state["issued"]) == sorted(r["trial_id"] for r in result.trials) and state["finished"] == 4
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'results' / 'ks' / 'mlflow' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("ks")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`bvit.role` = 'trial'")
