@@ -29,7 +29,6 @@ import ray
 from ray import tune
 
 from bvit.config import ModelConfig, TrialConfig
-from orchestrator.cells import design_of
 from orchestrator.envelope import Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
@@ -41,7 +40,7 @@ from orchestrator.provenance import code_version
 from orchestrator.reaper import Reaper
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
 from orchestrator.spec import SweepSpec, Trial, load_spec
-from orchestrator.strategy import GridStrategy, OptunaStrategy, strategy_for
+from orchestrator.strategy import GridStrategy, OptunaStrategy, design_for, strategy_for
 from orchestrator.sweep_dir import SNAPSHOT, check_tune_state, read_snapshot, sweep_dir_for
 from orchestrator.timing import record_launch
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
@@ -454,7 +453,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: GridStrategy |
             snap_file.write_text(json.dumps(snapshot, indent=1))
         results_dir = results_root / name
         uri, experiment = resolve_tracking(spec, results_dir, tracking_uri)
-        design = design_of(spec, smoke=smoke)
+        design = design_for(spec, smoke=smoke)  # design_of's cells, plus a search's ranged dimensions
         tracking = dict(uri=uri, experiment=experiment, sweep=name,
                         artifact_root=str(results_dir / "mlflow" / "artifacts"), design=design)
         callbacks = [ProgressTable(total=strategy.total, design=design)] if verbose else []

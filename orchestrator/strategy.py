@@ -236,6 +236,21 @@ def describe_search(spec: SweepSpec, *, smoke: bool = False, seconds: list[float
     return line
 
 
+def design_for(spec: SweepSpec, *, smoke: bool = False):
+    """The spec's cells (`orchestrator.cells.design_of`) with a search's ranges and `head_dim` (as model.heads)
+    added as factors, so that trials of different sampled widths never pool into one cell. The grid's: as is."""
+    import dataclasses
+
+    from orchestrator.cells import Factor, column_names, design_of
+
+    design = design_of(spec, smoke=smoke)
+    extra = [*spec.search.ranges, *(["model.heads"] if spec.search.head_dim else [])]
+    if not extra:
+        return design
+    names = column_names([p for f in design.factors for p in f.paths] + extra)
+    return dataclasses.replace(design, factors=design.factors + tuple(Factor((p,), (names[p],)) for p in extra))
+
+
 def read_search_state(sweep_dir: Path) -> dict[str, Any]:
     path = Path(sweep_dir) / SEARCH_STATE
     return json.loads(path.read_text()) if path.exists() else {}
