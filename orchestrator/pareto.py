@@ -88,7 +88,7 @@ def _finish_order(sweep_dir: Path) -> dict[str, float]:
     from orchestrator.envelope import TrialEnvelope
 
     out = {}
-    for trial in ExperimentAnalysis(str(sweep_dir)).trials:
+    for trial in ExperimentAnalysis(str(Path(sweep_dir).resolve())).trials:
         out[TrialEnvelope.of(trial.config).trial_id] = float((trial.last_result or {}).get("timestamp", 0.0))
     return out
 
