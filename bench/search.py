@@ -7,6 +7,8 @@ reference point (the spec's default: 0 top-1, 1.1 x the space's largest paramete
     python bench/search.py                       # random, tpe, nsga2 x budgets 1/8, 1/4, 1/2 x seeds 0..9
     python bench/search.py --seeds 20 --out results/search
     python bench/search.py --grid-front          # also the grid's own pareto.csv, hypervolume.csv and plots
+    python bench/search.py --algorithms tpe --budgets 1/2 --first-seed 5 --seeds 5 --out /tmp/b   # a slice
+    python bench/search.py --merge /tmp/b*/replay.csv --out results/search                       # slices -> one summary
 
 Writes replay.csv (one row per search), summary.csv (mean and 95 % t-interval per algorithm and budget),
 hypervolume_fraction.png. `fraction` uses the spec's default reference point; `fraction_nadir` a stricter one just
@@ -63,6 +65,15 @@ def replay(spec, *, table: dict[str, list[float]], objectives: dict[str, str]) -
     return issued, missing
 
 
+def _typed(row: dict[str, str]) -> dict:
+    out: dict = dict(row)
+    for k in ("trials", "seed", "missing"):
+        out[k] = int(row[k])
+    for k in ("hypervolume", "fraction", "fraction_nadir", "seconds"):
+        out[k] = float(row[k])
+    return out
+
+
 def write_grid_front(trials_csv: Path, *, objectives: dict[str, str], reference: list[float]) -> None:
     """pareto.csv, hypervolume.csv, pareto.png, hypervolume.png beside the grid's trials.csv (finishing order from
     the sweep's Ray state when it is here, else the table's order)."""
@@ -106,6 +117,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
     parser.add_argument("--out", default="results/search")
+    parser.add_argument("--first-seed", type=int, default=0, help="sampler seeds first-seed .. first-seed+seeds-1")
+    parser.add_argument("--budgets", default=",".join(label for label, _ in FRACTIONS), help="e.g. 1/8,1/4")
+    parser.add_argument("--merge", nargs="*", default=None, help="replay.csv files to summarise instead of running")
     parser.add_argument("--grid-front", action="store_true", help="also write the grid's pareto/hypervolume files")
     args = parser.parse_args()
     out = Path(args.out)
@@ -131,11 +145,11 @@ def main() -> None:
     if args.grid_front:  # the grid's own pareto.csv / hypervolume.csv / plots, as a search sweep writes them
         write_grid_front(Path(args.grid), objectives=objectives, reference=reference)
 
-    rows = []
-    for alg in args.algorithms.split(","):
-        for label, div in FRACTIONS:
+    rows = [] if args.merge is None else [_typed(r) for m in args.merge for r in csv.DictReader(open(m))]
+    for alg in (args.algorithms.split(",") if args.merge is None else []):
+        for label, div in [f for f in FRACTIONS if f[0] in args.budgets.split(",")]:
             budget = round(len(space_trials) / div)
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 data = base.model_dump(mode="json", exclude_unset=True)
                 data["search"] = {**data["search"], "algorithm": alg, "num_trials": budget, "seed": seed}
                 spec = type(base).model_validate(data)
@@ -153,8 +167,8 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     summary = []
-    for alg in args.algorithms.split(","):
-        for label, _ in FRACTIONS:
+    for alg in dict.fromkeys(r["algorithm"] for r in rows):
+        for label, _ in [f for f in FRACTIONS if any(r["budget"] == f[0] and r["algorithm"] == alg for r in rows)]:
             x = np.array([r["fraction"] for r in rows if r["algorithm"] == alg and r["budget"] == label])
             mean, lo, hi = t_interval(x)
             xn = np.array([r["fraction_nadir"] for r in rows if r["algorithm"] == alg and r["budget"] == label])
