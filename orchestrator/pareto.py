@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["column_of", "default_reference_point", "hypervolume", "hypervolume_history", "pareto_mask",
-           "write_search_results"]
+           "static_measures", "write_search_results"]
 
 ACCURACIES = ("test_top1", "test_top5")
 
@@ -64,10 +64,16 @@ def hypervolume_history(values: np.ndarray, directions: Sequence[str], reference
     return [hypervolume(values[:k], directions, reference) for k in range(1, len(values) + 1)]
 
 
+def static_measures(cfg) -> dict[str, float]:
+    """A TrialConfig's model parameters and forward FLOPs per image, in closed form (no model is built)."""
+    from bvit.archs import get_arch
+
+    params, flops = get_arch(cfg.model.arch).counts(cfg.model)
+    return {"params": float(params), "flops_per_image": float(flops)}
+
+
 def default_reference_point(objectives: dict[str, str], *, space_configs: list, observed: np.ndarray) -> list[float]:
     """The hypervolume's reference point when the spec gives none (see the module docstring)."""
-    from orchestrator.strategy import static_measures
-
     statics = [static_measures(c) for c in space_configs]
     out = []
     for j, (metric, direction) in enumerate(objectives.items()):

@@ -25,10 +25,10 @@ from pydantic import ValidationError
 from ray import tune
 from ray.tune.search import Searcher
 
-from bvit.archs import get_arch
 from bvit.config import TrialConfig
 from orchestrator.envelope import TRIAL_KEY, TrialEnvelope, resolve_config
 from orchestrator.errors import InputWarning, error_message
+from orchestrator.pareto import default_reference_point, static_measures
 from orchestrator.spec import SweepSpec, Trial, expand_trials
 from orchestrator.spec.paths import assign, merge
 from orchestrator.spec.search import STATIC_OBJECTIVES, Range
@@ -39,12 +39,6 @@ __all__ = ["GridStrategy", "OptunaStrategy", "PointSearcher", "SEARCH_STATE", "S
 SEARCH_STATE = "search.json"  # in the sweep dir: points issued, refused and re-sampled
 MAX_ATTEMPTS = 1000  # samples per trial before a sampler that keeps proposing refused or run points is stopped
 REPEATS = 25  # refused or already-issued proposals in a row before an unvisited point is enqueued
-
-
-def static_measures(cfg: TrialConfig) -> dict[str, float]:
-    """The model's parameters and forward FLOPs per image, in closed form (no model is built)."""
-    params, flops = get_arch(cfg.model.arch).counts(cfg.model)
-    return {"params": float(params), "flops_per_image": float(flops)}
 
 
 @dataclass(frozen=True)
@@ -205,8 +199,6 @@ def describe_search(spec: SweepSpec, *, smoke: bool = False, seconds: list[float
     """One line for `validate` and `plan`: the algorithm, the space's size, the budget, the objectives and the
     hypervolume's reference point (the default derived here). `seconds`: estimated time of each point of a
     finite space (`plan`), for the budget's estimated trial and wall time."""
-    from orchestrator.pareto import default_reference_point
-
     s, space = spec.search, Space.of(spec, smoke=smoke)
     found = space.enumerate()
     strategy = strategy_for(spec, smoke=smoke)
