@@ -49,6 +49,7 @@ from ray import tune
 
 from bvit.config import CHECKPOINT_NAME
 from orchestrator.envelope import FAILED_KEY, TRIAL_KEY, TrialEnvelope
+from orchestrator.provenance import PROVENANCE_KEY, machine_provenance
 from orchestrator.spec import Resources
 
 # bvit.trial (torch, timm, FFCV) is imported inside the trial processes only: the launching process
@@ -183,6 +184,7 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
     DETERMINISTIC = _deterministic()  # noqa: N806  (imports bvit's error types: after CUDA is hidden)
     first = {**started, "phase_import_s": time.perf_counter() - t_import}  # 0 in a reused process
     torch.set_num_threads(env.resources.torch_threads)
+    provenance = machine_provenance(with_torch=True)  # in every report: a retry may run on another machine
     with tempfile.TemporaryDirectory(prefix=f"bvit-{env.trial_id}-") as tmp:
         local = Path(tmp)
         retries = _restore_into(local, tune.get_checkpoint())
@@ -192,7 +194,7 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
         def report(metrics: dict[str, Any]) -> None:
             _maybe_crash(fault, env.trial_id, metrics["epoch"] - 1)
             metrics = {**metrics, **first, "retries": retries, "node_id": ray.get_runtime_context().get_node_id(),
-                       "reported_at": time.time()}
+                       "reported_at": time.time(), PROVENANCE_KEY: provenance}
             first.clear()  # the start-up phases go with the first report only
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
             reached["epoch"] = metrics["epoch"]
