@@ -411,6 +411,7 @@ def launch(
             raise UserError([f"{spec_path}: scheduler.type: asha compares {spec.scheduler.metric} every epoch, "
                              f"but eval_every={late[0]} scores the test set less often; set eval_every: 1"])
     sweep_dir = sweep_dir_for(spec, storage, smoke=smoke)
+    resolve_tracking(spec, Path(results_root) / sweep_dir.name, tracking_uri)  # a bad store: refused before Ray
     if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
         raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
     local = _cluster_address(address, spec) is None  # an embedded local Ray: the trials run on this machine

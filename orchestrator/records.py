@@ -96,17 +96,9 @@ def read_records(sweep_dir: Path) -> list[TrialRecord]:
 
 
 def read_history(sweep_dir: Path, trial_id: str) -> list[dict[str, Any]]:
-    """A trial's per-epoch results (Tune's result.json, JSON lines; a line cut short by a crash is skipped)."""
+    """A trial's per-epoch results (Tune's result.json, JSON lines; a line cut short by a crash is skipped),
+    without the config Tune repeats in each."""
+    from orchestrator.timing import read_records as read_lines
+
     path = Path(sweep_dir) / trial_id / "result.json"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(rec, dict):
-            rec.pop("config", None)
-            out.append(rec)
-    return out
+    return [{k: v for k, v in rec.items() if k != "config"} for rec in read_lines(path)] if path.is_file() else []

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from bvit.config import ModelConfig
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
@@ -112,6 +113,9 @@ def rebuild_frontier(trials_csv: Path) -> dict[str, Any]:
     except ValueError as e:
         msg = str(e) if str(e).startswith((str(trials_csv), str(curves_csv))) else f"{trials_csv}: {e}"
         raise UserError([msg]) from None
+    except KeyError as e:  # a value the tables and plots have no place for (an arch other than bvit / vit)
+        raise UserError([f"{trials_csv}: holds a value this version does not know: {e} (arch is one of "
+                         f"{', '.join(get_args(ModelConfig.model_fields['arch'].annotation))})"]) from None
     return _frontier_doc(summary, trials_csv.parent)
 
 
