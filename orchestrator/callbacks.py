@@ -1,7 +1,7 @@
 """The launcher's Tune callbacks that keep the sweep directory readable as data and resumable by its owner.
 
     TrialRecords(sweep_dir)   bvit_trials/<id>.json: each trial's state as JSON (`orchestrator.records`)
-    SignState(sweep_dir)      bvit_signatures.json: this user's HMAC of Tune's pickled state, after each save
+    SignState(sweep_dir)      bvit_signatures.json: this user's HMAC of Tune's pickled state, with each save
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from ray import tune
 
 from orchestrator.records import record_trial
-from orchestrator.signing import sign_state, state_fingerprint
+from orchestrator.signing import sign_state
 
 __all__ = ["SignState", "TrialRecords"]
 
@@ -54,20 +54,26 @@ class TrialRecords(tune.Callback):
 
 
 class SignState(tune.Callback):
-    """Signs Tune's pickled state with this user's key whenever it changed (checked after every step of the
-    experiment loop: a stat of a few files), and once more when the experiment ends."""
+    """Signs Tune's pickled state with this user's key each time Tune saves it: Tune asks its callbacks for
+    their state (`get_state`) right after writing its own into the driver staging directory and before
+    syncing that directory to the sweep's storage, so the signatures travel in the same sync. Once more
+    when the experiment ends. Nothing of this callback's own is saved (`get_state` returns None)."""
 
     def __init__(self, sweep_dir: str | Path) -> None:
         self.sweep_dir = Path(sweep_dir)
-        self._seen: tuple = ()
+        self._staging: Path | None = None
 
-    def on_step_end(self, iteration: int, trials: list, **info) -> None:
-        if (now := state_fingerprint(self.sweep_dir)) != self._seen:
-            sign_state(self.sweep_dir)
-            self._seen = now
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if self._staging is None and trials:  # Ray's StorageContext: where Tune stages the state it saves
+            self._staging = Path(trials[0].storage.experiment_driver_staging_path)
+
+    def get_state(self) -> None:
+        if self._staging is not None and self._staging.is_dir():
+            sign_state(self.sweep_dir, staging=self._staging)
+        return None
 
     def on_experiment_end(self, trials: list, **info) -> None:
         sign_state(self.sweep_dir)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"sweep_dir": self.sweep_dir, "_seen": ()}
+        return {"sweep_dir": self.sweep_dir, "_staging": None}

@@ -30,8 +30,10 @@ __all__ = ["KEY_ENV", "SIGNATURES", "TRUST_FLAG", "key_path", "pickled_state", "
 KEY_ENV = "BVIT_SWEEP_KEY_FILE"
 SIGNATURES = "bvit_signatures.json"  # in the sweep directory: {file (relative) -> HMAC-SHA256 hex}
 TRUST_FLAG = "--trust-state"
-# Every file Ray Tune 2.60 writes into a sweep directory that holds pickled values, and what restore reads.
-_PATTERNS = ("tuner.pkl", "experiment_state-*.json", "*-state-*.json", "*.pkl", "*/params.pkl", "*.pickle")
+# The files of a sweep directory that Ray Tune 2.60's restore unpickles: tuner.pkl, the experiment state (its
+# cloudpickled values), the searcher's and the callbacks' states. (Each trial's params.pkl is only written and
+# copied, never read back: no command here reads it either.)
+_PATTERNS = ("*.pkl", "experiment_state-*.json", "*-state-*.json", "*.pickle")
 
 
 def key_path() -> Path:
@@ -77,27 +79,22 @@ def _mac(key: bytes, sweep_dir: Path, path: Path) -> str:
     return mac.hexdigest()
 
 
-def sign_state(sweep_dir: Path) -> dict[str, str]:
-    """Sign every pickled file of Tune's state in `sweep_dir` with this user's key (atomically replaces
-    `bvit_signatures.json`); returns {file -> signature}."""
+def sign_state(sweep_dir: Path, *, staging: Path | None = None) -> dict[str, str]:
+    """Sign every pickled file of Tune's state in `sweep_dir` with this user's key and (atomically) replace
+    `bvit_signatures.json`; returns {file -> signature}.
+
+    `staging`: Tune's driver staging directory, which its next sync uploads into `sweep_dir` whole: its files
+    are signed as they are there (over the older copies in `sweep_dir`) and the signatures written there,
+    so that they reach the sweep directory in the same sync as the state they sign."""
     key = _key()
-    signed = {p.relative_to(sweep_dir).as_posix(): _mac(key, sweep_dir, p) for p in pickled_state(sweep_dir)}
-    tmp = sweep_dir / f".{SIGNATURES}.tmp"
-    tmp.write_text(json.dumps({"version": 1, "files": signed}, indent=1))
-    tmp.replace(sweep_dir / SIGNATURES)
+    signed = {}
+    for root in (sweep_dir, staging) if staging is not None else (sweep_dir,):
+        signed.update({p.relative_to(root).as_posix(): _mac(key, root, p) for p in pickled_state(root)})
+    out = staging if staging is not None else sweep_dir
+    tmp = out / f".{SIGNATURES}.tmp"
+    tmp.write_text(json.dumps({"version": 1, "files": dict(sorted(signed.items()))}, indent=1))
+    tmp.replace(out / SIGNATURES)
     return signed
-
-
-def state_fingerprint(sweep_dir: Path) -> tuple:
-    """(name, size, mtime) of each pickled file: cheap to compare, to sign again only after a change."""
-    out = []
-    for p in pickled_state(sweep_dir):
-        try:
-            st = p.stat()
-        except FileNotFoundError:
-            continue
-        out.append((p.name, st.st_size, st.st_mtime_ns))
-    return tuple(out)
 
 
 def verify_state(sweep_dir: Path) -> None:

@@ -107,7 +107,7 @@ def test_read_only_commands_run_nothing_from_a_hostile_sweep_dir(sweep, tmp_path
     assert [(t["trial_id"], t["status"], t["epochs"]) for t in status["trials"]] == [(trial_id, "TERMINATED", 1)]
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "params.pkl"])  # params.pkl: below
 def test_resume_refuses_state_this_user_did_not_sign(sweep, tmp_path, monkeypatch, target):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "MARKER"
@@ -127,8 +127,11 @@ def test_the_users_own_sweep_resumes_and_a_copy_signed_with_another_key_is_refus
     monkeypatch.chdir(tmp_path)
     spec, sweep_dir = sweep
     own = _copy(sweep_dir, tmp_path / "own")  # a copy keeps its signatures: they name files, not places
+    marker = tmp_path / "MARKER"
+    _plant(own, "params.pkl", marker)  # Tune only writes and copies a trial's params.pkl: not signed, never read
     result = launch(spec_path=spec, storage=str(own.parent), resume=True, verbose=False)
     assert result.ok and [t["status"] for t in result.trials] == ["TERMINATED"]
+    assert not marker.exists()
 
     theirs = _copy(sweep_dir, tmp_path / "theirs")
     monkeypatch.setenv(KEY_ENV, str(tmp_path / "other-user.key"))

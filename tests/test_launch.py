@@ -21,7 +21,6 @@ from bvit.config import ModelConfig
 from orchestrator.errors import UserError
 from orchestrator.launch import launch
 from orchestrator.planning import model_flops, model_params
-from orchestrator.results import collect_trials
 from orchestrator.trainable import FAULT_ENV, KeepHistoryOnRetry
 
 
@@ -255,9 +254,13 @@ def test_sigkilled_launcher_resumes_without_rerunning_finished_trials(workdir, f
                             stdout=log, stderr=subprocess.STDOUT)
     sweep = workdir / "runs" / "kill"
 
-    def terminated() -> set[str]:  # as Tune's own saved state says (what --resume reads)
+    def terminated() -> set[str]:  # as Tune's own saved state says (what --resume reads; ours: the test's own)
+        from ray.tune import ExperimentAnalysis
+
+        from orchestrator.envelope import TrialEnvelope
         try:
-            return {r["trial_id"] for r in collect_trials(sweep) if r["status"] == "TERMINATED"}
+            return {TrialEnvelope.of(t.config).trial_id for t in ExperimentAnalysis(str(sweep)).trials
+                    if t.status == "TERMINATED"}
         except Exception:  # no state written yet
             return set()
 
