@@ -34,7 +34,7 @@ class TrialRecords(tune.Callback):
         record_trial(self.sweep_dir, trial, "RUNNING")
 
     def on_trial_result(self, iteration: int, trials: list, trial, result, **info) -> None:
-        record_trial(self.sweep_dir, trial, "RUNNING")
+        record_trial(self.sweep_dir, trial, "RUNNING", result)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         record_trial(self.sweep_dir, trial, "TERMINATED")

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.signing import KEY_ENV, SIGNATURES
 
+SWITCHES = ("TUNE_DISABLE_STRICT_METRIC_CHECKING", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")  # launch sets them
 TARGETS = ["tuner.pkl", "experiment_state", "basic-variant-state", "params.pkl", "all"]
 
 
@@ -38,8 +39,10 @@ def sweep(tmp_path_factory, fmnist_dir, ray_local):
     root = tmp_path_factory.mktemp("own")
     spec = write_spec(root / "h.yaml", fmnist_dir, name="h", epochs=1, axes={"model.arch": ["bvit"]},
                       storage=str(root / "runs"))
+    before = {k: os.environ.get(k) for k in SWITCHES}
     result = launch(spec_path=spec, results_root=root / "results", verbose=False)
     assert result.ok, result.trials
+    assert {k: os.environ.get(k) for k in SWITCHES} == before  # the launcher's switches for Tune are restored
     return spec, result.sweep_dir
 
 
@@ -129,9 +132,11 @@ def test_the_users_own_sweep_resumes_and_a_copy_signed_with_another_key_is_refus
     own = _copy(sweep_dir, tmp_path / "own")  # a copy keeps its signatures: they name files, not places
     marker = tmp_path / "MARKER"
     _plant(own, "params.pkl", marker)  # Tune only writes and copies a trial's params.pkl: not signed, never read
+    monkeypatch.setenv(SWITCHES[0], "0")
     result = launch(spec_path=spec, storage=str(own.parent), resume=True, verbose=False)
     assert result.ok and [t["status"] for t in result.trials] == ["TERMINATED"]
     assert not marker.exists()
+    assert os.environ.get(SWITCHES[0]) == "0"  # restored after the launch
 
     theirs = _copy(sweep_dir, tmp_path / "theirs")
     monkeypatch.setenv(KEY_ENV, str(tmp_path / "other-user.key"))

@@ -108,3 +108,15 @@ def test_analyze_checks_the_tracking_server_before_the_analysis(tmp_path, free_p
     r = CliRunner().invoke(app, ["analyze", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "a"),
                                  "--tracking-uri", f"http://127.0.0.1:{free_port}"])
     _one_line(r, "cannot reach the MLflow server")
+
+
+def test_a_ray_other_than_the_one_the_patches_were_written_for_is_one_line(monkeypatch):
+    from orchestrator.errors import UserError
+    from orchestrator.ray_compat import ALLOW_ENV, check_ray_version
+
+    check_ray_version("2.60.7")  # any 2.60.x
+    with pytest.raises(UserError, match=r"^ray 2.61.0 is installed, but bvit-sweep's launcher patches Ray internals "
+                                        r"written for ray 2.60.x .*BVIT_SWEEP_UNTESTED_RAY=1"):
+        check_ray_version("2.61.0")
+    monkeypatch.setenv(ALLOW_ENV, "1")
+    check_ray_version("2.61.0")
