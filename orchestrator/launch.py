@@ -458,7 +458,9 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, trials: list[Trial], swe
         raise UserError(problems)
     pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=str(spec_path))
     # A trial that fails for good reports {"failed": ...} without the scheduler's metric (ASHA skips it).
-    with _env_switch("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"), ray_session(address, spec):
+    # Every variable set for Tune (here and by ray_session: PL_DISABLE_FORK) is as it was once the launch ends.
+    with _env_switch("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"), \
+            _env_switch("PL_DISABLE_FORK", os.environ.get("PL_DISABLE_FORK", "1")), ray_session(address, spec):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record_launch(sweep_dir, started_at=started_at, ray_ready_at=time.time(), command=command)
         if not resume or force:

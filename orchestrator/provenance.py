@@ -88,7 +88,8 @@ def torch_runtime() -> dict[str, Any]:
     config = torch.__config__.show()
     onednn = re.search(r"(?:oneDNN|MKL-DNN)\s*v?([\w.\-]+(?:\s*\(Git Hash \w+\))?)", config)
     mkl = re.search(r"Intel\(R\)[^\n]*Math Kernel Library Version ([\w.]+)", config)
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    # cuDNN's version only where this process uses CUDA already: asking loads it, and a CPU trial never does
+    cudnn = torch.backends.cudnn.version() if torch.cuda.is_initialized() else None
     return {"torch_onednn": onednn.group(1) if onednn else None, "torch_mkl": mkl.group(1) if mkl else None,
             "torch_mkl_available": torch.backends.mkl.is_available(), "torch_cuda": torch.version.cuda,
             "torch_cudnn": cudnn, "torch_threads": torch.get_num_threads(),

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from orchestrator.cli import app
 from orchestrator.signing import KEY_ENV, SIGNATURES
 
-SWITCHES = ("TUNE_DISABLE_STRICT_METRIC_CHECKING", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")  # launch sets them
+SWITCHES = ("TUNE_DISABLE_STRICT_METRIC_CHECKING", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "PL_DISABLE_FORK")  # launch sets them
 TARGETS = ["tuner.pkl", "experiment_state", "basic-variant-state", "params.pkl", "all"]
 
 

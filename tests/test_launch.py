@@ -134,7 +134,7 @@ def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir, mo
     assert result.ok
     (row,) = result.trials
     assert row["status"] == "TERMINATED" and row["epochs"] == 3 and row["retries"] == 1
-    (trial_dir,) = [p for p in (workdir / "runs" / "crash").iterdir() if p.is_dir() and p.name != "train"]
+    trial_dir = workdir / "runs" / "crash" / row["trial_id"]
     epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
     assert epochs == [1, 2, 3]  # epochs 1-2 kept, only epoch 3 ran after the crash
 
