@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.errors import UserError
 
-__all__ = ["checkpoint_trial_id", "log_analysis", "resolve_checkpoint", "run_analysis"]
+__all__ = ["check_server", "checkpoint_trial_id", "log_analysis", "resolve_checkpoint", "run_analysis"]
 
 _TRIAL_ID = re.compile(r"^[0-9a-f]{10}$")
 TAG_TRIAL = "bvit.trial_id"  # orchestrator.tracking.TAG_TRIAL, not imported from there: that module imports Ray
@@ -100,6 +100,24 @@ def run_analysis(*, targets: list[str], out: Path, data: Path | None = None, max
         (out / "importance.json").write_text(json.dumps({k: r["importance"] for k, r in results.items()}, indent=1) + "\n")
     plot_analyses(results, out=out)
     return results
+
+
+def check_server(uri: str, *, timeout_s: float = 5.0) -> None:
+    """A one-line `UserError` (exit 2) when `uri` is an http(s) tracking server that accepts no connection:
+    said before minutes of analysis, not after them (MLflow's own client retries for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname or "", port), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        reason = "nothing answers at that port" if isinstance(e, ConnectionRefusedError) else str(e) or type(e).__name__
+        raise UserError(f"--tracking-uri {uri}: cannot reach the MLflow server ({reason}); start it, or leave "
+                        "--tracking-uri and MLFLOW_TRACKING_URI unset to write the analysis to --out only") from None
 
 
 def log_analysis(results: dict[str, dict[str, Any]], *, out: Path, uri: str) -> list[str]:

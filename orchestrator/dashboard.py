@@ -9,6 +9,8 @@ overview), with the sweep's saved view (`?viewStateShareKey=bvit-sweep`, see orc
 """
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import signal
 import socket
@@ -54,12 +56,23 @@ def _free_port(host: str) -> int:
 
 
 def check_port(host: str, port: int) -> None:
-    """A UserError (one line, exit 1) when something already listens on host:port."""
-    with socket.socket() as s:
+    """A UserError (one line, exit 1) when something already listens on host:port; exit 2 when `host` is not
+    an address of this machine (a typo, an address that does not exist)."""
+    try:
+        if host.replace(".", "").isdigit():  # looks like an IPv4 address: no name lookup for a malformed one
+            ipaddress.IPv4Address(host)
+        family, *_, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError, ValueError) as e:
+        raise UserError([f"--host {host}: not an address this machine can listen on ({e}); use 127.0.0.1 "
+                         "(this machine only) or 0.0.0.0 (every interface)"]) from None
+    with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
+            s.bind(address)
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise UserError([f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1 "
+                                 "(this machine only) or 0.0.0.0 (every interface)"]) from None
             raise UserError([f"port {port} on {host} is in use ({e.strerror}); pick another, e.g. "
                              f"`--port {_free_port(host)}`"], code=1) from None
 

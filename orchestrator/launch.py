@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ import ray
 from ray import tune
 
 from bvit.config import ModelConfig, TrialConfig
+from orchestrator.callbacks import SignState, TrialRecords
 from orchestrator.envelope import Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
@@ -37,14 +38,19 @@ from orchestrator.planning import run_order
 from orchestrator.preflight import data_problems, memory_problems, resource_problems
 from orchestrator.progress import ProgressTable
 from orchestrator.provenance import code_version
+from orchestrator.ray_compat import check_ray_version
 from orchestrator.reaper import Reaper
+from orchestrator.records import record_trial
 from orchestrator.results import best_checkpoint, collect_trials, finalize, write_results
+from orchestrator.signing import sign_state, verify_state
 from orchestrator.spec import SweepSpec, Trial, load_spec
 from orchestrator.strategy import GridStrategy, OptunaStrategy, design_for, strategy_for
 from orchestrator.sweep_dir import SNAPSHOT, check_tune_state, read_snapshot, sweep_dir_for
 from orchestrator.timing import record_launch
 from orchestrator.tracking import MlflowProgressCallback, resolve_tracking
 from orchestrator.trainable import PRELOAD, KeepHistoryOnRetry, tune_trainable
+
+check_ray_version()  # the Ray internals patched below were written for one Ray: say so before using them
 
 __all__ = ["launch", "LaunchResult", "sweep_dir_for"]
 
@@ -388,11 +394,15 @@ def launch(
         smoke: bool = False,
         resume: bool = False,
         force: bool = False,
+        trust_state: bool = False,
         results_root: Path | str = "results",
         tracking_uri: str | None = None,
         verbose: bool = True,
 ) -> LaunchResult:
-    """Run (or resume) every trial of the sweep; write results/<name>/trials.csv; return the trial table."""
+    """Run (or resume) every trial of the sweep; write results/<name>/trials.csv; return the trial table.
+
+    `resume` restores Tune's pickled state only when this user's key signed it (`orchestrator.signing`);
+    `trust_state` resumes a sweep directory from elsewhere anyway (and signs it)."""
     started_at = time.time()
     spec = load_spec(spec_path)
     strategy = strategy_for(spec, smoke=smoke)  # the grid's trials, or a sampler's (orchestrator.strategy)
@@ -403,6 +413,7 @@ def launch(
             raise UserError([f"{spec_path}: scheduler.type: asha compares {spec.scheduler.metric} every epoch, "
                              f"but eval_every={late[0]} scores the test set less often; set eval_every: 1"])
     sweep_dir = sweep_dir_for(spec, storage, smoke=smoke)
+    resolve_tracking(spec, Path(results_root) / sweep_dir.name, tracking_uri)  # a bad store: refused before Ray
     if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
         raise UserError([f"{spec_path}: resources.workers: fine-tuning trials run in one process; set workers: 1"])
     local = _cluster_address(address, spec) is None  # an embedded local Ray: the trials run on this machine
@@ -414,13 +425,15 @@ def launch(
     # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
     with sweep_lock(sweep_dir):
         return _launch_locked(spec=spec, spec_path=Path(spec_path), strategy=strategy, sweep_dir=sweep_dir,
-                              address=address, smoke=smoke, resume=resume, force=force, command=command,
+                              address=address, smoke=smoke, resume=resume, force=force, trust_state=trust_state,
+                              command=command,
                               results_root=Path(results_root), tracking_uri=tracking_uri, verbose=verbose,
                               started_at=started_at)
 
 
 def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: GridStrategy | OptunaStrategy, sweep_dir: Path,
-                   address: str | None, smoke: bool, resume: bool, force: bool, command: str, results_root: Path,
+                   address: str | None, smoke: bool, resume: bool, force: bool, trust_state: bool, command: str,
+                   results_root: Path,
                    tracking_uri: str | None, verbose: bool, started_at: float) -> LaunchResult:
     trials, configs = strategy.trials, strategy.configs
     name = sweep_dir.name
@@ -434,6 +447,8 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: GridStrategy |
         raise UserError([f"{sweep_dir}: no sweep state to resume; run without --resume to start it"])
     if exists:
         check_tune_state(sweep_dir)
+        if not trust_state:
+            verify_state(sweep_dir)  # before anything unpickles it: only state this user's launcher signed
     if resume and snap_file.exists():
         _check_resume(read_snapshot(sweep_dir)[0], snapshot, force=force, spec_path=spec_path)
 
@@ -445,8 +460,9 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: GridStrategy |
         raise UserError(problems)
     pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=str(spec_path))
     # A trial that fails for good reports {"failed": ...} without the scheduler's metric (ASHA skips it).
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    with ray_session(address, spec):
+    # Every variable set for Tune (here and by ray_session: PL_DISABLE_FORK) is as it was once the launch ends.
+    with _env_switch("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1"), \
+            _env_switch("PL_DISABLE_FORK", os.environ.get("PL_DISABLE_FORK", "1")), ray_session(address, spec):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record_launch(sweep_dir, started_at=started_at, ray_ready_at=time.time(), command=command)
         if not resume or force:
@@ -457,7 +473,8 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: GridStrategy |
         tracking = dict(uri=uri, experiment=experiment, sweep=name,
                         artifact_root=str(results_dir / "mlflow" / "artifacts"), design=design)
         callbacks = [ProgressTable(total=strategy.total, design=design)] if verbose else []
-        callbacks += [MlflowProgressCallback(**tracking), KeepHistoryOnRetry(), *_history_loggers(), _PrepareFinish()]
+        callbacks += [MlflowProgressCallback(**tracking), KeepHistoryOnRetry(), *_history_loggers(), _PrepareFinish(),
+                      TrialRecords(sweep_dir), SignState(sweep_dir)]
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=tune_trainable(spec.resources),
                                        resume_unfinished=True, resume_errored=True, restart_errored=False)
@@ -472,6 +489,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: GridStrategy |
                 tuner.fit()
         except KeyboardInterrupt:
             interrupted = True
+        _record_final_state(sweep_dir)
         table = collect_trials(sweep_dir, trials=strategy.finished_trials(sweep_dir))
         interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
         write_results(table, spec=spec, command=command, results_dir=results_dir, sweep_dir=sweep_dir, sha=sha)
@@ -481,6 +499,30 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: GridStrategy |
         finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
                  complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)
+
+
+def _record_final_state(sweep_dir: Path) -> None:
+    """After `fit`: sign Tune's state as it was saved last, and write every trial's JSON record from it (this
+    launcher's own state, verified or written here: a sweep launched before the records gets them now)."""
+    if not tune.Tuner.can_restore(str(sweep_dir)):
+        return
+    sign_state(sweep_dir)
+    for trial in tune.ExperimentAnalysis(str(sweep_dir)).trials:
+        record_trial(sweep_dir, trial)
+
+
+@contextmanager
+def _env_switch(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the launch only; restore what it was (or unset it) afterwards."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 class _PrepareFinish(tune.Callback):
@@ -513,21 +555,10 @@ def _history_loggers() -> list:
     return [JsonLoggerCallback(), CSVLoggerCallback()]
 
 
-@contextmanager
-def _only_our_loggers(on: bool) -> Iterator[None]:
+def _only_our_loggers(on: bool):
     """While a new sweep runs, Tune adds no default loggers (ours are in its callbacks). A resumed sweep keeps
     Tune's defaults: one started before the launcher passed its own loggers has none in its saved callbacks."""
-    name = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-    before = os.environ.get(name)
-    if on:
-        os.environ[name] = "1"
-    try:
-        yield
-    finally:
-        if on and before is None:
-            os.environ.pop(name, None)
-        elif on:
-            os.environ[name] = before
+    return _env_switch("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1") if on else nullcontext()
 
 
 def _new_tuner(spec: SweepSpec, configs: list[TrialConfig], envelopes: list[TrialEnvelope], *, sweep_dir: Path,

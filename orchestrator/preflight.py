@@ -15,8 +15,9 @@ from bvit.config import TrialConfig
 from orchestrator.planning import model_params
 from orchestrator.spec import Resources
 
-__all__ = ["BYTES_PER_PARAM", "data_problems", "memory_problems", "resource_problems"]
+__all__ = ["BYTES_PER_PARAM", "DRIVER_CPU", "data_problems", "memory_problems", "resource_problems"]
 
+DRIVER_CPU = 0.01  # what the Tune trial that drives a data-parallel trial's workers reserves (Ray refuses 0)
 # AdamW training in float32: the weights, their gradients and the two moment buffers, 4 bytes each.
 BYTES_PER_PARAM = 4 * 4
 
@@ -63,8 +64,11 @@ def resource_problems(resources: Resources, *, source: str) -> list[str]:
     address may have the resources elsewhere)."""
     problems = []
     cpus = os.cpu_count() or 1
-    if resources.cpus > cpus:
-        problems.append(f"{source}: resources.cpus: {resources.cpus:g} CPUs per trial, but this machine has {cpus}; "
+    need = resources.cpus + (DRIVER_CPU if resources.workers > 1 else 0.0)  # a data-parallel trial's own actor too
+    if need > cpus:
+        also = (f" (its {resources.workers} workers' {resources.cpus:g} plus {DRIVER_CPU:g} for the Tune trial that "
+                "drives them)") if resources.workers > 1 else ""
+        problems.append(f"{source}: resources.cpus: {need:g} CPUs per trial{also}, but this machine has {cpus}; "
                         "lower it, or pass --address to run on a cluster that has them")
     if resources.gpus > 0 and resources.gpus > (gpus := _local_gpus()):
         problems.append(f"{source}: resources.gpus: {resources.gpus:g} GPUs per trial, but this machine has {gpus}; "

@@ -19,7 +19,9 @@ import yaml
 from orchestrator.cells import MEASURED, column_names
 from orchestrator.curves import CURVES, curve_table, epoch_curve, still_improving
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
-from orchestrator.provenance import git_sha
+from orchestrator.errors import UserError
+from orchestrator.provenance import PROVENANCE_KEY, git_sha, machine_provenance, relative_to_repo
+from orchestrator.records import read_history, read_records
 from orchestrator.spec import Convergence, SweepSpec, Trial
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
 
@@ -60,11 +62,8 @@ def _axis_columns(trials: list[Trial] | None) -> dict[str, str]:
 
 
 def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
-    """{trial id -> envelope} of every trial Ray Tune's state at `sweep_dir` holds."""
-    from ray.tune import ExperimentAnalysis
-
-    envelopes = (TrialEnvelope.of(t.config) for t in ExperimentAnalysis(str(sweep_dir)).trials)
-    return {env.trial_id: env for env in envelopes}
+    """{trial id -> envelope} of every trial the sweep at `sweep_dir` recorded (its JSON records only)."""
+    return {r.trial_id: r.envelope for r in read_records(sweep_dir)}
 
 
 def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> TrialTable:
@@ -74,20 +73,20 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> Tri
     `trials` (the spec's, expanded) orders the rows and names the axis columns; without them rows come in
     id order with the model columns only. `still_improving` follows the `convergence` of the spec the sweep
     was launched with (its snapshot; the default where it has none).
-    """
-    from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(sweep_dir))
-    dfs = analysis.trial_dataframes
+    Reads only the project's own JSON records and Tune's result.json lines, never Tune's pickled state: a
+    sweep directory from anyone can be read.
+    """
     axis_cols = _axis_columns(trials)
     convergence = read_snapshot(sweep_dir)[1].convergence if (sweep_dir / SNAPSHOT).exists() else Convergence()
     rows, curves = [], {}
-    for trial in analysis.trials:
-        env = TrialEnvelope.of(trial.config)
+    for trial in read_records(sweep_dir):
+        env = trial.envelope
         cfg = env.resolved  # a fine-tuning trial's model is its checkpoint's
         flat = cfg.flat()
         last = trial.last_result or {}
-        df = dfs.get(trial.trial_id)
+        history = read_history(sweep_dir, env.trial_id)
+        df = pd.DataFrame(history) if history else None
         curve = [] if df is None or df.empty else epoch_curve(df.to_dict("records"), eval_every=cfg.eval_every,
                                                               epochs=cfg.optim.epochs)
         curves[env.trial_id] = curve
@@ -126,7 +125,9 @@ def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, command: str, 
                   sweep_dir: Path, sha: str | None = None) -> Path:
     """results/<name>[-smoke]/: trials.csv, curves.csv (when `rows` is `collect_trials`' TrialTable: one line
     per trial and epoch), spec.yaml (resolved; its `convergence` always, the threshold behind trials.csv's
-    still_improving), run.json (SHA, the launch command as run, sweep dir)."""
+    still_improving), run.json (SHA, the launch command as run, sweep dir relative to the repository, and the
+    launching machine's and the trials' provenance: CPU model and ISA, cores, torch's oneDNN / MKL / CUDA and
+    threads, package versions)."""
     out = results_dir
     out.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(COLUMNS[:7] + [k for r in rows for k in r] + COLUMNS[7:]))
@@ -144,10 +145,28 @@ def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, command: str, 
     resolved.setdefault("convergence", spec.convergence.model_dump(mode="json"))  # what still_improving means here
     (out / "spec.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (out / "run.json").write_text(json.dumps({
-        "git_sha": sha or git_sha(), "command": command, "sweep_dir": str(sweep_dir), "python": sys.version.split()[0],
-        "trials": len(rows), "terminated": sum(r["status"] == "TERMINATED" for r in rows),
+        "git_sha": sha or git_sha(), "command": command, "sweep_dir": relative_to_repo(sweep_dir),
+        "python": sys.version.split()[0], "trials": len(rows),
+        "terminated": sum(r["status"] == "TERMINATED" for r in rows),
+        "launcher": machine_provenance(),  # the machine that launched the sweep and wrote these files
+        "trial_machines": _trial_machines(sweep_dir),  # what the trials computed on (torch's kernels, threads)
     }, indent=1))
     return out
+
+
+def _trial_machines(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Each distinct machine-and-software record the trials reported (normally one), with the trials on it."""
+    machines: dict[str, dict[str, Any]] = {}
+    try:
+        records = read_records(sweep_dir)
+    except UserError:
+        return []
+    for r in records:
+        prov = r.last_result.get(PROVENANCE_KEY)
+        if isinstance(prov, dict):
+            entry = machines.setdefault(json.dumps(prov, sort_keys=True), {**prov, "trials": []})
+            entry["trials"].append(r.trial_id)
+    return list(machines.values())
 
 
 def best_checkpoint(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, Path] | None:

@@ -75,9 +75,13 @@ def check_tune_state(sweep_dir: Path) -> None:
 
 
 def sweep_status(sweep: Sweep) -> list[dict[str, Any]]:
-    """The trial table of a sweep (finished, interrupted or running)."""
+    """The trial table of a sweep (finished, interrupted or running), with a column for every path the spec it
+    was launched with varies (orchestrator.cells' names), rows in the spec's order."""
     from orchestrator.results import collect_trials
-    return collect_trials(sweep.dir)
+    from orchestrator.spec import expand_trials
+
+    smoke = bool(read_snapshot(sweep.dir)[0].get("smoke"))
+    return collect_trials(sweep.dir, trials=expand_trials(sweep.spec, smoke=smoke))
 
 
 def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str, Any]:

@@ -28,13 +28,16 @@ def record_launch(sweep_dir: Path, **fields: Any) -> None:
 
 
 def read_records(result_json: Path) -> list[dict[str, Any]]:
-    """The JSON lines of a trial's result.json (a line cut short by a crash is skipped)."""
+    """The JSON lines of a trial's result.json (or launches.jsonl) that are records: a line cut short by a
+    crash, or anything else that is not a JSON object, is skipped."""
     out = []
-    for line in result_json.read_text().splitlines():
+    for line in result_json.read_text(errors="replace").splitlines():
         try:
-            out.append(json.loads(line))
-        except ValueError:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(rec, dict):
+            out.append(rec)
     return out
 
 
@@ -72,8 +75,8 @@ def sweep_timing(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]
     if started:
         summary["span_s"] = max(r["ended_at"] or r["started_at"] for r in started) - min(
             r["started_at"] for r in started)
-    launches = [json.loads(line) for line in (sweep_dir / LAUNCHES).read_text().splitlines()
-                if line.strip()] if (sweep_dir / LAUNCHES).exists() else []
+    launches = [r for r in (read_records(sweep_dir / LAUNCHES) if (sweep_dir / LAUNCHES).exists() else [])
+                if all(isinstance(r.get(k), (int, float)) for k in ("started_at", "ray_ready_at"))]
     if launches and started:
         last = launches[-1]
         mine = [r for r in started if r["started_at"] >= last["started_at"]]

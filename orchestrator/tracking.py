@@ -278,18 +278,17 @@ class MlflowProgressCallback(tune.Callback):
 
 def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
                artifact_root: Path | None = None, design: Design | None = None) -> dict[str, int]:
-    """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent."""
-    from ray.tune import ExperimentAnalysis
+    """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent. Reads the
+    sweep's JSON records and result.json lines only (`orchestrator.records`), never Tune's pickled state."""
+    from orchestrator.records import read_history, read_records
 
-    analysis = ExperimentAnalysis(str(sweep_dir))
+    records = read_records(sweep_dir)
     tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design)
     tracker.parent_run_id()
     logged = trials = 0
-    for trial in analysis.trials:
-        env = TrialEnvelope.of(trial.config)
-        df = analysis.trial_dataframes.get(trial.trial_id)
-        records = [] if df is None or df.empty else df.to_dict("records")
-        logged += tracker.log_epochs(env.trial_id, env.resolved, records)
+    for trial in records:
+        env = trial.envelope
+        logged += tracker.log_epochs(env.trial_id, env.resolved, read_history(sweep_dir, env.trial_id))
         if (status := trial_status(trial)) in ("TERMINATED", "ERROR"):
             tracker.finish(env.trial_id, env.resolved, status)
         trials += 1

@@ -49,6 +49,8 @@ from ray import tune
 
 from bvit.config import CHECKPOINT_NAME
 from orchestrator.envelope import FAILED_KEY, TRIAL_KEY, TrialEnvelope
+from orchestrator.preflight import DRIVER_CPU
+from orchestrator.provenance import PROVENANCE_KEY, machine_provenance
 from orchestrator.spec import Resources
 
 # bvit.trial (torch, timm, FFCV) is imported inside the trial processes only: the launching process
@@ -96,7 +98,7 @@ def tune_trainable(resources: Resources):
     fault = json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
     fn = tune.with_parameters(run_trial, fault=fault) if fault else run_trial
     if resources.workers > 1:  # the Tune trial only drives a TorchTrainer; its workers hold the resources
-        return tune.with_resources(fn, {"cpu": 0.01})  # Ray refuses an empty bundle
+        return tune.with_resources(fn, {"cpu": DRIVER_CPU})  # Ray refuses an empty bundle
     return tune.with_resources(fn, {"cpu": resources.cpus, "gpu": resources.gpus})
 
 
@@ -183,6 +185,7 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
     DETERMINISTIC = _deterministic()  # noqa: N806  (imports bvit's error types: after CUDA is hidden)
     first = {**started, "phase_import_s": time.perf_counter() - t_import}  # 0 in a reused process
     torch.set_num_threads(env.resources.torch_threads)
+    provenance = machine_provenance(with_torch=True)  # in every report: a retry may run on another machine
     with tempfile.TemporaryDirectory(prefix=f"bvit-{env.trial_id}-") as tmp:
         local = Path(tmp)
         retries = _restore_into(local, tune.get_checkpoint())
@@ -192,7 +195,7 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
         def report(metrics: dict[str, Any]) -> None:
             _maybe_crash(fault, env.trial_id, metrics["epoch"] - 1)
             metrics = {**metrics, **first, "retries": retries, "node_id": ray.get_runtime_context().get_node_id(),
-                       "reported_at": time.time()}
+                       "reported_at": time.time(), PROVENANCE_KEY: provenance}
             first.clear()  # the start-up phases go with the first report only
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
             reached["epoch"] = metrics["epoch"]
@@ -213,20 +216,27 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     from bvit.trial import run_trial as train
 
+    DETERMINISTIC = _deterministic()  # noqa: N806
     rank = ray.train.get_context().get_world_rank()
+    provenance = machine_provenance(with_torch=True)
     with tempfile.TemporaryDirectory(prefix=f"bvit-rank{rank}-") as tmp:
         local = Path(tmp)
         retries = _restore_into(local, ray.train.get_checkpoint())
+        reached = {"epoch": 0}
 
         def report(metrics: dict[str, Any]) -> None:
             if rank == 0:
                 _maybe_crash(fault, env.trial_id, metrics["epoch"] - 1)
-            metrics = {**metrics, "retries": retries}
+            metrics = {**metrics, "retries": retries, PROVENANCE_KEY: provenance}
             ckpt = ray.train.Checkpoint.from_directory(str(local)) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)
+            reached["epoch"] = metrics["epoch"]
 
-        train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id,
-              device=ray.train.torch.get_device())  # this worker's GPU, or the CPU when it reserved none
+        try:
+            train(env.resolved, report=report, checkpoint_dir=local, trial_id=env.trial_id,
+                  device=ray.train.torch.get_device())  # this worker's GPU, or the CPU when it reserved none
+        except DETERMINISTIC as e:  # every rank fails alike: the run ends once, retried neither by Train nor Tune
+            ray.train.report({FAILED_KEY: f"{type(e).__name__}: {e}", "epoch": reached["epoch"], "retries": retries})
 
 
 def _run_data_parallel(env: TrialEnvelope, fault: dict[str, Any] | None) -> None:

@@ -82,3 +82,19 @@ def workdir(tmp_path, monkeypatch, ray_local) -> Path:
     """A fresh working directory (the cwd for the test) with the session's embedded Ray running."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _signing_key(tmp_path_factory):
+    """Tests sign sweep state with a key of their own, never the user's (~/.config/bvit-sweep/state.key)."""
+    import os
+
+    from orchestrator.signing import KEY_ENV
+
+    before = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = str(tmp_path_factory.mktemp("key") / "state.key")
+    yield
+    if before is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = before

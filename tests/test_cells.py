@@ -143,3 +143,10 @@ def test_a_swept_mlp_ratio_gets_its_own_rows_names_and_column(workdir, fmnist_di
     names = sorted(r.info.run_name for r in client.search_runs([client.get_experiment_by_name("mlp").experiment_id])
                    if r.data.tags.get("bvit.role") == "trial")
     assert [n.split(" · top-1")[0] for n in names] == ["mlp_ratio 1 · seed 0", "mlp_ratio 2 · seed 0"]
+    # the same rows from the sweep directory (`bvit-sweep frontier runs/mlp`), the factor's column kept
+    (out / "frontier.csv").unlink()
+    r = CliRunner().invoke(app, ["frontier", str(workdir / "runs" / "mlp"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert {r["mlp_ratio"] for r in read_csv(out / "frontier.csv")} == {"1", "2"}
+    r = CliRunner().invoke(app, ["status", str(workdir / "runs" / "mlp")])
+    assert r.exit_code == 0 and "mlp_ratio" in r.stdout, r.output

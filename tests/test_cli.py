@@ -230,7 +230,7 @@ def test_plan_json_totals_are_the_sums_of_the_trials(tmp_path):
 def test_plan_warns_when_a_bvit_vit_comparison_has_fewer_than_three_seeds(tmp_path):
     result = invoke("plan", write(tmp_path, VALID), "--no-bench", "--json")  # seeds [0, 1]: 4 comparisons
     assert result.exit_code == 0 and json.loads(result.stdout)["totals"]["trials"] == 16
-    assert result.stderr == ("warning: 4 of 4 bViT-vs-ViT comparisons have 2 seeds per arm: comparisons with fewer "
+    assert result.stderr == ("warning: 4 of 4 comparisons with arch vit have 2 seeds per arm: comparisons with fewer "
                              "than 3 seeds cannot carry an interval worth reading; set seeds: [0, 1, 2]\n")
     assert invoke("plan", write(tmp_path, {**VALID, "seeds": [0, 1, 2]}), "--no-bench").stderr == ""
     one_arm = {**VALID, "axes": {"model.arch": ["bvit"], "model.steps": [1, 2]}}  # nothing compared: no warning

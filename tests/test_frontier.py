@@ -157,7 +157,7 @@ def test_frontier_command_uses_a_committed_curves_csv_when_there_is_one(tmp_path
     doc = json.loads(r.stdout)
     assert str(tmp_path / "curves.png") in doc["files"] and (tmp_path / "curves.png").stat().st_size > 10_000
     assert doc["headline"].startswith("1 of 18 trials were still improving at the end: accuracies are not converged")
-    assert {(c["arch"], c["width"], c["steps"]): c["still_improving"] for c in doc["cells"]}["bvit", 64, 2] == 1
+    assert {(c["arch"], c["width"], c["steps"]): c["still_improving"] for c in doc["cells"]}["bvit", "64", "2"] == 1
     (tmp_path / "curves.csv").write_text("epoch\n1\n")
     r = CliRunner().invoke(app, ["frontier", str(tmp_path / "trials.csv")])
     assert r.exit_code == 2 and r.stderr.strip() == f"{tmp_path / 'curves.csv'}: not a curves table (no column trial_id, train_loss)"

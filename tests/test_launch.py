@@ -21,7 +21,6 @@ from bvit.config import ModelConfig
 from orchestrator.errors import UserError
 from orchestrator.launch import launch
 from orchestrator.planning import model_flops, model_params
-from orchestrator.results import collect_trials
 from orchestrator.trainable import FAULT_ENV, KeepHistoryOnRetry
 
 
@@ -135,7 +134,7 @@ def test_crashed_trial_restarts_from_its_last_checkpoint(workdir, fmnist_dir, mo
     assert result.ok
     (row,) = result.trials
     assert row["status"] == "TERMINATED" and row["epochs"] == 3 and row["retries"] == 1
-    (trial_dir,) = [p for p in (workdir / "runs" / "crash").iterdir() if p.is_dir() and p.name != "train"]
+    trial_dir = workdir / "runs" / "crash" / row["trial_id"]
     epochs = [json.loads(line)["epoch"] for line in (trial_dir / "result.json").read_text().splitlines()]
     assert epochs == [1, 2, 3]  # epochs 1-2 kept, only epoch 3 ran after the crash
 
@@ -255,9 +254,13 @@ def test_sigkilled_launcher_resumes_without_rerunning_finished_trials(workdir, f
                             stdout=log, stderr=subprocess.STDOUT)
     sweep = workdir / "runs" / "kill"
 
-    def terminated() -> set[str]:  # as Tune's own saved state says (what --resume reads)
+    def terminated() -> set[str]:  # as Tune's own saved state says (what --resume reads; ours: the test's own)
+        from ray.tune import ExperimentAnalysis
+
+        from orchestrator.envelope import TrialEnvelope
         try:
-            return {r["trial_id"] for r in collect_trials(sweep) if r["status"] == "TERMINATED"}
+            return {TrialEnvelope.of(t.config).trial_id for t in ExperimentAnalysis(str(sweep)).trials
+                    if t.status == "TERMINATED"}
         except Exception:  # no state written yet
             return set()
 
@@ -418,6 +421,11 @@ def test_trials_larger_than_this_machine_are_refused_before_ray(tmp_path, monkey
     gpus = torch.cuda.device_count() + 1
     (line,) = _refused(tmp_path, {"name": "big", "resources": {"gpus": gpus, "workers": gpus}})
     assert line.startswith(f"{source}: resources.gpus: {gpus} GPUs per trial, but this machine has {gpus - 1}; ")
+    (line,) = _refused(tmp_path, {"name": "ddp", "resources": {"cpus": os.cpu_count(), "workers": 2}})
+    assert line.startswith(f"{source}: resources.cpus: {os.cpu_count() + 0.01:g} CPUs per trial (its 2 workers' "
+                           f"{os.cpu_count()} plus 0.01 for the Tune trial that drives them), but this machine has ")
+    (line,) = _refused(tmp_path, {"name": "uri", "tracking": {"uri": str(tmp_path / "no-store")}})
+    assert line.startswith(f"--tracking-uri {tmp_path / 'no-store'}: not an MLflow store")
     (line,) = _refused(tmp_path, {"name": "wide", "base": {"model": {"width": 10**9, "heads": 1}}})
     assert line.startswith(f"{source}: model.width=1000000000 (bvit, 6 steps): 1.2e+19 parameters need at least ")
     assert "GiB to train (weights, gradients, AdamW moments, 4 bytes each), but " in line
@@ -440,6 +448,21 @@ def test_a_diverging_trial_fails_at_once_while_a_crashed_one_is_retried(workdir,
                         r"lower optim.lr, or set optim.grad_clip \(e.g. 1.0\)", diverged["error"]), diverged["error"]
     rows = read_csv(workdir / "results" / "div" / "trials.csv")
     assert [r["status"] for r in rows] == ["TERMINATED", "ERROR"] and rows[1]["error"] == diverged["error"]
+
+
+@pytest.mark.slow
+def test_a_diverging_data_parallel_trial_fails_once_like_a_single_process_one(workdir, fmnist_dir):
+    """Neither Ray Train (inside the trial) nor Tune retries a deterministic failure of a workers > 1 trial."""
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="ddpdiv", epochs=2, axes={"optim.lr": [1e6]},
+                      max_failures=2, resources={"cpus": 1, "workers": 2})
+    doc = yaml.safe_load(spec.read_text())
+    doc["base"]["optim"].update(grad_clip=None, min_lr=0.0)
+    spec.write_text(yaml.safe_dump(doc))
+    result = launch(spec_path=spec, verbose=False)
+    (row,) = result.trials
+    assert (row["status"], row["retries"], row["epochs"]) == ("ERROR", 0, 0), row
+    assert row["error"].startswith("TrainingError: the loss became non-finite"), row["error"]
+    assert not (workdir / "runs" / "ddpdiv" / row["trial_id"] / "error.txt").exists()  # Tune saw no failure
 
 
 def test_a_trial_that_crashes_for_good_points_to_its_error_inside_the_sweep(workdir, fmnist_dir, monkeypatch):

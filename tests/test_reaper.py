@@ -49,9 +49,13 @@ def test_a_sigkilled_launcher_leaves_no_ray_process_behind(tmp_path):
                             cwd=os.getcwd())
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(3)  # the raylet's agents start a moment after ray.init returns
-        started = _descendants(proc.pid)
-        names = {p.name() for p in started}
+        deadline = time.monotonic() + 60  # the raylet's agents start a moment after ray.init returns
+        while True:
+            started = _descendants(proc.pid)
+            names = {p.name() for p in started}
+            if any("Agent" in n for n in names) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert any("Agent" in n for n in names), names  # what used to outlive the launcher
         watchers = [p for p in started if "orchestrator.reaper" in " ".join(p.cmdline())]
         assert len(watchers) == 1

@@ -103,6 +103,35 @@ _REQUIRED = ("format_version", "dataset", "kind", "num_classes", "class_names", 
              "train_count", "test_count", "files")
 
 
+def _numbers(n: int | None = None) -> Any:
+    return lambda v: isinstance(v, list) and (n is None or len(v) == n) and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+_FILE_RECORD = {"bytes": _count, "digest": lambda v: isinstance(v, str)}
+_TYPES = {  # what each field of meta.json must hold, and how to say it
+    "num_classes": (_count, "a whole number"), "train_count": (_count, "a whole number"),
+    "test_count": (_count, "a whole number"), "image_shape": (_numbers(3), "3 numbers (channels, height, width)"),
+    "mean": (_numbers(), "a list of numbers"), "std": (_numbers(), "a list of numbers"),
+    "class_names": (lambda v: isinstance(v, list), "a list"), "kind": (lambda v: isinstance(v, str), "a string"),
+    "files": (lambda v: isinstance(v, dict) and all(
+        isinstance(r, dict) and all(k in r and ok(r[k]) for k, ok in _FILE_RECORD.items()) for r in v.values()),
+        "a mapping of file name -> {bytes, digest}"),
+}
+
+
+def _wrong_types(meta: dict[str, Any]) -> str | None:
+    """`field: should be ..., got ...` for the first field of meta.json with the wrong type, else None."""
+    for key, (ok, what) in _TYPES.items():
+        if not ok(meta[key]):
+            return f"{key} should be {what}, got {json.dumps(meta[key])[:60]}"
+    return None
+
+
 def load_metadata(path: Path | str) -> dict[str, Any]:
     """Read `meta.json` of a prepared directory (or the file itself) and verify its `.beton` files.
 
@@ -125,6 +154,8 @@ def load_metadata(path: Path | str) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in meta] if isinstance(meta, dict) else list(_REQUIRED)
     if missing:
         raise DataError(f"{meta_path}: missing field(s) {', '.join(missing)}; delete {root} and prepare it again")
+    if wrong := _wrong_types(meta):
+        raise DataError(f"{meta_path}: {wrong}; delete {root} and prepare it again")
     if meta["format_version"] != FORMAT_VERSION:
         raise DataError(f"{meta_path}: format version {meta['format_version']}, this code reads {FORMAT_VERSION}; "
                         f"re-run `{meta.get('prepare_command', 'bvit-sweep data prepare ...')}`")
@@ -228,7 +259,18 @@ def up_to_date(out: Path, *, source_fingerprint: str, params: dict[str, Any]) ->
 
 
 def start_preparation(out: Path) -> None:
-    """Remove `meta.json` first, so an interrupted preparation leaves a directory `load_metadata` refuses."""
+    """Remove `meta.json` first, so an interrupted preparation leaves a directory `load_metadata` refuses.
+
+    Writes only into a new or empty directory, or one holding nothing but a preparation's files (a
+    `DataError` otherwise: `--out` never overwrites what is not prepared data)."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory; --out names the directory to write the prepared "
+                        "data into: pass a new path")
+    ours = {META_NAME, *(f"{split}.beton" for split in SPLITS)}
+    if out.is_dir() and (other := sorted(p.name for p in out.iterdir()
+                                         if p.name not in ours and not p.name.startswith("."))):
+        raise DataError(f"{out}: holds files that are not prepared data ({', '.join(other[:3])}"
+                        f"{', ...' if len(other) > 3 else ''}); pass a new or empty directory to --out")
     out.mkdir(parents=True, exist_ok=True)
     (out / META_NAME).unlink(missing_ok=True)
 

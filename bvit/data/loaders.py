@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import struct
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -194,11 +195,17 @@ def _loader(fname: str, file_id: tuple, *, num_workers: int, kind: str, decode_s
     from ffcv.loader import OrderOption
 
     t0 = time.perf_counter()
-    with keep_torch_threads():
-        loader = _epoch_loader_class()(
-            fname, device=device, batch_size=1, num_workers=num_workers, os_cache=True,
-            order=OrderOption.SEQUENTIAL, distributed=False, batches_ahead=3,
-            pipelines=_pipelines(kind, decode_size=decode_size, crop_ratio=crop_ratio, device=device))
+    try:
+        with keep_torch_threads():
+            loader = _epoch_loader_class()(
+                fname, device=device, batch_size=1, num_workers=num_workers, os_cache=True,
+                order=OrderOption.SEQUENTIAL, distributed=False, batches_ahead=3,
+                pipelines=_pipelines(kind, decode_size=decode_size, crop_ratio=crop_ratio, device=device))
+    except (UnicodeDecodeError, KeyError, IndexError, ValueError, TypeError, struct.error) as e:
+        # FFCV reads the file's header and field descriptions as it finds them: a forged or foreign file
+        # (whose checksum meta.json was made to match) fails deep inside it
+        raise DataError(f"{fname}: not an FFCV file this project can read ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'bad header'}); prepare the data again") from None
     _COMPILED["seconds"] += time.perf_counter() - t0
     return loader
 

@@ -99,11 +99,13 @@ def analyze(
 
     Example: `bvit-sweep analyze runs/width/<bvit-trial> runs/width/<vit-trial> --out analysis/`
     """
-    from orchestrator.analyze import log_analysis, run_analysis
+    from orchestrator.analyze import check_server, log_analysis, run_analysis
     from orchestrator.tracking import store_uri
 
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     uri = store_uri(uri) if uri else None  # a bad store is refused before minutes of analysis
+    if uri:
+        check_server(uri)  # and a server that does not answer
     results = run_analysis(targets=targets, out=out, data=data, max_images=max_images, stats_images=stats_images,
                            extra_steps=extra_steps, prune_images=prune_images, mlp_groups=mlp_groups)
     notes = log_analysis(results, out=out, uri=uri) if uri else [

@@ -97,6 +97,7 @@ def launch(
         smoke: Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides (a separate <name>-smoke sweep).")] = False,
         resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep; finished trials are not rerun.")] = False,
         force: Annotated[bool, typer.Option("--force", help="With --resume: accept a spec that changed since the sweep started.")] = False,
+        trust_state: Annotated[bool, typer.Option("--trust-state", help="With --resume: restore Ray Tune's pickled state even though this user's key did not sign it (a sweep directory from elsewhere: its pickles can run code).")] = False,
         tracking_uri: TrackingUri = None,
         json_out: JsonOut = False,
 ) -> None:
@@ -109,7 +110,7 @@ def launch(
     from orchestrator.launch import launch as run
 
     result = run(spec_path=spec, address=address, storage=storage, smoke=smoke, resume=resume, force=force,
-                 tracking_uri=tracking_uri, verbose=not json_out)
+                 trust_state=trust_state, tracking_uri=tracking_uri, verbose=not json_out)
     if json_out:
         print_json({"sweep_dir": str(result.sweep_dir), "results_dir": str(result.results_dir),
                     "ok": result.ok, "interrupted": result.interrupted, "trials": result.trials})

@@ -24,6 +24,7 @@ from orchestrator.errors import (
     format_loc,
     problems_from_validation,
 )
+from orchestrator.spec.bounds import check_bounds
 from orchestrator.spec.paths import Axes, Problem, assign, leaf_locs, merge, path_problem
 from orchestrator.spec.schema import Smoke, SpecError, SweepSpec
 
@@ -156,6 +157,7 @@ def config_with_overrides(base: dict[str, Any], overrides: list[str], *, source:
         elif path != "seed" and (msg := path_problem(path)) is not None:
             problems.append((path, msg))
         else:
+            check_bounds(raw, source=f"--set {path}")
             try:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from orchestrator.errors import InputError, UserError, problems_from_validation
+from orchestrator.spec.bounds import check_bounds, read_bounded
 from orchestrator.spec.expand import Trial, expand_trials
 from orchestrator.spec.paths import structure_problems
 from orchestrator.spec.schema import SpecError, SweepSpec, grid_factors
@@ -54,23 +55,20 @@ for _loader in (_Loader, _FastLoader):
 def read_yaml(path: str | Path) -> Any:
     """A YAML file's data, loaded safely (plain YAML only, no key given twice in one mapping).
 
-    Raises `InputError` with one line: `file: no such file`, `file: line 3, column 7: YAML error: ...`, ...
+    Raises `InputError` with one line: `file: no such file`, `file: line 3, column 7: YAML error: ...`, ...;
+    a document past `bounds`' limits (bytes, depth, entries, expanded aliases) is refused before it is built.
     """
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError([((), "no such file")], source=source) from None
-    except UnicodeDecodeError:
-        raise InputError([((), "not UTF-8 text; expected a YAML file")], source=source) from None
-    except OSError as e:
-        raise InputError([((), f"cannot read: {e.strerror or e}")], source=source) from None
+    text = read_bounded(path)
+    check_bounds(text, source=source)  # before any node is built: size, depth, entries, expanded aliases
     try:
         return yaml.load(text, Loader=_FastLoader)  # noqa: S506 -- a safe loader
     except yaml.YAMLError:
         pass  # read it again in pure Python, whose messages say more (e.g. which character)
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a safe loader
+    except RecursionError:  # not past check_bounds' depth: a safety net only
+        raise InputError([((), "nested too deeply to read")], source=source) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         if mark is not None:
@@ -148,7 +146,7 @@ def read_snapshot(sweep_dir: Path) -> tuple[dict[str, Any], SweepSpec]:
     try:
         snapshot = json.loads(path.read_text())
         return snapshot, SweepSpec.model_validate(snapshot["spec"])
-    except (ValueError, KeyError, TypeError) as e:  # JSON, encoding and pydantic errors are ValueErrors
+    except (ValueError, KeyError, TypeError, RecursionError) as e:  # JSON, encoding, pydantic: ValueErrors
         what = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError([f"{path}: damaged ({what}); it records the spec the sweep was launched with: remove it "
                          "and run `bvit-sweep launch SPEC --resume --force` to record the spec again"]) from None
