@@ -214,22 +214,25 @@ def test_frontier_plot_legend_names_only_what_is_drawn_and_ticks_do_not_overlap(
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
+    from orchestrator.cells import design_of_table
     from orchestrator.frontier import frontier_table, write_frontier
 
     seen = {}
     save = Figure.savefig
 
     def spy(fig, path, *a, **k):
-        ax = fig.axes[0]
-        fig.canvas.draw()
-        seen[Path(path).name] = ([t.get_text() for t in ax.get_legend().get_texts()],
-                                 [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()])
+        if Path(path).name == "frontier.png":
+            ax = fig.axes[0]
+            fig.canvas.draw()
+            seen[Path(path).name] = ([t.get_text() for t in ax.get_legend().get_texts()],
+                                     [t.get_window_extent() for t in ax.get_xticklabels() if t.get_text()])
         return save(fig, path, *a, **k)
 
     monkeypatch.setattr(Figure, "savefig", spy)
     rows = [{"status": "TERMINATED", "arch": a, "width": w, "steps": 2, "params": p, "flops_per_image": 1,
              "final_test_top1": t} for a, w, p, t in cells]
-    write_frontier(frontier_table(rows), tmp_path)
+    bound = design_of_table(rows).bind(rows)  # arch (and width, where it varies) from the table
+    write_frontier(frontier_table(rows, bound), bound, tmp_path)
     legend, ticks = seen["frontier.png"]
-    assert ("Pareto frontier" in legend) == frontier_drawn and {"bvit", "vit"} <= set(legend)
+    assert ("Pareto frontier" in legend) == frontier_drawn and {"arch bvit", "arch vit"} <= set(legend)
     assert ticks and not any(a.overlaps(b) for a, b in zip(ticks, ticks[1:], strict=False))
