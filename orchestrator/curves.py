@@ -13,7 +13,7 @@ between the last two epochs it was recorded at, by more than `min_gain` of its v
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,11 @@ from orchestrator.envelope import FAILED_KEY
 from orchestrator.spec import METRICS, Convergence
 
 __all__ = ["CURVES", "CURVE_METRICS", "epoch_curve", "still_improving", "curve_table", "read_curves", "flag",
-           "count_still_improving", "still_improving_line", "plot_curves"]
+           "count_still_improving", "still_improving_line", "plot_curves", "MAX_PANELS", "best_groups"]
 
 CURVES = "curves.csv"  # beside trials.csv in results/<sweep>/
 CURVE_METRICS = ("train_loss", "test_loss", "test_top1", "test_top5")
+MAX_PANELS = 12  # a plot's panels at most: a 1,000-cell grid gets its best cells drawn, every cell in the CSVs
 _SCORED = ("test_loss", "test_top1", "test_top5")  # fresh on scored epochs only; the records between repeat them
 
 
@@ -131,12 +132,32 @@ def still_improving_line(trials: pd.DataFrame, *, label: Callable[[Any], str]) -
             f"({'; '.join(cells)}{without})")
 
 
+def best_groups(groups: list[tuple[Any, pd.DataFrame]], scores: Mapping[Any, float],
+                limit: int = MAX_PANELS) -> tuple[list[tuple[Any, pd.DataFrame]], str]:
+    """At most `limit` of `groups` ((key, rows) pairs): all of them in their order when they fit, else the
+    `limit` whose key has the highest score in `scores` (missing or NaN last), kept in their order; and a note
+    saying so ('' when all fit)."""
+    if len(groups) <= limit:
+        return groups, ""
+    score = [float(scores.get(key, math.nan)) for key, _ in groups]
+    ranked = sorted(range(len(groups)), key=lambda i: (math.isnan(score[i]), -score[i] if score[i] == score[i] else 0.0))
+    return [groups[i] for i in sorted(ranked[:limit])], f"best {limit} of {len(groups)}"
+
+
+def _final_top1(curves: pd.DataFrame) -> pd.Series:
+    """Each panel's score: its best line's mean test top-1 at the panel's last scored epoch (one groupby)."""
+    scored = curves.dropna(subset=["test_top1"])
+    last = scored[scored["epoch"] == scored.groupby("_panel")["epoch"].transform("max")]
+    return last.groupby(["_panel", "_line"])["test_top1"].mean().groupby(level=0).max()
+
+
 def plot_curves(curves: pd.DataFrame, path: Path, *, panel: Callable[[Any], str], line: Callable[[Any], str],
                 title: str = "") -> Path | None:
     """curves.png: one column of panels per `panel(row)` (e.g. a cell, `width 64 · steps 4`), one line per
     `line(row)` (e.g. an arm, `arch bvit`), in the table's order:
     train loss per epoch (top row) and test top-1 (bottom row, when a trial was scored more than once), the
-    mean over seeds with a band from the lowest to the highest seed. None when there is no curve."""
+    mean over seeds with a band from the lowest to the highest seed. More than `MAX_PANELS` panels: those whose
+    best line ends highest in test top-1, and the title says how many of how many. None when there is no curve."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,7 +168,8 @@ def plot_curves(curves: pd.DataFrame, path: Path, *, panel: Callable[[Any], str]
     scored = curves.dropna(subset=["test_top1"]).groupby("trial_id")["epoch"].nunique()
     metrics = [("train_loss", "train loss")] + ([("test_top1", "test top-1 (%)")] if (scored > 1).any() else [])
     curves = curves.assign(_panel=curves.apply(panel, axis=1), _line=curves.apply(line, axis=1))
-    groups = list(curves.groupby("_panel", sort=False))
+    kept, shown = best_groups([(key, None) for key in dict.fromkeys(curves["_panel"])], _final_top1(curves))
+    groups = list(curves[curves["_panel"].isin([key for key, _ in kept])].groupby("_panel", sort=False))
     fig, axes = plt.subplots(len(metrics), len(groups), figsize=(max(4.8, 3.2 * len(groups)), 2.8 * len(metrics)),
                              sharex="col", sharey="row", squeeze=False)
     for j, (key, g) in enumerate(groups):
@@ -172,7 +194,8 @@ def plot_curves(curves: pd.DataFrame, path: Path, *, panel: Callable[[Any], str]
                 ax.set_ylabel(ylabel)
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{title + ': ' if title else ''}mean over seeds, band: seed range", fontsize=10)
+    shown = f"; {shown} cells by final test top-1 (all in {CURVES})" if shown else ""
+    fig.suptitle(f"{title + ': ' if title else ''}mean over seeds, band: seed range{shown}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

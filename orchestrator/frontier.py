@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 
 from orchestrator.cells import Bound, Design, design_of_table, text
-from orchestrator.curves import count_still_improving, plot_curves, still_improving_line
+from orchestrator.curves import best_groups, count_still_improving, plot_curves, still_improving_line
 from orchestrator.stats import compare, corrected_verdict, describe, holm, trend_slope, verdict
 
 __all__ = ["frontier_table", "frontier_slope", "headline", "write_frontier", "transfer_table", "write_transfer",
@@ -184,6 +184,10 @@ def headline(cells: pd.DataFrame, bound: Bound, slope: dict[str, Any] | None = N
     return "\n".join(lines)
 
 
+MAX_TICKS = 16  # a numeric axis gets a tick per value up to this many
+MAX_ANNOTATED = 40  # frontier.png names every cell up to this many, then only the cells on the frontier
+
+
 def _arms(cells: pd.DataFrame, bound: Bound) -> list[tuple[str, pd.DataFrame]]:
     """(arm label, its rows) for each arm in table order; one unnamed arm without a comparison."""
     if not bound.arm_columns:
@@ -216,8 +220,8 @@ def write_frontier(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: s
     for k, (arm, g) in enumerate(_arms(cells, bound)):
         ax.errorbar(g["params"], g["top1_mean"], yerr=_yerr(g), linestyle="none", label=arm or None, capsize=3,
                     marker=markers[k % len(markers)], color=f"C{k}")
-        for _, c in g.iterrows():
-            if bound.cell_columns:
+        for _, c in g.iterrows():  # every cell named while the names can be read; past that the frontier's
+            if bound.cell_columns and (len(cells) <= MAX_ANNOTATED or c["on_frontier"]):
                 ax.annotate(bound.cell_label(c, sep="·").replace(" ", ""), (c["params"], c["top1_mean"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")
     front = cells[cells["on_frontier"].astype(bool)].sort_values("params")
@@ -236,7 +240,8 @@ def write_frontier(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: s
     x = next((c for c in bound.cell_columns if cells[c].map(text).nunique() > 1 and _numeric(cells[c])), None)
     if x is not None:
         others = [c for c in bound.cell_columns if c != x]
-        panels = list(cells.groupby(others, sort=False)) if others else [((), cells)]
+        panels, shown = best_groups(list(cells.groupby(others, sort=False)) if others else [((), cells)],
+                                    cells.groupby(others, sort=False)["top1_mean"].max() if others else {})
         fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 0.8, 3.2), sharey=True, squeeze=False)
         for ax, (key, p) in zip(axes[0], panels, strict=True):
             for k, (arm, g) in enumerate(_arms(p, bound)):
@@ -245,11 +250,14 @@ def write_frontier(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: s
                             marker=markers[k % len(markers)], color=f"C{k}")
             key = key if isinstance(key, tuple) else (key,)
             ax.set(title=" · ".join(f"{o} {text(v)}" for o, v in zip(others, key, strict=True)) or title, xlabel=x)
-            ax.set_xticks(sorted(pd.to_numeric(cells[x]).unique()))
+            if (xs := sorted(pd.to_numeric(cells[x]).unique())) and len(xs) <= MAX_TICKS:  # else matplotlib's
+                ax.set_xticks(xs)
             ax.grid(alpha=.3)
         axes[0][0].set_ylabel("test top-1 (%)")
         if axes[0][0].get_legend_handles_labels()[0]:
             axes[0][0].legend(fontsize=7)
+        if shown:
+            fig.suptitle(f"{shown} panels by best top-1 (all in frontier.csv)", fontsize=9)
         fig.tight_layout()
         paths[f"top1_vs_{x}.png"] = out_dir / f"top1_vs_{x}.png"
         fig.savefig(paths[f"top1_vs_{x}.png"], dpi=120)
@@ -279,10 +287,13 @@ def write_frontier(cells: pd.DataFrame, bound: Bound, out_dir: Path, *, title: s
             if t:
                 values = sorted(pd.to_numeric(rec[t]).unique())
                 a.set(xscale="log", xlabel=t)
-                a.minorticks_off()
-                a.set_xticks(values, labels=[text(v) for v in values])
-            else:
+                if len(values) <= MAX_TICKS:
+                    a.minorticks_off()
+                    a.set_xticks(values, labels=[text(v) for v in values])
+            elif len(labels) <= MAX_TICKS:
                 a.set_xticks(range(len(labels)), labels=labels, rotation=20, fontsize=7, ha="right")
+            else:  # too many cells to name on an axis: their order in frontier.csv
+                a.set_xlabel(f"cell (frontier.csv's order, {len(labels)} cells)")
             a.grid(alpha=.3)
             if a.get_legend_handles_labels()[0]:
                 a.legend(fontsize=7)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 from ray import tune
@@ -14,6 +15,9 @@ from orchestrator.envelope import TrialEnvelope
 __all__ = ["ProgressTable", "render_table", "progress_line"]
 
 UNSCORED = "–"  # an epoch the test set was not scored on (eval_every > 1)
+FULL_TABLE = 40  # trials: up to this many the table lists each one at every trial's end; past it, every
+# `every_s` seconds, the running trials and the counts per state (a table of every trial at every trial's
+# end made a 1,000-trial sweep render a million rows)
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -100,14 +104,21 @@ class ProgressTable(tune.Callback):
 
     def _maybe_table(self, trials, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.every_s:
+        small = len(trials) <= FULL_TABLE
+        if not (force and small) and now - self._last < self.every_s:
             return
         self._last = now
-        for t in trials:
-            self._row(t)
-        done = sum(t.status == "TERMINATED" for t in trials)
+        counts = Counter(t.status for t in trials)
+        title = f"{counts['TERMINATED']}/{self.total} trials finished"
+        if small:
+            for t in trials:
+                self._row(t)
+            rows = list(self._rows.values())
+        else:
+            rows = [self._row(t) for t in trials if t.status == "RUNNING"]
+            title += f"; the {len(rows)} running shown (" + ", ".join(
+                f"{n} {state.lower()}" for state, n in sorted(counts.items())) + "; all: `bvit-sweep status`)"
         console = Console()
         if not console.is_terminal:
             console = Console(width=160)
-        console.print(render_table(list(self._rows.values()), title=f"{done}/{self.total} trials finished",
-                                   factors=[c for _, c in self.names]))
+        console.print(render_table(rows, title=title, factors=[c for _, c in self.names]))

@@ -79,3 +79,51 @@ def test_convergence_defaults_and_bad_settings_are_one_line_each(tmp_path):
         r = CliRunner().invoke(app, ["validate", str(path)])
         assert r.exit_code == 2, r.output
         assert r.stderr.strip().splitlines() == [r.stderr.strip()] and f"{path}: {message}" in r.stderr
+
+
+def _grid_curves(cells: int):
+    """Two epochs of one trial per cell, cell i ending at top-1 50 + i / 10."""
+    import pandas as pd
+
+    return pd.DataFrame([{"trial_id": f"t{i}", "lr": i, "epoch": e, "train_loss": 2.0 / e,
+                          "test_top1": 40 + e * (5 + i / 20)} for i in range(cells) for e in (1, 2)])
+
+
+def test_curves_of_a_thousand_cell_grid_draw_the_best_panels_and_say_so(tmp_path):
+    """A panel per cell broke past ~170 cells (matplotlib refuses an image 2^16 px wide): a large grid's
+    curves.png has `MAX_PANELS` panels, those of the best cells, and its title says it."""
+    from PIL import Image
+
+    from orchestrator.curves import MAX_PANELS, plot_curves
+
+    titles = []
+    import matplotlib.figure
+
+    real = matplotlib.figure.Figure.suptitle
+
+    def spy(self, t, **kw):
+        titles.append(t)
+        return real(self, t, **kw)
+
+    matplotlib.figure.Figure.suptitle = spy
+    try:
+        big = plot_curves(_grid_curves(1000), tmp_path / "big.png", panel=lambda r: f"lr {r['lr']}", line=lambda r: "")
+        few = plot_curves(_grid_curves(3), tmp_path / "few.png", panel=lambda r: f"lr {r['lr']}", line=lambda r: "")
+    finally:
+        matplotlib.figure.Figure.suptitle = real
+    assert Image.open(big).width == Image.open(few).width * MAX_PANELS // 3
+    assert f"best {MAX_PANELS} of 1000 cells by final test top-1" in titles[0]
+    assert "best" not in titles[1]
+
+
+def test_best_groups_keeps_the_highest_scores_in_their_order_and_unscored_last():
+    import math
+
+    from orchestrator.curves import best_groups
+
+    groups = [(k, None) for k in "abcde"]
+    scores = {"a": 3.0, "b": math.nan, "c": 9.0, "d": 1.0, "e": 7.0}
+    kept, note = best_groups(groups, scores, limit=3)
+    assert [k for k, _ in kept] == ["a", "c", "e"] and note == "best 3 of 5"
+    assert best_groups(groups, {"b": 1.0}, limit=1)[0] == [("b", None)]  # unscored keys rank last
+    assert best_groups(groups, scores, limit=5) == (groups, "")

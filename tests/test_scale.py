@@ -1,0 +1,39 @@
+"""What the launcher does per trial event stays per trial as sweeps grow: counted, never timed."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.envelope import TRIAL_KEY, TrialEnvelope
+from orchestrator.spec import SweepSpec, expand_trials
+
+
+def _trials(n: int) -> list[SimpleNamespace]:
+    """n Tune-like trials of a one-axis grid (optim.lr), each with its envelope in `config` and a status."""
+    spec = SweepSpec.model_validate({"name": "big", "axes": {"optim.lr": [1e-3 * (1 + i / n) for i in range(n)]}})
+    return [SimpleNamespace(status="PENDING", config={TRIAL_KEY: TrialEnvelope(
+        trial_id=t.id, config=t.config, resolved=t.config, resources=spec.resources, max_failures=0,
+        sweep_dir="runs/big").to_tune()}) for t in expand_trials(spec)]
+
+
+@pytest.mark.parametrize("n, most_rows", [(10, 10 * (10 + 1)), (1000, 2 * 1000)])
+def test_the_live_table_renders_rows_in_proportion_to_the_trials(monkeypatch, n, most_rows):
+    """Small sweeps: the whole table at the first result and at each trial's end (n (n + 1) rows, n <= FULL_TABLE). Large ones: the
+    running trials now and then -- before, a 1,000-trial sweep rendered 1,000 rows at each of 1,000 ends."""
+    import orchestrator.progress as progress
+
+    rendered = []
+    monkeypatch.setattr(progress, "render_table", lambda rows, **kw: rendered.append(len(rows)) or "")
+    table = progress.ProgressTable(total=n)
+    trials = _trials(n)
+    for i, trial in enumerate(trials):  # two at a time: start, one result, end
+        trial.status = "RUNNING"
+        if i + 1 < n:
+            trials[i + 1].status = "RUNNING"
+        table.on_trial_result(0, trials, trial, {"epoch": 1, "test_top1": 50.0})
+        trial.status = "TERMINATED"
+        table.on_trial_complete(0, trials, trial)
+    assert rendered and sum(rendered) <= most_rows
+    if n <= progress.FULL_TABLE:
+        assert rendered[-1] == n  # the last table lists every trial
