@@ -29,14 +29,13 @@ import ray
 from ray import tune
 
 from bvit.config import ModelConfig, TrialConfig
-from orchestrator.callbacks import SignState, TrialRecords
+from orchestrator.callbacks import ProgressTable, SignState, TrialRecords
 from orchestrator.envelope import Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
 from orchestrator.pareto import write_search_results
 from orchestrator.planning import run_order
 from orchestrator.preflight import data_problems, memory_problems, resource_problems
-from orchestrator.progress import ProgressTable
 from orchestrator.provenance import code_version
 from orchestrator.ray_compat import check_ray_version
 from orchestrator.reaper import Reaper

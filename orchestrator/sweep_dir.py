@@ -16,6 +16,8 @@ from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
 
+TUNER_STATE = "tuner.pkl"  # Ray Tune's (ray.tune.impl.tuner_internal._TUNER_PKL): a launched sweep has one
+
 __all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "read_snapshot", "check_tune_state", "sweep_status", "sweep_frontier", "rebuild_frontier", "sweep_sync", "ui_store"]
 
 
@@ -41,9 +43,8 @@ class Sweep:
 
 
 def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool = False) -> Sweep:
-    """Find a sweep from a directory, a spec file or a name; a clear error when there is none."""
-    from ray.tune import Tuner
-
+    """Find a sweep from a directory, a spec file or a name; a clear error when there is none. Ray-free: a sweep
+    is a directory with the launch's snapshot and Tune's `tuner.pkl` (what `Tuner.can_restore` looks for)."""
     p = Path(arg).expanduser()
     if p.suffix in (".yaml", ".yml"):
         spec = load_spec(p)
@@ -52,7 +53,7 @@ def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool
         d = p.resolve()
     else:
         d = (Path("runs") / arg).resolve()
-    if not (d / SNAPSHOT).exists() or not Tuner.can_restore(str(d)):
+    if not (d / SNAPSHOT).exists() or not (d / TUNER_STATE).is_file():
         raise UserError([f"{arg}: no sweep found at {d}; pass a sweep directory (<storage>/<name>), "
                          "its spec file, or its name under ./runs"])
     check_tune_state(d)

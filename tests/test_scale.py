@@ -21,7 +21,7 @@ def _trials(n: int) -> list[SimpleNamespace]:
 def test_the_live_table_renders_rows_in_proportion_to_the_trials(monkeypatch, n, most_rows):
     """Small sweeps: the whole table at the first result and at each trial's end (n (n + 1) rows, n <= FULL_TABLE). Large ones: the
     running trials now and then -- before, a 1,000-trial sweep rendered 1,000 rows at each of 1,000 ends."""
-    import orchestrator.progress as progress
+    import orchestrator.callbacks as progress
 
     rendered = []
     monkeypatch.setattr(progress, "render_table", lambda rows, **kw: rendered.append(len(rows)) or "")
@@ -37,3 +37,18 @@ def test_the_live_table_renders_rows_in_proportion_to_the_trials(monkeypatch, n,
     assert rendered and sum(rendered) <= most_rows
     if n <= progress.FULL_TABLE:
         assert rendered[-1] == n  # the last table lists every trial
+
+
+def test_status_tables_import_no_ray_and_old_sweeps_still_find_the_progress_callback():
+    """`bvit-sweep status` paid Ray Tune's import (~3 s) for a table; Ray-free now. A sweep launched before the
+    live table's callback moved pickled it as orchestrator.progress.ProgressTable: its resume still unpickles."""
+    import pickle
+    import subprocess
+    import sys
+
+    from orchestrator.callbacks import ProgressTable
+
+    code = ("import sys; import orchestrator.progress, orchestrator.sweep_dir, orchestrator.cli.sweep; "
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
+    assert pickle.loads(b"corchestrator.progress\nProgressTable\n.") is ProgressTable
