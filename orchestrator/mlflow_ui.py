@@ -9,6 +9,8 @@ MLflow 3.17's web app keeps what decides its pages in the browser's localStorage
     `MLflowLocalStorage-1.1-ExperimentPage-["<experiment id>"]-ReactComponentState` ("your saved view"). A
     shared view (`?viewStateShareKey=`) applies only on the first load; its facets then go in the URL and
     MLflow skips the shared view from there on, so F5 and Back fall back to MLflow's default columns;
+  * the charts of a run page's "Model metrics" tab: `MLflowLocalStorage-1.1-RunPage-<run id>-model-chartUIState`
+    (without it, every metric alphabetically: test_top1 and train_loss come last, below the fold);
   * the Assistant panel: `mlflow.assistant.fab.autoOpenedOnFirstLoad_v1` (false: it opens itself once, on
     a server on localhost).
 
@@ -36,30 +38,51 @@ KEYS = {
     "workflow": "mlflow.workflowType_v1",
     "assistant_opened": "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1",
     "experiment_page": 'MLflowLocalStorage-1.1-ExperimentPage-["{experiment_id}"]-ReactComponentState',
+    "run_page": "MLflowLocalStorage-1.1-RunPage-{run_id}-model-chartUIState",
 }
+RUN_PAGE_CHARTS = ("test_top1", "train_loss")  # first on a trial's "Model metrics" tab; MLflow adds the rest after
 MARK = "bvit-sweep.seeded."  # + the localStorage key: what this script last wrote there
 VIEW_TAG = "mlflow.sharedViewState.bvit-sweep"  # orchestrator.tracking.VIEW_TAG_PREFIX + VIEW_ID (no Ray import)
 
 
+def run_page_state() -> str:
+    """A trial's "Model metrics" tab: the learning curves of `RUN_PAGE_CHARTS` first, in one section."""
+    section = "bvit-sweep-run"
+    charts = [{"uuid": f"{section}-{m}", "type": "LINE", "metricSectionId": section, "metricKey": m,
+               "selectedMetricKeys": [m], "displayName": m, "deleted": False, "isGenerated": True,
+               "runsCountToCompare": 10, "xAxisKey": "step", "selectedXAxisMetricKey": "", "lineSmoothness": 0,
+               "scaleType": "linear", "xAxisScaleType": "linear", "range": {}, "yAxisKey": "metric",
+               "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True,
+               "useGlobalLineSmoothing": True} for m in RUN_PAGE_CHARTS]
+    return json.dumps({"isAccordionReordered": True, "autoRefreshEnabled": True, "compareRunCharts": charts,
+                       "compareRunSections": [{"uuid": section, "name": "Model metrics", "display": True,
+                                               "isReordered": True, "deleted": False, "isGenerated": True}],
+                       "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""}})
+
+
 def experiment_seeds(uri: str) -> dict[str, str]:
-    """{experiment id: its runs page state (JSON)} for every experiment of the store with a sweep view."""
+    """{localStorage key: value}: the runs page state of every experiment of the store with a sweep view, and
+    the "Model metrics" tab of each of its trials' runs."""
     from mlflow.tracking import MlflowClient
 
-    seeds = {}
-    for exp in MlflowClient(tracking_uri=uri).search_experiments(max_results=1000):
+    client, seeds = MlflowClient(tracking_uri=uri), {}
+    for exp in client.search_experiments(max_results=1000):
         if VIEW_TAG not in exp.tags:
             continue
         try:
-            seeds[exp.experiment_id] = json.loads(exp.tags[VIEW_TAG])["state"]
+            seeds[KEYS["experiment_page"].format(experiment_id=exp.experiment_id)] = json.loads(
+                exp.tags[VIEW_TAG])["state"]
         except (KeyError, ValueError, TypeError):
             continue
+        for run in client.search_runs([exp.experiment_id], filter_string="tags.`bvit.role` = 'trial'",
+                                      max_results=5000):
+            seeds[KEYS["run_page"].format(run_id=run.info.run_id)] = run_page_state()
     return seeds
 
 
 def seed_script(seeds: dict[str, str]) -> str:
     """The <script> that fills MLflow's localStorage defaults (see the module docstring) before the app starts."""
-    defaults = {KEYS["workflow"]: json.dumps("machine_learning"), KEYS["assistant_opened"]: "true"}
-    defaults.update({KEYS["experiment_page"].format(experiment_id=eid): state for eid, state in seeds.items()})
+    defaults = {KEYS["workflow"]: json.dumps("machine_learning"), KEYS["assistant_opened"]: "true", **seeds}
     body = json.dumps(defaults).replace("</", "<\\/")
     return ("<script>(function(){try{var d=" + body + ",m=" + json.dumps(MARK) + ",s=window.localStorage;"
             "for(var k in d){if(s.getItem(k)===null||s.getItem(m+k)!==d[k]){s.setItem(k,d[k]);"
