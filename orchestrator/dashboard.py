@@ -4,8 +4,10 @@ The server is `mlflow ui` with one web worker (a local SQLite store needs no mor
 a half of start-up on a busy 2-core machine), bound to 127.0.0.1 unless told otherwise, started in its own
 process group so that Ctrl-C, SIGTERM or an error stops all of it. The URL is printed only once the server
 answers, and it is the URL of the view a researcher wants first: the experiment's runs page, in the
-model-training workflow (`?workflowType=machine_learning`; MLflow 3.17 otherwise opens on its GenAI
-overview), with the sweep's saved view (`?viewStateShareKey=bvit-sweep`, see orchestrator/tracking.py).
+model-training workflow (`?workflowType=machine_learning`). The server is MLflow's own app whose page first
+fills the browser's MLflow defaults where it has none (orchestrator/mlflow_ui.py): the model-training layout
+on every page, the sweep's view (columns, order, charts; orchestrator/tracking.py) as the experiment's saved
+view, so that F5 and Back keep it, and no Assistant panel opening by itself.
 """
 from __future__ import annotations
 
@@ -41,12 +43,10 @@ def view_url(base: str, experiment_id: str | None, view_id: str | None = None) -
 
 
 def server_command(uri: str, *, host: str, port: int) -> list[str]:
-    """`mlflow ui` for the store at `uri`: one worker, the given interface and port."""
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    if not os.path.exists(mlflow):
-        import shutil
-        mlflow = shutil.which("mlflow") or mlflow
-    return [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port), "--workers", "1"]
+    """`mlflow ui` for the store at `uri` (one worker, the given interface and port), its page seeded with the
+    sweep's defaults (orchestrator/mlflow_ui.py: model-training layout, the sweep's view, no Assistant pop-up)."""
+    return [sys.executable, "-m", "orchestrator.mlflow_ui", "--backend-store-uri", uri, "--host", host,
+            "--port", str(port), "--workers", "1"]
 
 
 def _free_port(host: str) -> int:
@@ -161,9 +161,9 @@ def open_dashboard(*, uri: str, experiment: str | None, log_dir: Path, host: str
                    echo: Callable[[str], None] = print) -> int:
     """`bvit-sweep ui`: set up the sweep's experiment for the UI (model-training kind, the saved view), then
     serve the store and print the URL of the experiment's runs. Returns the server's exit code."""
-    from orchestrator.tracking import VIEW_ID, prepare_experiment
+    from orchestrator.tracking import prepare_experiment
 
     check_port(host, port)  # before seconds of imports: a busy port fails at once
     experiment_id = prepare_experiment(uri, experiment)
     return serve(server_command(uri, host=host, port=port), host=host, port=port, log=Path(log_dir) / "ui.log",
-                 url_for=lambda base: view_url(base, experiment_id, VIEW_ID if experiment_id else None), echo=echo)
+                 url_for=lambda base: view_url(base, experiment_id), echo=echo)

@@ -208,7 +208,7 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
         configs = {tid: env.resolved for tid, env in trial_envelopes(sweep_dir).items() if tid in ids}
         publish_sweep(results_dir=results_dir, table=table, summary=summary, uri=uri, experiment=experiment,
                       sweep=sweep, artifact_root=root, complete=complete, configs=configs,
-                      best=best_checkpoint(sweep_dir, table), design=design)
+                      best=best_checkpoint(sweep_dir, table), design=design, sweep_dir=sweep_dir)
     except Exception as e:  # tracking must never lose a finished sweep
         print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
               f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")

@@ -8,13 +8,20 @@ present is never logged again, so a retried or resumed trial continues its own c
 
 What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
   * the experiment carries a saved view (`mlflow.sharedViewState.bvit-sweep`, MLflow's "saved views"
-    envelope): the runs table with the sweep's factors (orchestrator.cells), seed and test top-1 as columns, ordered by the
-    `bvit.rank` tag: the parent first, then the trials best first. Ordering by anything but start time
-    also makes MLflow list the children flat instead of collapsed under the parent (its runs table nests
-    only when unsorted, unfiltered or sorted by start time). `bvit-sweep ui` opens it by URL;
+    envelope; its state is orchestrator.mlflow_view's): the runs table with the sweep's factors
+    (orchestrator.cells), seed and final test top-1 as columns, ordered by the `bvit.rank` tag (the parent
+    first, then the trials best first; ordering by anything but start time also makes MLflow list the
+    children flat), and the chart view's "Sweep" charts. `bvit-sweep ui` makes it the browser's default;
   * run names carry the trial's value of every factor, its seed and, once known, the final test top-1;
+  * a run's step is its epoch (no `epoch` metric); values are logged to 5 significant digits; a trial's
+    restarts are the tag `bvit.retries`;
+  * times are the trials' own: a child starts when its trial first started and ends at its last report
+    (Ray's records, so `--resume`, `frontier` and `sync` leave them as they are); the parent starts with the
+    sweep's first launch and ends with its last trial;
   * `publish_sweep` gives the parent run its description (the frontier table, the plots inline),
-    the spec, run.json, the command and git SHA; every artifact is written whole, never appended.
+    the spec, run.json, the command and git SHA; and every child its git SHA and command as MLflow's source
+    tags, a short description (cell, seed, outcome), its checkpoint's location (`bvit.checkpoint`), its
+    `final_test_top1` and a colour per compared arm. Every artifact is written whole, never appended.
 """
 from __future__ import annotations
 
@@ -34,7 +41,10 @@ from bvit.config import TrialConfig
 from orchestrator.cells import Design, text
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.errors import UserError
+from orchestrator.mlflow_view import FINAL_METRIC, arm_colors, view_state
 from orchestrator.provenance import code_version
+from orchestrator.timing import LAUNCHES
+from orchestrator.timing import read_records as read_lines
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
            "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID"]
@@ -43,9 +53,41 @@ TAG_SWEEP, TAG_TRIAL, TAG_ROLE, TAG_RANK = "bvit.sweep", "bvit.trial_id", "bvit.
 # A saved view of the runs page: its id goes in the URL as ?viewStateShareKey=<id> (see orchestrator/dashboard.py).
 VIEW_TAG_PREFIX, VIEW_ID = "mlflow.sharedViewState.", "bvit-sweep"
 TAG_NOTE, TAG_LOGGED = "mlflow.note.content", "mlflow.loggedArtifacts"
+TAG_RETRIES, TAG_CHECKPOINT, TAG_COLOR = "bvit.retries", "bvit.checkpoint", "mlflow.runColor"
 UNRANKED = "9999"  # a trial without a final test top-1 yet: listed after the ranked ones
-EPOCH_METRICS = ("train_loss", "test_top1", "test_top5", "test_loss", "best_test_top1", "lr", "images_per_s",
-                 "epoch_seconds", "retries", "merged_test_top1")
+# Logged at step=epoch, test_top1 first (MLflow's compare page plots the first metric its runs share).
+EPOCH_METRICS = ("test_top1", "train_loss", "test_top5", "test_loss", "best_test_top1", "lr", "images_per_s",
+                 "epoch_seconds", "merged_test_top1")
+STEP_MARKERS = ("train_loss", "epoch")  # whose steps are the epochs already logged (`epoch`: older stores)
+DIGITS = 5  # significant digits of a logged value
+
+
+def rounded(value: Any) -> float:
+    """A metric value as logged: 5 significant digits (NaN stays NaN: a diverged loss shows as such)."""
+    value = float(value)
+    return value if value != value else float(f"{value:.{DIGITS}g}")
+
+
+def trial_times(history: list[dict[str, Any]]) -> tuple[int | None, int | None]:
+    """(start, end) of a trial in ms since the epoch, from Ray's records of it: when its first process started,
+    when it reported last. None where the records do not say."""
+    starts = [float(r["trial_started_at"]) for r in history if r.get("trial_started_at")]
+    ends = [float(r.get("reported_at") or r.get("timestamp") or 0) for r in history]
+    ends = [e for e in ends if e > 0]
+    if not starts and history and ends:  # a record from before `trial_started_at`: its first report's start
+        first = history[0]
+        starts = [float(first.get("reported_at") or first.get("timestamp")) - float(first.get("time_this_iter_s") or 0)]
+    ms = lambda t: int(round(t * 1000))  # noqa: E731
+    return (ms(min(starts)) if starts else None), (ms(max(ends)) if ends else None)
+
+
+def sweep_start_ms(sweep_dir: Path | None) -> int | None:
+    """When the sweep was first launched (its launches.jsonl's first line), in ms; None without one."""
+    path = Path(sweep_dir) / LAUNCHES if sweep_dir is not None else None
+    if path is None or not path.is_file():
+        return None
+    starts = [float(r["started_at"]) for r in read_lines(path) if r.get("started_at")]
+    return int(round(min(starts) * 1000)) if starts else None
 
 # Fail fast when the server is away: the sweep must not stall on HTTP retries (a user's own settings win).
 FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -92,17 +134,6 @@ def run_name(cfg: TrialConfig, top1: float | None = None, design: Design | None 
     return " · ".join(parts)
 
 
-def view_state(design: Design | None = None) -> dict[str, Any]:
-    """The runs page as the sweep's question needs it: its factors and test top-1 as columns, parent first."""
-    params = [path for path, _ in (design.names() if design else [])] + ["seed"]
-    metrics = ["test_top1", "best_test_top1", "epoch"]
-    return {
-        "selectedColumns": [f"params.`{k}`" for k in params] + [f"metrics.`{k}`" for k in metrics]
-                           + ["params.`params`"],
-        "orderByKey": f"tags.`{TAG_RANK}`", "orderByAsc": True, "searchFilter": "",
-    }
-
-
 def prepare_experiment(uri: str, experiment: str | None) -> str | None:
     """The id of the experiment `bvit-sweep ui` opens, with the saved view set up; with no name, the
     store's only experiment besides MLflow's Default. None when there is none to open."""
@@ -125,10 +156,11 @@ class SweepTracker:
     """Parent/child runs of one sweep in one MLflow experiment."""
 
     def __init__(self, *, uri: str, experiment: str, sweep: str, artifact_root: Path | None = None,
-                 design: Design | None = None) -> None:
+                 design: Design | None = None, sweep_dir: Path | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.design = design  # the spec's factors: child run names and the saved view's columns
+        self.sweep_dir = sweep_dir  # Ray's sweep directory, when known: the parent's start time
         for key, value in FAIL_FAST_HTTP.items():  # read by MLflow at each request
             os.environ.setdefault(key, value)
         self.uri, self.sweep = uri, sweep
@@ -143,6 +175,7 @@ class SweepTracker:
             self.save_view()
         self._runs: dict[str, str] = {}
         self._epochs: dict[str, set[int]] = {}
+        self._retries: dict[str, int] = {}
 
     def save_view(self) -> None:
         """The saved view `bvit-sweep` (MLflow's "saved views" envelope around the page state), overwritten."""
@@ -161,18 +194,21 @@ class SweepTracker:
         if "__parent__" not in self._runs:
             rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_ROLE}` = 'parent'")
             if rid is None:
-                rid = self.client.create_run(self.experiment_id, run_name=f"{self.sweep} · sweep", tags={
-                    TAG_SWEEP: self.sweep, TAG_ROLE: "parent", TAG_RANK: "0000"}).info.run_id
+                rid = self.client.create_run(self.experiment_id, start_time=sweep_start_ms(self.sweep_dir),
+                                             run_name=f"{self.sweep} · sweep", tags={
+                                                 TAG_SWEEP: self.sweep, TAG_ROLE: "parent", TAG_RANK: "0000"}).info.run_id
             self._runs["__parent__"] = rid
         return self._runs["__parent__"]
 
-    def child_run_id(self, trial_id: str, cfg: TrialConfig) -> str:
-        """The trial's run (found by trial id, else created nested under the parent with its params)."""
+    def child_run_id(self, trial_id: str, cfg: TrialConfig, start_ms: int | None = None) -> str:
+        """The trial's run (found by trial id, else created nested under the parent with its params, started at
+        `start_ms`: when the trial started)."""
         if trial_id not in self._runs:
             rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_TRIAL}` = '{trial_id}'")
             if rid is None:
                 from mlflow.entities import Param
-                rid = self.client.create_run(self.experiment_id, run_name=run_name(cfg, design=self.design), tags={
+                rid = self.client.create_run(self.experiment_id, run_name=run_name(cfg, design=self.design),
+                                             start_time=start_ms, tags={
                     TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id, TAG_ROLE: "trial", TAG_RANK: UNRANKED,
                     "mlflow.parentRunId": self.parent_run_id(),
                 }).info.run_id
@@ -184,40 +220,60 @@ class SweepTracker:
 
     def _logged_epochs(self, run_id: str) -> set[int]:
         if run_id not in self._epochs:
-            self._epochs[run_id] = {int(m.step) for m in self.client.get_metric_history(run_id, "epoch")}
+            self._epochs[run_id] = {int(m.step) for key in STEP_MARKERS
+                                    for m in self.client.get_metric_history(run_id, key)}
         return self._epochs[run_id]
 
     def log_epochs(self, trial_id: str, cfg: TrialConfig, records: list[dict[str, Any]]) -> int:
         """Log every record (one per epoch) not yet in the trial's run; returns how many were logged."""
         from mlflow.entities import Metric, Param
 
-        rid = self.child_run_id(trial_id, cfg)
+        rid = self.child_run_id(trial_id, cfg, start_ms=trial_times(records)[0])
         done = self._logged_epochs(rid)
-        logged = 0
+        logged, retries = 0, None
         for r in sorted(records, key=lambda r: r["epoch"]):
+            if r.get("retries") is not None:
+                retries = max(int(r["retries"]), retries or 0)
             if isinstance(r.get(FAILED_KEY), str):  # the failure itself: the run's status, not an epoch
                 continue
             epoch = int(r["epoch"])
             if epoch in done:
                 continue
-            ts = int(time.time() * 1000)
-            metrics = [Metric("epoch", epoch, ts, epoch)] + [
-                Metric(k, float(r[k]), ts, epoch) for k in EPOCH_METRICS if r.get(k) is not None and r[k] == r[k]]
+            ts = int(round(float(r.get("reported_at") or time.time()) * 1000))
+            metrics = [Metric(k, rounded(r[k]), ts, epoch) for k in EPOCH_METRICS
+                       if r.get(k) is not None and (r[k] == r[k] or k == "train_loss")]
             params = []
             if not done and r.get("params") is not None:
-                run_params = self.client.get_run(rid).data.params
-                params = [Param(k, str(int(r[k]))) for k in ("params", "flops_per_image") if k not in run_params]
+                run = self.client.get_run(rid)
+                params = [Param("params", str(int(r["params"])))] if "params" not in run.data.params else []
+                if r.get("flops_per_image") is not None and "flops_per_image" not in run.data.metrics:
+                    metrics.append(Metric("flops_per_image", float(r["flops_per_image"]), ts, 0))
             self.client.log_batch(rid, metrics=metrics, params=params)
             done.add(epoch)
             logged += 1
+        if retries is not None and self._retries.get(rid) != retries:
+            self.client.set_tag(rid, TAG_RETRIES, str(retries))
+            self._retries[rid] = retries
         return logged
 
-    def finish(self, trial_id: str, cfg: TrialConfig, status: str) -> None:
+    def _terminate(self, run_id: str, status: str, end_ms: int | None) -> None:
+        """End a run with `status` at `end_ms`, unless it already ended so (a finished run keeps its times)."""
+        info = self.client.get_run(run_id).info
+        if info.status == status and info.end_time and (end_ms is None or info.end_time == end_ms):
+            return
+        self.client.set_terminated(run_id, status, end_time=end_ms)
+
+    def finish(self, trial_id: str, cfg: TrialConfig, status: str, end_ms: int | None = None) -> None:
+        """End the trial's run (its status from Tune's), at `end_ms`: its last report."""
         rid = self.child_run_id(trial_id, cfg)
-        self.client.set_terminated(rid, {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED"))
+        self._terminate(rid, {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED"), end_ms)
 
     def finish_parent(self, ok: bool) -> None:
-        self.client.set_terminated(self.parent_run_id(), "FINISHED" if ok else "KILLED")
+        """End the parent run when its last trial ended: the sweep's wall time is the parent's duration."""
+        children = self.client.search_runs([self.experiment_id], max_results=5000, filter_string=(
+            f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_ROLE}` = 'trial'"))
+        ends = [c.info.end_time for c in children if c.info.end_time]
+        self._terminate(self.parent_run_id(), "FINISHED" if ok else "KILLED", max(ends) if ends else None)
 
 
 class MlflowProgressCallback(tune.Callback):
@@ -245,7 +301,7 @@ class MlflowProgressCallback(tune.Callback):
                 if kind == "epoch":
                     tracker.log_epochs(trial_id, cfg, [payload])
                 else:
-                    tracker.finish(trial_id, cfg, payload)
+                    tracker.finish(trial_id, cfg, *payload)
             except Exception as e:  # the server being away must not stop training; `sync` back-fills
                 tracker = None
                 if not warned:
@@ -261,13 +317,25 @@ class MlflowProgressCallback(tune.Callback):
             self._thread.start()
         self._q.put(item)
 
+    def _sweep_dir(self, trial) -> None:
+        """The sweep directory (the trial's parent folder, where it is local): the parent run's start time."""
+        if "sweep_dir" not in self.kw:
+            try:
+                folder = Path(trial.path).parent
+            except Exception:  # a trial without a local path (remote storage): no start time from it
+                folder = None
+            self.kw["sweep_dir"] = folder if folder is not None and folder.is_dir() else None
+
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         env = TrialEnvelope.of(trial.config)
+        self._sweep_dir(trial)
         self._put(("epoch", env.trial_id, env.resolved, dict(result)))
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         env = TrialEnvelope.of(trial.config)
-        self._put(("end", env.trial_id, env.resolved, trial_status(trial)))
+        self._sweep_dir(trial)
+        end = trial_times([trial.last_result or {}])[1]
+        self._put(("end", env.trial_id, env.resolved, (trial_status(trial), end)))
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._thread is not None:
@@ -283,14 +351,16 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
     from orchestrator.records import read_history, read_records
 
     records = read_records(sweep_dir)
-    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design)
+    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design,
+                           sweep_dir=sweep_dir)
     tracker.parent_run_id()
     logged = trials = 0
     for trial in records:
         env = trial.envelope
-        logged += tracker.log_epochs(env.trial_id, env.resolved, read_history(sweep_dir, env.trial_id))
+        history = read_history(sweep_dir, env.trial_id)
+        logged += tracker.log_epochs(env.trial_id, env.resolved, history)
         if (status := trial_status(trial)) in ("TERMINATED", "ERROR"):
-            tracker.finish(env.trial_id, env.resolved, status)
+            tracker.finish(env.trial_id, env.resolved, status, trial_times(history or [trial.last_result])[1])
         trials += 1
     return {"trials": trials, "epochs_logged": logged}
 
@@ -360,39 +430,83 @@ def _write_table(client, run_id: str, cells, artifact_file: str) -> None:
         client.set_tag(run_id, TAG_LOGGED, json.dumps(logged + [entry]))
 
 
-def _rank_and_name_children(tracker: SweepTracker, table: list[dict[str, Any]], configs: dict[str, TrialConfig]) -> None:
-    """Children's names carry their final top-1; `bvit.rank` orders them best first (the saved view's order)."""
+def describe_child(row: dict[str, Any], design: Design | None, checkpoint: Path | None, parent_id: str) -> str:
+    """A child run's description: its cell and seed, how it ended, where its checkpoint is."""
+    what = " · ".join(f"{col} {text(row.get(col))}" for _, col in (design.names() if design else [])) or "the trial"
+    outcome = {"TERMINATED": "finished", "ERROR": "failed"}.get(row["status"], row["status"].lower())
+    line = f"**{what}**, seed {row.get('seed')}: {outcome} after {row.get('epochs') or 0} epochs"
+    if row.get("final_test_top1") is not None:
+        best = row.get("best_test_top1") or row["final_test_top1"]
+        line += f", final test top-1 **{row['final_test_top1']:.2f} %** (best {best:.2f} %)"
+    if row.get("retries"):
+        line += f"; restarted {row['retries']}x"
+    if row.get("error"):
+        line += f"; error: {str(row['error']).splitlines()[0][:200]}"
+    lines = [line + ".", "", f"Trial `{row['trial_id']}` of the sweep run `{parent_id}`."]
+    if checkpoint is not None:
+        lines.append(f"Checkpoint (last epoch, Ray's storage): `{checkpoint}`")
+    return "\n".join(lines)
+
+
+def _last_checkpoint(sweep_dir: Path | None, trial_id: str) -> Path | None:
+    ckpts = sorted((Path(sweep_dir) / trial_id).glob("checkpoint_*/checkpoint.pt")) if sweep_dir else []
+    return ckpts[-1].resolve() if ckpts else None
+
+
+def _describe_children(tracker: SweepTracker, table: list[dict[str, Any]], configs: dict[str, TrialConfig], *,
+                       sha: str, command: str, sweep_dir: Path | None) -> None:
+    """Each child: its name with its final top-1, `bvit.rank` (best first: the saved view's order), the git SHA
+    and command as MLflow's source tags, a description, its checkpoint, `final_test_top1`, its arm's colour."""
+    from mlflow.entities import Metric
+
     runs = tracker.client.search_runs(
         [tracker.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{tracker.sweep}' and tags.`{TAG_ROLE}` = 'trial'",
         max_results=5000)
     by_trial = {r.data.tags.get(TAG_TRIAL): r for r in runs}
     scored = sorted((r for r in table if r.get("final_test_top1") is not None), key=lambda r: -r["final_test_top1"])
     rank = {r["trial_id"]: f"{i:04d}" for i, r in enumerate(scored, start=1)}
+    design = tracker.design
+    arm = design.column(design.compare) if design is not None and design.compare else None
+    colors = arm_colors([r.get(arm) for r in table]) if arm else {}
+    parent = tracker.parent_run_id()
     for row in table:
         run, cfg = by_trial.get(row["trial_id"]), configs.get(row["trial_id"])
         if run is None or cfg is None:
             continue
+        ckpt = _last_checkpoint(sweep_dir, row["trial_id"])
         want = {TAG_RANK: rank.get(row["trial_id"], UNRANKED),
-                "mlflow.runName": run_name(cfg, row.get("final_test_top1"), tracker.design)}
+                "mlflow.runName": run_name(cfg, row.get("final_test_top1"), design),
+                "mlflow.source.git.commit": sha, "mlflow.source.name": command, "mlflow.source.type": "LOCAL",
+                TAG_NOTE: describe_child(row, design, ckpt, parent)}
+        if ckpt is not None:
+            want[TAG_CHECKPOINT] = str(ckpt)
+        if arm and str(row.get(arm)) in colors:
+            want[TAG_COLOR] = colors[str(row.get(arm))]
         for key, value in want.items():
             if run.data.tags.get(key) != value:
                 tracker.client.set_tag(run.info.run_id, key, value)
+        final = row.get("final_test_top1")
+        if row["status"] == "TERMINATED" and final is not None and run.data.metrics.get(FINAL_METRIC) != rounded(final):
+            tracker.client.log_batch(run.info.run_id, metrics=[Metric(
+                FINAL_METRIC, rounded(final), run.info.end_time or int(time.time() * 1000), int(row.get("epochs") or 0))])
 
 
 def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tuple | None, uri: str,
                   experiment: str, sweep: str, artifact_root: Path | None, complete: bool,
-                  configs: dict[str, TrialConfig], best: tuple[str, Path] | None, design: Design | None = None) -> None:
+                  configs: dict[str, TrialConfig], best: tuple[str, Path] | None, design: Design | None = None,
+                  sweep_dir: Path | None = None) -> None:
     """The sweep's front page in MLflow, idempotent: any number of calls leave one copy of everything.
 
     `summary` is frontier.summarize's Summary or None before any trial finished. On the parent: the frontier
     files and table, trials.csv, curves.csv, spec.yaml, run.json, the command (as its source), the git SHA (as its
     version), a few sweep parameters, the width slope and its interval (metrics) and the description; the best trial's checkpoint on
-    its child; each child's name and rank. `configs`: {trial id: resolved config} of the table's trials;
+    its child; each child's name, rank, source tags, description and checkpoint (`sweep_dir`: Ray's sweep directory). `configs`: {trial id: resolved config} of the table's trials;
     `best`: (trial id, checkpoint) of the best finished trial, or None.
     """
     from mlflow.entities import Param
 
-    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design)
+    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design,
+                           sweep_dir=sweep_dir)
     client, parent = tracker.client, tracker.parent_run_id()
     cells, paths = (summary.cells, summary.paths) if summary is not None else (None, {})
     tracker.save_view()  # rewritten each time: a newer bvit-sweep's view replaces an older one
@@ -441,7 +555,7 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
         name = name.format(slope.get("factor", "trend"))
         if slope.get(key) is not None and run.data.metrics.get(name) != slope[key]:
             client.log_metric(parent, name, float(slope[key]))
-    _rank_and_name_children(tracker, table, configs)
+    _describe_children(tracker, table, configs, sha=sha, command=command, sweep_dir=sweep_dir)
     if complete:
         tracker.finish_parent(ok=all(r["status"] == "TERMINATED" for r in table))
 

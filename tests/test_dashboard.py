@@ -2,7 +2,7 @@
 Chromium (its real binary, through Playwright; scripts/setup.sh installs both), plus the store's layout:
 one run per trial and one row per cell however often `frontier` and `sync` run.
 
-Screenshots land in the test's tmp dir (runs.png, parent.png, child.png): look at them when this changes.
+Screenshots land in the browser test's tmp dir (screenshots/*.png): look at them when this changes.
 """
 import json
 import os
@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.launch import launch
 from orchestrator.sweep_dir import resolve_sweep, sweep_frontier, sweep_sync
 
+REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/lib/chromium/chromium")  # Debian's ELF; /usr/bin/chromium is a shell wrapper
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -34,6 +35,22 @@ def sweep(tmp_path_factory, fmnist_dir, ray_local):
     os.chdir(work)
     try:
         spec = write_spec(work / "dash.yaml", fmnist_dir, name="dash")
+        result = launch(spec_path=spec, verbose=False)
+    finally:
+        os.chdir(cwd)
+    assert result.ok
+    return work, result
+
+
+@pytest.fixture(scope="module")
+def grid_sweep(tmp_path_factory, fmnist_dir, ray_local):
+    """A finished 4-trial sweep over width and steps (bViT, 2 epochs) with its local MLflow store."""
+    work = tmp_path_factory.mktemp("grid")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        spec = write_spec(work / "grid.yaml", fmnist_dir, name="grid",
+                          axes={"model.width": [16, 32], "model.steps": [1, 2]})
         result = launch(spec_path=spec, verbose=False)
     finally:
         os.chdir(cwd)
@@ -91,10 +108,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ui(work: Path, port: int) -> tuple[subprocess.Popen, str]:
-    """`bvit-sweep ui` as a user runs it; returns the process and the URL it printed."""
+def _start_ui(work: Path, port: int, sweep: str = "runs/dash") -> tuple[subprocess.Popen, str]:
+    """`bvit-sweep ui` as a user runs it (this checkout's code); returns the process and the URL it printed."""
     exe = str(Path(sys.executable).with_name("bvit-sweep"))
-    proc = subprocess.Popen([exe, "ui", "runs/dash", "--port", str(port)], cwd=work, text=True,
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([exe, "ui", sweep, "--port", str(port)], cwd=work, text=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline, seen = time.monotonic() + 240, []
     while time.monotonic() < deadline:
@@ -113,81 +131,151 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_dashboard_in_a_real_browser_shows_the_sweep(sweep, tmp_path):
+def test_mlflow_bundle_still_keeps_what_bvit_sweep_ui_seeds_where_it_did():
+    """orchestrator/mlflow_ui.py fills localStorage keys that MLflow 3.17's web app reads; when an MLflow upgrade
+    renames them or stops reading `workflowType` from them, the dashboard silently falls back to the GenAI
+    layout and MLflow's own columns: this fails first."""
+    import mlflow.server
+
+    from orchestrator.mlflow_ui import KEYS, MLFLOW_UI_VERSIONS, check_version
+
+    check_version()
+    bundle = "".join(p.read_text(errors="replace") for p in
+                     (Path(mlflow.server.app.static_folder) / "static" / "js").glob("*.js"))
+    assert mlflow.__version__.startswith(MLFLOW_UI_VERSIONS)
+    # the layout: the URL's workflowType, else localStorage "mlflow.workflowType" (version 1), else GenAI
+    assert 'key:"mlflow.workflowType",version:1,initialValue:c' in bundle and "const c=l.GENAI" in bundle
+    assert '"mlflow.experimentKind"===e.key' in bundle  # the tag exists, but ...
+    assert "Z0:()=>R" in bundle and ",R=()=>!0," in bundle  # ... the flag that makes the layout ignore it is on
+    assert "`${e}_v${t}`" in bundle  # localStorage key = name + "_v" + version
+    assert KEYS["workflow"] == "mlflow.workflowType" + "_v1"
+    assert 'key:"mlflow.assistant.fab.autoOpenedOnFirstLoad",version:1' in bundle
+    # saved views: ["MLflowLocalStorage", "1.1", "<component>-<scope>", key].join("-")
+    assert 'getStoreForComponent("ExperimentPage",' in bundle and 'reactComponentStateKey="ReactComponentState"' in bundle
+    assert '["MLflowLocalStorage",r.version,this.scope,e].join("-")' in bundle and 'r.version="1.1"' in bundle
+    assert 'getStoreForComponent("RunPage",t)' in bundle and 'getItem("chartUIState")' in bundle
+
+
+def test_dashboard_in_a_real_browser_holds_up_past_the_first_screen(grid_sweep, tmp_path):
+    """A researcher's path at 1,600 x 1,000: landing, a trial's page, Back, F5, the chart view, the compare page.
+    Screenshots of each in the test's tmp dir (landing.png, child.png, back.png, reload.png, charts.png,
+    compare.png)."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (scripts/setup.sh does, as root)")
     from playwright.sync_api import expect, sync_playwright
 
-    work, result = sweep
+    from orchestrator.cells import design_of
+    from orchestrator.spec import load_spec
+
+    work, result = grid_sweep
+    factors = [path for path, _ in design_of(load_spec(work / "grid.yaml")).names()]
+    assert sorted(factors) == ["model.steps", "model.width"]  # what the spec varies: nothing below names them
+    columns = [f"params.`{f}`" for f in factors] + ["params.`seed`", "metrics.`final_test_top1`"]
     port = _free_port()
-    started = time.monotonic()
-    proc, url = _start_ui(work, port)
-    print(f"ui answered after {time.monotonic() - started:.1f} s: {url}")
+    proc, url = _start_ui(work, port, "runs/grid")
     assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/") and "workflowType=machine_learning" in url
     assert _port_open(port), "the URL was printed before the server answered"
-    busy = subprocess.run([str(Path(sys.executable).with_name("bvit-sweep")), "ui", "runs/dash", "--port", str(port)],
+    busy = subprocess.run([str(Path(sys.executable).with_name("bvit-sweep")), "ui", "runs/grid", "--port", str(port)],
                           cwd=work, capture_output=True, text=True, timeout=60)
     assert busy.returncode == 1 and "http://" not in busy.stdout
     assert re.fullmatch(rf"port {port} on 127\.0\.0\.1 is in use .*`--port \d+`\n", busy.stderr), busy.stderr
+    shots = tmp_path / "screenshots"
+    best = max(result.trials, key=lambda r: r["final_test_top1"])
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=FLAGS, headless=True,
-                viewport={"width": 2400, "height": 1000})  # ag-grid renders only the columns in view
+                viewport={"width": 1600, "height": 1000})
             page = browser.new_page()
             page.set_default_timeout(60_000)
+            expect.set_options(timeout=60_000)  # a busy 2-core machine renders plotly charts in seconds
 
-            # 1. The printed URL: the sweep's runs, parent first, the trials with their axes and top-1.
+            def sweep_columns_in_view(what: str) -> None:
+                expect(page.get_by_text(f"{len(result.trials) + 1} matching runs")).to_be_visible()
+                for col in columns:  # in the viewport, left of anything MLflow adds: ag-grid renders what is in view
+                    expect(page.locator(f'.ag-header-cell[col-id="{col}"]'), f"{what}: {col}").to_be_visible()
+                for col in ("attributes.`Dataset`", "attributes.`Source`", "attributes.`Models`"):
+                    expect(page.locator(f'.ag-header-cell[col-id="{col}"]'), f"{what}: {col}").to_have_count(0)
+                names = page.locator(".ag-pinned-left-cols-container .ag-row").all_inner_texts()
+                assert "grid · sweep" in names[0] and _name(best) in names[1], (what, names)  # parent, then best first
+
+            # 1. Landing: the sweep's columns, nothing of the Assistant or the shared-view banner in the way.
             page.goto(url)
-            parent_link = page.get_by_role("link", name=re.compile(r"^dash · sweep"))
-            expect(parent_link).to_be_visible()
-            expect(page.get_by_text("3 matching runs")).to_be_visible()  # the runs table, not the GenAI overview
-            if page.get_by_text("MLflow Assistant").count():  # MLflow's chat panel may open by itself on localhost
-                page.keyboard.press("Escape")  # out of the way if it lets us; the table is checked either way
-            expect(page.locator('.ag-header-cell[col-id="metrics.`test_top1`"]')).to_be_visible()
-            headers = page.locator(".ag-header-cell").evaluate_all("hs => hs.map(h => h.getAttribute('col-id'))")
-            for col in ("model.arch", "seed", "test_top1"):  # the spec's factor, seed, top-1: no column picked by hand
-                assert any(col in h for h in headers), (col, headers)
-            rows = page.locator(".ag-center-cols-container .ag-row")
-            expect(rows).to_have_count(3)
-            names = page.locator(".ag-pinned-left-cols-container .ag-row").all_inner_texts()
-            assert "dash · sweep" in names[0], names  # the parent on top, then the trials best first
-            for r in result.trials:
-                name = f"arch {r['arch']} · seed 0 · top-1 {r['final_test_top1']:.1f} %"
-                expect(page.get_by_role("link", name=name)).to_be_visible()
-            cells = [" ".join(t.split()) for t in rows.all_inner_texts()]
-            for r in result.trials:
-                assert any(f"{r['final_test_top1']:g}" in c and r["arch"] in c for c in cells), cells
-            page.screenshot(path=str(tmp_path / "runs.png"))
+            sweep_columns_in_view("landing")
+            expect(page.get_by_text("You're viewing a shared view")).to_have_count(0)
+            expect(page.get_by_text("Ask questions about your experiments")).to_have_count(0)  # the Assistant panel
+            page.screenshot(path=str(shots / "landing.png"))
 
-            # 2. The parent run: its description holds the frontier table and the rendered frontier plot.
-            parent_link.click()
-            expect(page.get_by_text("Per cell and arm, seeds averaged")).to_be_attached()
-            if page.get_by_text("Show more").count():
-                page.get_by_text("Show more").first.click()
-            plot = page.locator("img[src*='frontier.png']")
-            expect(plot).to_be_visible()
-            page.wait_for_function("img => img.complete && img.naturalWidth > 300", arg=plot.element_handle())
-            plot.scroll_into_view_if_needed()
-            page.screenshot(path=str(tmp_path / "parent.png"), full_page=True)
-
-            # 3. A trial's run: its per-epoch test top-1 chart.
-            page.go_back()
-            best = max(result.trials, key=lambda r: r["final_test_top1"])
-            page.get_by_role("link", name=re.compile(rf"^arch {best['arch']} · seed 0")).click()
+            # 2. A trial's page: the model-training layout (breadcrumb "Runs", not "Evaluations"), its description,
+            #    the source commit, and test_top1 / train_loss as the first charts, above the fold.
+            page.get_by_role("link", name=re.compile("^" + re.escape(_name(best)))).click()
+            expect(page.get_by_test_id("experiment-observatory-link-runs")).to_have_text("Runs")
+            expect(page.get_by_text("Evaluation runs")).to_have_count(0)
+            expect(page.get_by_text(f"seed 0: finished after 2 epochs, final test top-1 {best['final_test_top1']:.2f} %"
+                                    )).to_be_visible()
+            sha = json.loads((work / "results" / "grid" / "run.json").read_text())["git_sha"]
+            expect(page.get_by_text(sha[:7]).first).to_be_visible()
             page.get_by_role("tab", name="Model metrics").click()
-            page.get_by_placeholder("Search metric charts").fill("test_top1")
-            chart = page.locator("[data-testid='experiment-view-compare-runs-card']").filter(
-                has=page.get_by_text("test_top1", exact=True))
-            expect(chart.locator(".js-plotly-plot")).to_be_visible()
-            chart.scroll_into_view_if_needed()
-            page.screenshot(path=str(tmp_path / "child.png"))
+            cards = page.get_by_test_id("experiment-view-compare-runs-card")
+            for i, metric in enumerate(("test_top1", "train_loss")):
+                card = cards.nth(i)
+                expect(card.get_by_text(metric, exact=True).first).to_be_visible()
+                expect(card.locator(".js-plotly-plot")).to_be_visible()
+                box = card.bounding_box()
+                assert box["y"] + box["height"] <= 1000, (metric, box)  # above the fold, no scrolling
+            page.screenshot(path=str(shots / "child.png"))
+
+            # 3. Back, then F5: the sweep's columns stay.
+            page.go_back()
+            page.go_back()
+            sweep_columns_in_view("Back")
+            page.screenshot(path=str(shots / "back.png"))
+            page.reload()
+            sweep_columns_in_view("F5")
+            page.screenshot(path=str(shots / "reload.png"))
+            page.get_by_role("link", name=re.compile(r"^grid · sweep")).click()  # the parent: the answer first
+            expect(page.get_by_text("Per cell and arm, seeds averaged")).to_be_attached()
+            page.go_back()
+            sweep_columns_in_view("Back from the parent")
+
+            # 4. The chart view: the sweep's charts first.
+            page.locator('label:has(input[name="runs-view-mode"][value="CHART"])').click()
+            expect(page.get_by_text(re.compile(r"^Sweep")).first).to_be_visible()  # the section, before MLflow's
+            for title in ("Parallel Coordinates", "params vs. final_test_top1", "test_top1", "train_loss"):
+                expect(cards.get_by_text(title, exact=True).first, title).to_be_visible()
+            parallel = cards.filter(has=page.get_by_text("Parallel Coordinates", exact=True))
+            for axis in [*factors, "final_test_top1"]:  # the axes: every varied one, then the final top-1
+                expect(parallel.locator("svg text").filter(has_text=re.compile(f"^{re.escape(axis)}$")).first,
+                       axis).to_be_attached()
+            page.screenshot(path=str(shots / "charts.png"))
+
+            # 5. The compare page of every trial: parallel coordinates over the varied axes to the final top-1.
+            page.locator('label:has(input[name="runs-view-mode"][value="TABLE"])').click()
+            rows = page.locator(".ag-pinned-left-cols-container .ag-row")
+            expect(rows).to_have_count(len(result.trials) + 1)
+            for i in range(1, len(result.trials) + 1):
+                rows.nth(i).locator("input[type=checkbox]").first.click()
+            page.get_by_role("button", name=re.compile("^Compare")).click()
+            expect(page.get_by_text(f"Comparing {len(result.trials)} Runs from 1 Experiment")).to_be_visible()
+            plot = page.locator(".js-plotly-plot").first
+            expect(plot).to_be_visible()
+            axes = plot.evaluate("p => Array.from(p.querySelectorAll('.axis-title')).map(t => t.textContent)")
+            assert set(factors) | {"test_top1"} <= set(axes), axes  # its metric: test_top1's last value, the final
+            finals = sorted(r["final_test_top1"] for r in result.trials)
+            ticks = plot.evaluate("p => Array.from(p.querySelectorAll('.axis-extent-top-text, .axis-extent-bottom-text'))"
+                                  ".map(t => t.textContent)")
+            assert f"{finals[-1]:.5f}" in ticks and f"{finals[0]:.5f}" in ticks, ticks  # its range: the finals'
+            page.screenshot(path=str(shots / "compare.png"))
             browser.close()
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=60) == 0
     assert not _port_open(port), "Ctrl-C left the MLflow server running"
-    print(f"screenshots: {tmp_path}")
+    print(f"screenshots: {shots}")
+
+
+def _name(trial: dict) -> str:
+    return f"steps {trial['steps']} · width {trial['width']} · seed 0 · top-1 {trial['final_test_top1']:.1f} %"
 
 
 def test_progress_line_shows_a_dash_for_an_unscored_epoch():

@@ -153,3 +153,43 @@ def test_frontier_pareto_and_recovered_fraction_numbers():
         "top1_std": pytest.approx(2 ** 0.5), "seeds": 2, "on_frontier": True,
         "recovered_fraction": pytest.approx(81 / 85), "gap_points": 4.0}
     assert first["verdict"] == "inconclusive (too few seeds for an interval)"  # one ViT seed: no gap interval
+
+
+def test_resume_frontier_and_sync_keep_every_run_s_start_end_and_the_sweep_s_wall_time(workdir, fmnist_dir):
+    """Runs' times are the trials' own (Ray's records), so nothing after the sweep moves them: a finished trial
+    ran seconds, not the minutes until a later `frontier`, and the parent lasts the sweep's wall time."""
+    from orchestrator.sweep_dir import sweep_frontier
+    from orchestrator.timing import read_records
+
+    spec = write_spec(workdir / "s.yaml", fmnist_dir, name="times")
+    assert launch(spec_path=spec, verbose=False).ok
+    uri = f"sqlite:///{workdir / 'results' / 'times' / 'mlflow' / 'mlflow.db'}"
+
+    def times():
+        client, parents, children = runs_of(uri, "times")
+        return {r.info.run_id: (r.info.start_time, r.info.end_time, r.info.status) for r in parents + children}
+
+    before = times()
+    sweep = resolve_sweep(str(workdir / "runs" / "times"))
+    time.sleep(1.5)  # a later write would show as a later end
+    assert launch(spec_path=spec, resume=True, verbose=False).ok
+    assert times() == before, "--resume"
+    for _ in range(2):
+        sweep_frontier(sweep)
+    assert times() == before, "frontier"
+    for _ in range(2):
+        sweep_sync(sweep)
+    assert times() == before, "sync"
+
+    _, parents, children = runs_of(uri, "times")
+    history = {c.data.tags["bvit.trial_id"]: read_records(workdir / "runs" / "times" / c.data.tags["bvit.trial_id"]
+                                                           / "result.json") for c in children}
+    for c in children:
+        recs = history[c.data.tags["bvit.trial_id"]]
+        assert c.info.start_time == round(recs[0]["trial_started_at"] * 1000)  # when the trial's process took it
+        assert c.info.end_time == round(max(r["reported_at"] for r in recs) * 1000)  # its last report
+        assert c.info.end_time - c.info.start_time < 120_000  # seconds of training, not the time to the last sync
+    first_launch = read_records(workdir / "runs" / "times" / "launches.jsonl")[0]["started_at"]
+    assert len(read_records(workdir / "runs" / "times" / "launches.jsonl")) == 2  # the sweep and its resume
+    assert parents[0].info.start_time == round(first_launch * 1000)
+    assert parents[0].info.end_time == max(c.info.end_time for c in children)
