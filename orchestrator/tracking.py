@@ -60,6 +60,7 @@ EPOCH_METRICS = ("test_top1", "train_loss", "test_top5", "test_loss", "best_test
                  "epoch_seconds", "merged_test_top1")
 STEP_MARKERS = ("train_loss", "epoch")  # whose steps are the epochs already logged (`epoch`: older stores)
 DIGITS = 5  # significant digits of a logged value
+SEARCH_PAGE = 1000  # runs per search request (MLflow's REST API takes up to 50,000; a page stays small)
 
 
 def rounded(value: Any) -> float:
@@ -173,7 +174,9 @@ class SweepTracker:
             self.experiment_id = exp.experiment_id
         if VIEW_TAG_PREFIX + VIEW_ID not in (exp.tags if exp is not None else {}):
             self.save_view()
-        self._runs: dict[str, str] = {}
+        self._runs: dict[str, str] = {}  # trial id (or "__parent__") -> run id
+        self._info: dict[str, Any] = {}  # run id -> its RunInfo as last read (status, end time)
+        self._indexed = False
         self._epochs: dict[str, set[int]] = {}
         self._retries: dict[str, int] = {}
 
@@ -185,14 +188,34 @@ class SweepTracker:
                     "updatedAt": created, "state": json.dumps(view_state(self.design))}
         self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + VIEW_ID, json.dumps(envelope))
 
-    def _find(self, filter_string: str) -> str | None:
-        runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=2,
-                                       order_by=["attributes.start_time ASC"])
-        return runs[0].info.run_id if runs else None
+    def runs(self, role: str | None = None) -> list[Any]:
+        """Every run of this sweep (of one `role`: 'parent' or 'trial'), oldest first, page by page."""
+        where = f"tags.`{TAG_SWEEP}` = '{self.sweep}'" + (f" and tags.`{TAG_ROLE}` = '{role}'" if role else "")
+        found, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=where, max_results=SEARCH_PAGE,
+                                           order_by=["attributes.start_time ASC"], page_token=token)
+            found += page
+            if not (token := page.token):
+                return found
+
+    def _index(self) -> None:
+        """The sweep's runs by trial id, read once: a search per trial made a sweep's MLflow work grow as N^2.
+        The oldest run of a trial is its run (as a search per trial ordered by start time found it)."""
+        if self._indexed:
+            return
+        self._indexed = True
+        for run in self.runs():
+            tags = run.data.tags
+            key = "__parent__" if tags.get(TAG_ROLE) == "parent" else tags.get(TAG_TRIAL)
+            if key is not None and key not in self._runs:
+                self._runs[key] = run.info.run_id
+                self._info[run.info.run_id] = run.info
 
     def parent_run_id(self) -> str:
         if "__parent__" not in self._runs:
-            rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_ROLE}` = 'parent'")
+            self._index()
+            rid = self._runs.get("__parent__")
             if rid is None:
                 rid = self.client.create_run(self.experiment_id, start_time=sweep_start_ms(self.sweep_dir),
                                              run_name=f"{self.sweep} · sweep", tags={
@@ -204,7 +227,8 @@ class SweepTracker:
         """The trial's run (found by trial id, else created nested under the parent with its params, started at
         `start_ms`: when the trial started)."""
         if trial_id not in self._runs:
-            rid = self._find(f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_TRIAL}` = '{trial_id}'")
+            self._index()
+            rid = self._runs.get(trial_id)
             if rid is None:
                 from mlflow.entities import Param
                 rid = self.client.create_run(self.experiment_id, run_name=run_name(cfg, design=self.design),
@@ -258,8 +282,9 @@ class SweepTracker:
 
     def _terminate(self, run_id: str, status: str, end_ms: int | None) -> None:
         """End a run with `status` at `end_ms`, unless it already ended so (a finished run keeps its times)."""
-        info = self.client.get_run(run_id).info
+        info = self._info.pop(run_id, None) or self.client.get_run(run_id).info
         if info.status == status and info.end_time and (end_ms is None or info.end_time == end_ms):
+            self._info[run_id] = info
             return
         self.client.set_terminated(run_id, status, end_time=end_ms)
 
@@ -270,9 +295,7 @@ class SweepTracker:
 
     def finish_parent(self, ok: bool) -> None:
         """End the parent run when its last trial ended: the sweep's wall time is the parent's duration."""
-        children = self.client.search_runs([self.experiment_id], max_results=5000, filter_string=(
-            f"tags.`{TAG_SWEEP}` = '{self.sweep}' and tags.`{TAG_ROLE}` = 'trial'"))
-        ends = [c.info.end_time for c in children if c.info.end_time]
+        ends = [c.info.end_time for c in self.runs("trial") if c.info.end_time]
         self._terminate(self.parent_run_id(), "FINISHED" if ok else "KILLED", max(ends) if ends else None)
 
 
@@ -459,10 +482,9 @@ def _describe_children(tracker: SweepTracker, table: list[dict[str, Any]], confi
     and command as MLflow's source tags, a description, its checkpoint, `final_test_top1`, its arm's colour."""
     from mlflow.entities import Metric
 
-    runs = tracker.client.search_runs(
-        [tracker.experiment_id], filter_string=f"tags.`{TAG_SWEEP}` = '{tracker.sweep}' and tags.`{TAG_ROLE}` = 'trial'",
-        max_results=5000)
-    by_trial = {r.data.tags.get(TAG_TRIAL): r for r in runs}
+    by_trial: dict[str, Any] = {}
+    for r in tracker.runs("trial"):  # oldest first: a trial's run is its oldest
+        by_trial.setdefault(r.data.tags.get(TAG_TRIAL), r)
     scored = sorted((r for r in table if r.get("final_test_top1") is not None), key=lambda r: -r["final_test_top1"])
     rank = {r["trial_id"]: f"{i:04d}" for i, r in enumerate(scored, start=1)}
     design = tracker.design

@@ -52,3 +52,29 @@ def test_status_tables_import_no_ray_and_old_sweeps_still_find_the_progress_call
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
     assert pickle.loads(b"corchestrator.progress\nProgressTable\n.") is ProgressTable
+
+
+def test_mlflow_finds_a_sweeps_runs_with_one_search_not_one_per_trial(tmp_path, monkeypatch):
+    """Back-filling N trials searched the store once per trial (each search reading the whole experiment):
+    N^2. The tracker now reads the sweep's runs once, page by page, and finds each trial's run in that index
+    -- the same run as before, the oldest of the trial."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trials = _trials(30)
+    envs = [TrialEnvelope.of(t.config) for t in trials]
+    first = tracking.SweepTracker(uri=uri, experiment="big", sweep="big")
+    made = {e.trial_id: first.child_run_id(e.trial_id, e.resolved) for e in envs}
+    first.finish(envs[0].trial_id, envs[0].resolved, "TERMINATED", end_ms=1_000)
+
+    searches = []
+    real = MlflowClient.search_runs
+    monkeypatch.setattr(MlflowClient, "search_runs", lambda self, *a, **kw: searches.append(kw) or real(self, *a, **kw))
+    monkeypatch.setattr(tracking, "SEARCH_PAGE", 7)  # several pages
+    again = tracking.SweepTracker(uri=uri, experiment="big", sweep="big")
+    assert {e.trial_id: again.child_run_id(e.trial_id, e.resolved) for e in envs} == made
+    again.finish(envs[0].trial_id, envs[0].resolved, "TERMINATED", end_ms=1_000)  # already so: unchanged
+    assert len(searches) == -(-31 // 7)  # 30 children and the parent, 7 a page: one pass
+    assert again.client.get_run(made[envs[0].trial_id]).info.end_time == 1_000
