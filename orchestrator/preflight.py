@@ -1,9 +1,10 @@
 """Launch-time checks, before Ray starts: what would otherwise fail inside every trial, minutes later.
 
     problems = data_problems(configs, data_paths) + resource_problems(spec, local=True) + memory_problems(configs)
+    schedule_problems(spec, configs), worker_problems(spec, configs)    # the spec against itself, checked first
 
 Each check returns one line per distinct problem (`source: field: message`); `launch` raises them together as
-a `UserError` (exit 2). Fine-tuning trials take their model from the checkpoint (`launch.resolve_pretrained`
+a `UserError` (exit 2). Fine-tuning trials take their model from the checkpoint (`pretrained.resolve_pretrained`
 checks those), so the data check covers training trials only.
 """
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 from bvit.config import TrialConfig
 from orchestrator.planning import model_params
-from orchestrator.spec import Resources
+from orchestrator.spec import Resources, SweepSpec
 
-__all__ = ["BYTES_PER_PARAM", "DRIVER_CPU", "data_problems", "memory_problems", "resource_problems"]
+__all__ = ["BYTES_PER_PARAM", "DRIVER_CPU", "data_problems", "memory_problems", "resource_problems", "schedule_problems",
+           "worker_problems"]
 
 DRIVER_CPU = 0.01  # what the Tune trial that drives a data-parallel trial's workers reserves (Ray refuses 0)
 # AdamW training in float32: the weights, their gradients and the two moment buffers, 4 bytes each.
@@ -97,3 +99,19 @@ def memory_problems(configs: list[TrialConfig], *, source: str) -> list[str]:
             f"at least {need / 2**30:,.1f} GiB to train (weights, gradients, AdamW moments, 4 bytes each), "
             f"but {available / 2**30:,.1f} GiB is available here; use a smaller model.width"]
 
+
+
+def schedule_problems(spec: SweepSpec, configs: list[TrialConfig], *, source: str) -> list[str]:
+    """ASHA on a test metric compares it every epoch: every trial must score the test set every epoch."""
+    if spec.scheduler.type == "asha" and spec.scheduler.metric.startswith("test_"):
+        if late := sorted({c.eval_every for c in configs if c.eval_every != 1}):
+            return [f"{source}: scheduler.type: asha compares {spec.scheduler.metric} every epoch, "
+                    f"but eval_every={late[0]} scores the test set less often; set eval_every: 1"]
+    return []
+
+
+def worker_problems(spec: SweepSpec, configs: list[TrialConfig], *, source: str) -> list[str]:
+    """Fine-tuning trials run in one process: no data-parallel workers."""
+    if spec.resources.workers > 1 and any(c.finetune is not None for c in configs):
+        return [f"{source}: resources.workers: fine-tuning trials run in one process; set workers: 1"]
+    return []

@@ -1,5 +1,6 @@
 """How a sweep chooses its trials: the one object the launch asks for the Tuner's `param_space`, `search_alg` and
-`num_samples` (issue #27). Two strategies:
+`num_samples`, for the Tuner of a resumed sweep, and for the trials and search results at the end (issue #27).
+Two strategies, one interface (`Strategy`):
 
     strategy = strategy_for(spec, smoke=False)
     GridStrategy     every point, pre-expanded: one `tune.grid_search` over the trials' envelopes (as before)
@@ -28,12 +29,12 @@ from ray.tune.search import Searcher
 from bvit.config import TrialConfig
 from orchestrator.envelope import TRIAL_KEY, TrialEnvelope, resolve_config
 from orchestrator.errors import InputWarning, error_message
-from orchestrator.pareto import default_reference_point, static_measures
+from orchestrator.pareto import default_reference_point, static_measures, write_search_results
 from orchestrator.spec import SweepSpec, Trial, expand_trials
 from orchestrator.spec.paths import assign, merge
 from orchestrator.spec.search import STATIC_OBJECTIVES, Range
 
-__all__ = ["GridStrategy", "OptunaStrategy", "PointSearcher", "SEARCH_STATE", "Space", "describe_search",
+__all__ = ["GridStrategy", "OptunaStrategy", "PointSearcher", "SEARCH_STATE", "Space", "Strategy", "describe_search",
            "static_measures", "strategy_for"]
 
 SEARCH_STATE = "search.json"  # in the sweep dir: points issued, refused and re-sampled
@@ -118,16 +119,61 @@ class Space:
             ot_trial.suggest_categorical("head_dim", list(self.head_dim))
 
 
-class GridStrategy:
+class Strategy:
+    """What the launch asks of the way a sweep chooses its trials (`strategy_for` gives the spec's).
+
+        trials, configs, total      the trials known before the launch (a grid's all, a search's none), the configs
+                                    the launch checks before Ray starts, and how many trials the sweep runs
+        param_space(envelopes)      the new Tuner's param_space (`envelopes`: of `trials`, in run order)
+        search_alg(...), num_samples    its search_alg (None: Tune's variant generator over param_space)
+        restore(sweep_dir, trainable)   the Tuner of a resumed sweep
+        finished_trials(sweep_dir)  the trials of the table written at the end
+        write_pareto(table, ...)    a search's own results at the end
+    """
+
+    sampled: bool
+    num_samples: int
+    trials: list[Trial]
+    configs: list[TrialConfig]
+    total: int
+    reports_pareto: bool  # the spec has a `search:` section (its objectives), whatever its algorithm
+
+    def param_space(self, envelopes: list[TrialEnvelope]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def search_alg(self, **context: Any) -> Searcher | None:
+        raise NotImplementedError
+
+    def finished_trials(self, sweep_dir: Path) -> list[Trial]:
+        raise NotImplementedError
+
+    def restore(self, sweep_dir: Path, *, trainable) -> tune.Tuner:
+        """Tune's saved experiment: finished trials kept, unfinished and errored ones resumed from their last
+        checkpoint (not restarted); a search's searcher comes back with it (its sampler's history and the points
+        it issued: it never exceeds `num_trials`)."""
+        return tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  restart_errored=False)
+
+    def write_pareto(self, table: list[dict[str, Any]], *, spec: SweepSpec, sweep_dir: Path, results_dir: Path,
+                     uri: str, experiment: str, verbose: bool) -> None:
+        """pareto.csv, hypervolume.csv and their plots, MLflow's hypervolume (`orchestrator.pareto`): for a spec
+        with a `search:` section; nothing for a plain grid."""
+        if self.reports_pareto:
+            write_search_results(table, spec=spec, sweep_dir=sweep_dir, results_dir=results_dir, strategy=self,
+                                 uri=uri, experiment=experiment, verbose=verbose)
+
+
+class GridStrategy(Strategy):
     """Every trial, pre-expanded: one `tune.grid_search` over their envelopes (the default, as before)."""
 
     sampled = False
     num_samples = 1
 
-    def __init__(self, trials: list[Trial]) -> None:
+    def __init__(self, trials: list[Trial], *, reports_pareto: bool = False) -> None:
         self.trials = trials
         self.configs = [t.config for t in trials]
         self.total = len(trials)
+        self.reports_pareto = reports_pareto
 
     def param_space(self, envelopes: list[TrialEnvelope]) -> dict[str, Any]:
         return {TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])}
@@ -139,10 +185,11 @@ class GridStrategy:
         return self.trials
 
 
-class OptunaStrategy:
+class OptunaStrategy(Strategy):
     """`num_trials` points chosen by an Optuna sampler through Ray Tune's `OptunaSearch` (see `PointSearcher`)."""
 
     sampled = True
+    reports_pareto = True
 
     def __init__(self, spec: SweepSpec, space: Space, *, known: list[Trial] | None, num_trials: int) -> None:
         self.spec, self.space = spec, space
@@ -176,21 +223,22 @@ def _corner(space: Space) -> dict[str, Any]:
     return point
 
 
-def strategy_for(spec: SweepSpec, *, smoke: bool = False) -> GridStrategy | OptunaStrategy:
+def strategy_for(spec: SweepSpec, *, smoke: bool = False) -> Strategy:
     """The spec's strategy: the grid unless `search.algorithm` names a sampler and the space is larger than
     `num_trials` (a finite space that fits the budget is run whole, with a warning)."""
     s = spec.search
+    pareto = "search" in spec.model_fields_set  # a grid of a spec with a search section reports its front too
     if not s.sampled and not s.ranges and not s.head_dim:
-        return GridStrategy(expand_trials(spec, smoke=smoke))  # the grid path, unchanged
+        return GridStrategy(expand_trials(spec, smoke=smoke), reports_pareto=pareto)  # the grid path, unchanged
     space = Space.of(spec, smoke=smoke)
     found = space.enumerate()
     if not s.sampled:
-        return GridStrategy(found[0])
+        return GridStrategy(found[0], reports_pareto=pareto)
     num_trials = min(s.num_trials, 2) if smoke else s.num_trials
     if found is not None and num_trials >= len(found[0]):
         warnings.warn(f"{spec.source}: search.num_trials={num_trials} covers the whole space ({len(found[0])} "
                       "buildable points); running the grid", InputWarning, stacklevel=2)
-        return GridStrategy(found[0])
+        return GridStrategy(found[0], reports_pareto=pareto)
     return OptunaStrategy(spec, space, known=found[0] if found else None, num_trials=num_trials)
 
 

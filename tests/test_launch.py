@@ -563,7 +563,7 @@ def test_trial_actors_keep_tunes_runtime_env_when_a_worker_would_lack_one_of_its
     already in the environment the workers inherited; otherwise Tune's actor options stand (and are restored)."""
     from ray.tune.execution.class_cache import _ActorClassCache
 
-    from orchestrator.launch import _trial_actors_on_started_workers
+    from orchestrator.patches import trial_actors_on_started_workers
 
     class Trainable:
         pass
@@ -571,9 +571,9 @@ def test_trial_actors_keep_tunes_runtime_env_when_a_worker_would_lack_one_of_its
     original = _ActorClassCache.get
     monkeypatch.setenv("PL_DISABLE_FORK", "1")
     monkeypatch.setenv("RAY_CHDIR_TO_TRIAL_DIR", "0")  # one Tune passes on to trial actors
-    with _trial_actors_on_started_workers({"PL_DISABLE_FORK": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}):
+    with trial_actors_on_started_workers({"PL_DISABLE_FORK": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}):
         inherited = _ActorClassCache().get(Trainable)
-    with _trial_actors_on_started_workers({"PL_DISABLE_FORK": "1"}):  # set after the workers started
+    with trial_actors_on_started_workers({"PL_DISABLE_FORK": "1"}):  # set after the workers started
         missing = _ActorClassCache().get(Trainable)
     assert inherited._default_options == {}
     assert missing._default_options["runtime_env"]["env_vars"] == {"PL_DISABLE_FORK": "1", "RAY_CHDIR_TO_TRIAL_DIR": "0"}

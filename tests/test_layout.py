@@ -119,3 +119,15 @@ def test_every_module_imports_alone_in_a_fresh_interpreter():
         if r.returncode:
             failures[m] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
     assert failures == {}
+
+
+def test_a_sweep_saved_before_the_tuner_had_its_own_module_still_unpickles():
+    """Tune pickles the Tuner's trial-name function and the launcher's callbacks into a sweep's tuner.pkl (and its
+    variant generator's state) by module and name: a sweep launched while they lived in orchestrator.launch must
+    still `--resume`."""
+    import pickle
+
+    from orchestrator.tuner import PrepareFinish, trial_name
+
+    assert pickle.loads(b"corchestrator.launch\n_trial_name\n.") is trial_name
+    assert pickle.loads(b"corchestrator.launch\n_PrepareFinish\n.") is PrepareFinish

@@ -119,7 +119,7 @@ def test_analyze_checks_the_tracking_server_before_the_analysis(tmp_path, free_p
 
 def test_a_ray_other_than_the_one_the_patches_were_written_for_is_one_line(monkeypatch):
     from orchestrator.errors import UserError
-    from orchestrator.ray_compat import ALLOW_ENV, check_ray_version
+    from orchestrator.patches import ALLOW_ENV, check_ray_version
 
     check_ray_version("2.60.7")  # any 2.60.x
     with pytest.raises(UserError, match=r"^ray 2.61.0 is installed, but bvit-sweep's launcher patches Ray internals "
