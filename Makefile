@@ -4,7 +4,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 SPEC  ?= sweeps/width.yaml
 
-.PHONY: setup sweep smoke test test-slow test-cluster lint bench bench-gpu gpu-bundle gpu-check-tiny clean
+.PHONY: setup sweep smoke test test-slow test-cluster lint bench bench-scale bench-gpu gpu-bundle gpu-check-tiny clean
 
 setup:
 	@scripts/setup.sh
@@ -30,6 +30,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+bench-scale: setup  ## the orchestrator's cost at N = 100, 400 and 1,000 tiny trials (bench/scale.py; ~1 h here)
+	$(BIN)/python bench/scale.py --n 100 400 1000
 
 bench-gpu: setup  ## bViT-B/16 vs ViT-B/16 on the GPU: results/gpu/<date>.md (TINY=1: the CPU check)
 	$(BIN)/python bench/gpu.py $(if $(TINY),--tiny --out .gpu-out/results/gpu)

@@ -2,7 +2,7 @@
 
 Each benchmark prints side-by-side ratios measured in the same run (never an asserted wall-clock time):
 bench/model.py (bViT vs timm ViT), bench/loader.py (FFCV vs torch DataLoader), bench/plan.py (planning a
-10,000-trial grid), bench/orchestration.py (sweep vs plain loop).
+10,000-trial grid), bench/orchestration.py (sweep vs plain loop), bench/scale.py (the same as the number of trials grows).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHES = ["model.py", "loader.py", "plan.py", "orchestration.py"]
+BENCHES = ["model.py", "loader.py", "plan.py", "orchestration.py", "scale.py"]
 
 
 def main() -> None:

@@ -27,35 +27,29 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, fmnist_dir, ray_local):
-    """A finished 2-trial sweep (bvit and vit, width 32, 2 steps, 2 epochs) with its local MLflow store."""
-    work = tmp_path_factory.mktemp("dash")
+def _launched(tmp_path_factory, fmnist_dir, name: str, **spec_kw):
+    """A finished sweep of `write_spec(..., **spec_kw)` launched in its own directory, with its MLflow store."""
+    work = tmp_path_factory.mktemp(name)
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        spec = write_spec(work / "dash.yaml", fmnist_dir, name="dash")
-        result = launch(spec_path=spec, verbose=False)
+        result = launch(spec_path=write_spec(work / f"{name}.yaml", fmnist_dir, name=name, **spec_kw), verbose=False)
     finally:
         os.chdir(cwd)
     assert result.ok
     return work, result
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, fmnist_dir, ray_local):
+    """A finished 2-trial sweep (bvit and vit, width 32, 2 steps, 2 epochs) with its local MLflow store."""
+    return _launched(tmp_path_factory, fmnist_dir, "dash")
 
 
 @pytest.fixture(scope="module")
 def grid_sweep(tmp_path_factory, fmnist_dir, ray_local):
     """A finished 4-trial sweep over width and steps (bViT, 2 epochs) with its local MLflow store."""
-    work = tmp_path_factory.mktemp("grid")
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        spec = write_spec(work / "grid.yaml", fmnist_dir, name="grid",
-                          axes={"model.width": [16, 32], "model.steps": [1, 2]})
-        result = launch(spec_path=spec, verbose=False)
-    finally:
-        os.chdir(cwd)
-    assert result.ok
-    return work, result
+    return _launched(tmp_path_factory, fmnist_dir, "grid", axes={"model.width": [16, 32], "model.steps": [1, 2]})
 
 
 def _store(work: Path) -> tuple[MlflowClient, str]:
