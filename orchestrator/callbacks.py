@@ -16,9 +16,9 @@ from rich.console import Console
 
 from orchestrator.cells import Design
 from orchestrator.envelope import TrialEnvelope
-from orchestrator.progress import progress_line, render_table
 from orchestrator.records import record_trial
 from orchestrator.signing import sign_state
+from orchestrator.tables import progress_line, render_table
 
 __all__ = ["ProgressTable", "SignState", "TrialRecords"]
 

@@ -152,14 +152,17 @@ _PROCESS: dict[str, Any] = {"trials": 0, "last_end": None}  # this trial process
 def _start_phases() -> dict[str, Any]:
     """How this trial started: `phase_start_s` (a fresh process: since it was created; a reused one: since
     its previous trial ended), `process_trials` (1 = a fresh process), `trial_started_at` (Unix time) and
-    `process_preloaded` (the process had imported `PRELOAD` as it started, before taking this trial)."""
+    `process_preloaded` (the process had imported `PRELOAD` as it started, before taking this trial) and
+    `process_runtime_env` (whether Ray gave this actor a runtime env of its own: then it cannot run on the
+    workers Ray starts with the node, and a new process is started for it)."""
     import psutil  # a Ray dependency
 
     now = time.time()
     _PROCESS["trials"] += 1
     since = _PROCESS["last_end"] if _PROCESS["last_end"] is not None else psutil.Process().create_time()
     return {"phase_start_s": max(0.0, now - since), "process_trials": _PROCESS["trials"], "trial_started_at": now,
-            "process_preloaded": PRELOAD in sys.modules}
+            "process_preloaded": PRELOAD in sys.modules,
+            "process_runtime_env": bool(ray.is_initialized() and ray.get_runtime_context().runtime_env)}
 
 
 def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> None:

@@ -273,7 +273,7 @@ def _name(trial: dict) -> str:
 
 
 def test_progress_line_shows_a_dash_for_an_unscored_epoch():
-    from orchestrator.progress import progress_line
+    from orchestrator.tables import progress_line
 
     row = {"trial_id": "abc", "arch": "bvit", "width": 32, "steps": 2, "seed": 0, "epochs": 1, "node": "n"}
     unscored = progress_line(row, {"train_loss": 2.1, "test_top1": float("nan"), "images_per_s": 500}, ["arch", "width"])

@@ -48,7 +48,7 @@ def test_status_tables_import_no_ray_and_old_sweeps_still_find_the_progress_call
 
     from orchestrator.callbacks import ProgressTable
 
-    code = ("import sys; import orchestrator.progress, orchestrator.sweep_dir, orchestrator.cli.sweep; "
+    code = ("import sys; import orchestrator.tables, orchestrator.sweep_dir, orchestrator.cli.sweep; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
     assert pickle.loads(b"corchestrator.progress\nProgressTable\n.") is ProgressTable

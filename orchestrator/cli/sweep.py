@@ -30,7 +30,7 @@ def _console(width: int):
 
 
 def _print_table(rows: list[dict[str, Any]], title: str) -> None:
-    from orchestrator.progress import render_table
+    from orchestrator.tables import render_table
 
     _console(160).print(render_table(rows, title=title))
 
