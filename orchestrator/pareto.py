@@ -88,15 +88,11 @@ def default_reference_point(objectives: dict[str, str], *, space_configs: list, 
 
 
 def _finish_order(sweep_dir: Path) -> dict[str, float]:
-    """{config id: when its last result came} from Ray Tune's state."""
-    from ray.tune import ExperimentAnalysis
+    """{config id: when its last result came}, from the trials' JSON records (`orchestrator.records`, written
+    from Tune's state as the launch ends): not a second unpickling of Tune's state per launch."""
+    from orchestrator.records import read_records
 
-    from orchestrator.envelope import TrialEnvelope
-
-    out = {}
-    for trial in ExperimentAnalysis(str(Path(sweep_dir).resolve())).trials:
-        out[TrialEnvelope.of(trial.config).trial_id] = float((trial.last_result or {}).get("timestamp", 0.0))
-    return out
+    return {t.envelope.trial_id: float(t.last_result.get("timestamp", 0.0)) for t in read_records(Path(sweep_dir))}
 
 
 def search_table(table: list[dict[str, Any]], objectives: dict[str, str],
