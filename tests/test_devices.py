@@ -54,7 +54,7 @@ def test_a_gpus_0_trial_trains_on_the_cpu_even_when_cuda_is_available(fmnist_dir
     reported = []
     monkeypatch.setattr(trainable.tune, "get_checkpoint", lambda: None)
     monkeypatch.setattr(trainable.tune, "report", lambda metrics, checkpoint: reported.append(metrics))
-    monkeypatch.setattr(trainable.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node"))
+    monkeypatch.setattr(trainable.ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node", runtime_env={}))
     cfg = _small_trial(fmnist_dir)
     trainable.run_trial(_envelope(cfg, tmp_path, cpus=1, gpus=0))  # the real trial, on a "GPU host"
     assert [r["epoch"] for r in reported] == [1]
