@@ -180,6 +180,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[25, 100, 400])
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["BVIT_SWEEP_RAY_HEAD"] = str(Path(tmp) / "ray-head.json")  # embedded Ray, whatever else runs
         data = tiny_fashion_mnist(Path(tmp))
         results = [run_n(n, data, Path(tmp)) for n in sorted(a.n)]
     print("\n".join(table(results)))

@@ -1,10 +1,11 @@
-"""The Ray a sweep runs on: the running one, a cluster joined by address, or an embedded local Ray.
+"""The Ray a sweep runs on: the running one, a cluster joined by address, a persistent local one, or an embedded one.
 
-    with ray_session(address, spec) as where:     # "existing", the cluster's address, or "local"
+    with ray_session(address, spec) as where:     # "existing", the cluster's address, "persistent" or "local"
         tuner.fit()
 
-`cluster_address` decides which (--address, else RAY_ADDRESS, else the spec's `ray_address`; "local" or none of
-them: embedded). A cluster is probed first (`probe_cluster`: a TCP connection to its GCS within PROBE_S), so an
+`cluster_address` decides which (--address, else RAY_ADDRESS, else the spec's `ray_address`; none of them: the
+persistent local Ray of `bvit-sweep ray up` when it runs (`orchestrator.local_ray`), else embedded; "local":
+embedded). A cluster is probed first (`probe_cluster`: a TCP connection to its GCS within PROBE_S), so an
 address where nothing listens is one line in a moment, not Ray's minutes of retries. The embedded Ray listens on
 127.0.0.1 only and is watched by a `Reaper`: a SIGKILLed launcher leaves no Ray process behind.
 """
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
 
-from orchestrator.errors import UserError
+from orchestrator.env_switches import env_switch
+from orchestrator.errors import InputWarning, UserError
+from orchestrator.local_ray import attachable_head
 from orchestrator.patches import (
     few_join_retries,
     loopback_only,
@@ -45,11 +49,14 @@ def cluster_address(address: str | None, spec: SweepSpec) -> str | None:
 
 @contextmanager
 def ray_session(address: str | None, spec: SweepSpec) -> Iterator[str]:
-    """Ray for the sweep: the running one, a cluster by address (RAY_ADDRESS, the spec's), else an embedded
-    local Ray on loopback, watched by a `Reaper` so that nothing it starts outlives a killed launcher.
+    """Ray for the sweep: the running one, a cluster by address (RAY_ADDRESS, the spec's), the persistent local
+    Ray (`bvit-sweep ray up`) unless the address is "local", else an embedded local Ray on loopback, watched by a
+    `Reaper` so that nothing it starts outlives a killed launcher.
 
-    Yields "existing", the address, or "local"; shuts down (disconnects) what it started on the way out.
+    Yields "existing", the address, "persistent" or "local"; disconnects from (or shuts down) what it joined (or
+    started) on the way out: the persistent Ray keeps running.
     """
+    explicit_local = (address or os.environ.get("RAY_ADDRESS") or spec.ray_address) == "local"
     address = cluster_address(address, spec)
     if ray.is_initialized():
         yield "existing"
@@ -60,6 +67,19 @@ def ray_session(address: str | None, spec: SweepSpec) -> Iterator[str]:
             yield address
         finally:
             ray.shutdown()
+        return
+    head, why = (None, None) if explicit_local else attachable_head()
+    if why:
+        warnings.warn(why, InputWarning, stacklevel=2)
+    if head is not None:
+        with env_switch("RAY_AUTH_MODE", "disabled"), env_switch("PL_DISABLE_FORK", "1"):
+            with loopback_only():  # this driver's node address is the head's: 127.0.0.1
+                ray.init(address=head["address"], log_to_driver=False)
+            try:
+                with trial_actors_on_started_workers(head["inherited"]):
+                    yield "persistent"
+            finally:
+                ray.shutdown()
         return
     reaper = Reaper.start()  # before ray.init: a SIGKILL while Ray starts is covered too
     try:

@@ -1,12 +1,17 @@
 """Shared fixtures: the real Fashion-MNIST (Debian package dataset-fashion-mnist), prepared once per session;
 a tiny model; a free loopback port; a working directory next to an embedded Ray."""
+import os
 import socket
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from bvit.data.fashion_mnist import DEBIAN_FASHION_MNIST, prepare_fashion_mnist
+
+# Launches in tests never attach to a persistent local Ray of the person running them (`bvit-sweep ray up`).
+os.environ["BVIT_SWEEP_RAY_HEAD"] = os.path.join(tempfile.gettempdir(), f"bvit-tests-ray-head-{os.getpid()}.json")
 
 TINY_WIDTH, TINY_STEPS, TINY_HEADS = 32, 3, 2  # the `tiny` model: 28x28 grey, patch 4, 10 classes
 

@@ -30,7 +30,7 @@ from orchestrator.errors import (
     render,
 )
 
-__all__ = ["app", "command", "data_app", "exit_code", "prepare_app", "print_json"]
+__all__ = ["JsonOut", "app", "command", "data_app", "exit_code", "prepare_app", "print_json", "ray_app"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,8 +46,13 @@ app = typer.Typer(
 data_app = typer.Typer(help="Prepare and check FFCV data sets.", no_args_is_help=True, rich_markup_mode="markdown")
 prepare_app = typer.Typer(help="Write train.beton, test.beton and meta.json into --out.", no_args_is_help=True,
                           rich_markup_mode="markdown")
+ray_app = typer.Typer(help="A persistent local Ray that launches attach to (no Ray start per launch).",
+                      no_args_is_help=True, rich_markup_mode="markdown")
 app.add_typer(data_app, name="data")
+app.add_typer(ray_app, name="ray")
 data_app.add_typer(prepare_app, name="prepare")
+
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
 
 # bvit's errors by class name (importing them here would import torch into `bvit-sweep --help`).
 _BAD_INPUT = {"CheckpointError", "DataError"}  # damaged, hostile or missing files; data that does not match

@@ -12,10 +12,8 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from orchestrator.cli.app import command, exit_code
+from orchestrator.cli.app import JsonOut, command, exit_code
 from orchestrator.errors import UserError
-
-JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
 
 
 @command()

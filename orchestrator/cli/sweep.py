@@ -10,12 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
-from orchestrator.cli.app import command, print_json
+from orchestrator.cli.app import JsonOut, command, print_json
 from orchestrator.errors import EXIT_FAILED
 
 SpecFile = Annotated[Path, typer.Argument(metavar="SPEC", help="Sweep spec, e.g. `sweeps/width.yaml`.")]
 SweepArg = Annotated[str, typer.Argument(metavar="SWEEP", help="Sweep dir (<storage>/<name>), its spec file, or its name under ./runs.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
 Smoke = Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides.")]
 Bench = Annotated[bool, typer.Option(help="Time a ~1 s training benchmark here; off: a stated fixed rate.")]
 AllRows = Annotated[bool, typer.Option("--all", help="Show every trial (the table stops at 200 rows).")]
@@ -92,7 +91,7 @@ def plan(
 @command()
 def launch(
         spec: SpecFile,
-        address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, the spec's, else a local Ray).")] = None,
+        address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, the spec's, else the persistent local Ray of `bvit-sweep ray up` when it runs, else an embedded local Ray; `local`: embedded).")] = None,
         storage: Annotated[str | None, typer.Option(help="Ray Tune storage root (default: the spec's `storage`).")] = None,
         smoke: Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides (a separate <name>-smoke sweep).")] = False,
         resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep; finished trials are not rerun.")] = False,
