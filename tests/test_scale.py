@@ -78,3 +78,29 @@ def test_mlflow_finds_a_sweeps_runs_with_one_search_not_one_per_trial(tmp_path, 
     again.finish(envs[0].trial_id, envs[0].resolved, "TERMINATED", end_ms=1_000)  # already so: unchanged
     assert len(searches) == -(-31 // 7)  # 30 children and the parent, 7 a page: one pass
     assert again.client.get_run(made[envs[0].trial_id]).info.end_time == 1_000
+
+
+def test_tunes_grid_hands_each_trial_its_envelope_without_copying_the_whole_grid():
+    """Ray Tune's grid deep-copies the unresolved param space (every trial's envelope) once per trial it makes:
+    N^2 copies, minutes at 2,000 trials before the first started (found by the simulated-cluster test). The
+    grid's envelopes deep-copy as themselves, so each trial gets its own, the same object, and nothing else."""
+    import copy
+    import pickle
+
+    from ray.tune.search.variant_generator import generate_variants
+
+    from orchestrator.envelope import SharedEnvelope
+    from orchestrator.strategy import GridStrategy
+
+    strategy = GridStrategy([])
+    envelopes = [TrialEnvelope.of({TRIAL_KEY: t[TRIAL_KEY]}) for t in (x.config for x in _trials(300))]
+    space = strategy.param_space(envelopes)
+    grid = space[TRIAL_KEY]["grid_search"]
+    variants = [config for _, config in generate_variants(space)]
+    assert len(variants) == 300
+    assert all(v[TRIAL_KEY] is e for v, e in zip(variants, grid, strict=True))  # shared, not copied
+    env = grid[0]
+    assert copy.deepcopy(env) is env and isinstance(env, dict) and env == envelopes[0].to_tune()
+    back = pickle.loads(pickle.dumps(env))  # as Tune's state keeps it
+    assert isinstance(back, SharedEnvelope) and back == env
+    assert TrialEnvelope.of({TRIAL_KEY: back}) == envelopes[0]
