@@ -24,8 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from bvit.config import ModelConfig, TrialConfig
 from orchestrator.spec import Resources, SweepSpec, Trial
 
-__all__ = ["FAILED_KEY", "TRIAL_KEY", "trial_status", "Pretrained", "SharedEnvelope", "TrialEnvelope", "build_envelopes",
-           "resolve_config"]
+__all__ = ["FAILED_KEY", "TRIAL_KEY", "trial_status", "Pretrained", "TrialEnvelope", "build_envelopes", "resolve_config"]
 
 TRIAL_KEY = "trial"  # the one key of a Tune trial's config: {"trial": TrialEnvelope}
 FAILED_KEY = "failed"  # in a trial's last result: the error it failed with for good (not retried)
@@ -37,20 +36,6 @@ def trial_status(trial) -> str:
     """Tune's status of a trial, except ERROR for one that ended itself as failed (its last result holds
     `FAILED_KEY`)."""
     return "ERROR" if isinstance((trial.last_result or {}).get(FAILED_KEY), str) else trial.status
-
-
-class SharedEnvelope(dict):
-    """An envelope's JSON data as a grid hands it to Tune: a plain dict (params.json, Tune's state) that deep-copies
-    as itself.
-
-    Why: Ray Tune 2.60's grid (`variant_generator._grid_search_generator`) deep-copies the whole unresolved
-    param space -- every trial's envelope -- for each trial it generates: N^2 dict copies, minutes at 2,000 trials
-    before the first one starts. An envelope is never changed once built, so the trials share it instead.
-    Pickled by this name in Tune's state: keep the class here (or leave an alias).
-    """
-
-    def __deepcopy__(self, memo: dict) -> SharedEnvelope:
-        return self
 
 
 class TrialEnvelope(BaseModel):

@@ -39,7 +39,7 @@ from orchestrator.data_prep import prepare_data
 from orchestrator.env_switches import only_our_loggers, tune_switches
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
-from orchestrator.patches import check_ray_version
+from orchestrator.patches import check_ray_version, grid_without_copying_the_grid
 from orchestrator.preflight import (
     data_problems,
     memory_problems,
@@ -162,7 +162,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, swee
                             data_paths=data_paths, pretrained=pretrained)
         interrupted = False
         try:
-            with only_our_loggers(not resume):
+            with only_our_loggers(not resume), grid_without_copying_the_grid():
                 tuner.fit()
         except KeyboardInterrupt:
             interrupted = True

@@ -27,7 +27,7 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from bvit.config import TrialConfig
-from orchestrator.envelope import TRIAL_KEY, SharedEnvelope, TrialEnvelope, resolve_config
+from orchestrator.envelope import TRIAL_KEY, TrialEnvelope, resolve_config
 from orchestrator.errors import InputWarning, error_message
 from orchestrator.pareto import default_reference_point, static_measures, write_search_results
 from orchestrator.spec import SweepSpec, Trial, expand_trials
@@ -176,7 +176,7 @@ class GridStrategy(Strategy):
         self.reports_pareto = reports_pareto
 
     def param_space(self, envelopes: list[TrialEnvelope]) -> dict[str, Any]:
-        return {TRIAL_KEY: tune.grid_search([SharedEnvelope(env.to_tune()) for env in envelopes])}
+        return {TRIAL_KEY: tune.grid_search([env.to_tune() for env in envelopes])}
 
     def search_alg(self, **context: Any) -> None:
         return None
