@@ -18,11 +18,16 @@ BENCHES = ["model.py", "loader.py", "plan.py", "orchestration.py", "scale.py"]
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="+", choices=BENCHES, default=BENCHES, help="run only these (default: all)")
+    only = ap.parse_args().only
     sys.path.insert(0, str(ROOT))
     from orchestrator.results import git_sha
 
     sections = []
-    for name in BENCHES:
+    for name in only:
         print(f"== bench/{name}", flush=True)
         proc = subprocess.run([sys.executable, str(ROOT / "bench" / name)], cwd=ROOT, capture_output=True, text=True)
         out = proc.stdout.strip() or "(no output)"
@@ -32,7 +37,7 @@ def main() -> None:
         sections.append(f"### bench/{name}\n\n{out}\n")
     now = dt.datetime.now(dt.UTC)
     head = (f"# Benchmarks {now:%Y-%m-%d %H:%M} UTC\n\nmachine: {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores; git {git_sha(ROOT)}; command: `make bench`\n\n")
+            f"{os.cpu_count()} cores; git {git_sha(ROOT)}; command: `{_command(only)}`\n\n")
     out_dir = ROOT / "results" / "bench"
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{now:%Y-%m-%d}.md"
@@ -40,6 +45,10 @@ def main() -> None:
         path = out_dir / f"{now:%Y-%m-%d-%H%M}.md"
     path.write_text(head + "\n".join(sections))
     print(f"wrote {path}")
+
+
+def _command(only: list[str]) -> str:
+    return "make bench" if only == BENCHES else f"python bench/run_all.py --only {' '.join(only)}"
 
 
 if __name__ == "__main__":
