@@ -319,8 +319,11 @@ class MlflowProgressCallback(tune.Callback):
             if item is None:
                 return
             try:
-                tracker = tracker or SweepTracker(**self.kw)
                 kind, trial_id, cfg, payload = item
+                if kind == "setup":  # the store, its tables and the experiment, before a trial's process looks
+                    SweepTracker(**self.kw)  # (the sweep directory, hence the parent's start, comes with a trial)
+                    continue
+                tracker = tracker or SweepTracker(**self.kw)
                 if kind == "epoch":
                     tracker.log_epochs(trial_id, cfg, [payload])
                 else:
@@ -348,6 +351,11 @@ class MlflowProgressCallback(tune.Callback):
             except Exception:  # a trial without a local path (remote storage): no start time from it
                 folder = None
             self.kw["sweep_dir"] = folder if folder is not None and folder.is_dir() else None
+
+    def setup(self, **info) -> None:
+        """At the experiment's start: the store is made ready (a new SQLite file's tables) by this process, once,
+        before any trial's process opens it to log its system metrics (orchestrator.system_metrics)."""
+        self._put(("setup", None, None, None))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         env = TrialEnvelope.of(trial.config)

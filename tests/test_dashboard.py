@@ -42,8 +42,9 @@ def _launched(tmp_path_factory, fmnist_dir, name: str, **spec_kw):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, fmnist_dir, ray_local):
-    """A finished 2-trial sweep (bvit and vit, width 32, 2 steps, 2 epochs) with its local MLflow store."""
-    return _launched(tmp_path_factory, fmnist_dir, "dash")
+    """A finished 2-trial sweep (bvit and vit, width 32, 2 steps, 2 epochs) with its local MLflow store; system
+    metrics sampled every second (the default is 10 s)."""
+    return _launched(tmp_path_factory, fmnist_dir, "dash", tracking={"system_metrics_s": 1})
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,16 @@ def test_launch_then_frontier_twice_then_sync_leaves_one_copy_of_everything(swee
     assert by_trial[best["trial_id"]].info.run_name == (
         f"arch {best['arch']} · seed 0 · top-1 {best['final_test_top1']:.1f} %")
     assert parent.data.tags["bvit.rank"] == "0000"
+    # Each trial's system metrics, sampled while it trained, in its own run (its "System metrics" tab).
+    for c in children:
+        cpu = client.get_metric_history(c.info.run_id, "system/cpu_utilization_percentage")
+        memory = client.get_metric_history(c.info.run_id, "system/system_memory_usage_megabytes")
+        assert len(cpu) >= 2 and [m.step for m in cpu] == list(range(len(cpu))), cpu  # one a second, at least 2 s
+        assert [m.step for m in memory] == [m.step for m in cpu] and all(m.value > 0 for m in memory)
+        assert all(0 <= m.value <= 100 for m in cpu)
+        assert c.info.start_time <= min(m.timestamp for m in cpu)  # while the trial ran (the last: as it ended)
+        assert max(m.timestamp for m in cpu) <= c.info.end_time + 15_000
+        assert c.info.status == "FINISHED"
 
 
 def _free_port() -> int:
