@@ -32,7 +32,8 @@ from typing import Any
 __all__ = ["DEFAULT_INTERVAL_S", "TrialTracking", "TrialSystemMetrics", "CPU_METRIC"]
 
 DEFAULT_INTERVAL_S = 10.0  # MLflow's own default sampling interval
-CPU_METRIC = "system/cpu_utilization_percentage"  # a key every sample has: the run's last logged step
+CPU = "cpu_utilization_percentage"  # a metric every sample has: where a run's last logged step is read
+CPU_METRIC = "system/" + CPU
 MAX_PENDING = 10_000  # samples kept while the store is away (a day at 10 s), the oldest dropped first
 MAX_PER_BATCH = 1000  # MLflow's log_batch limit on metrics per request
 STOP_WAIT_S = 15.0  # at most this long at a trial's end for the last sample to be logged
@@ -180,7 +181,7 @@ class TrialSystemMetrics:
             if self.run_id is None:
                 return  # not made yet: the samples wait for the next try
         if self._step is None:  # a retried or resumed trial continues its run's system steps
-            steps = [m.step for m in client.get_metric_history(self.run_id, self.prefix + CPU_METRIC[7:])]
+            steps = [m.step for m in client.get_metric_history(self.run_id, self.prefix + CPU)]
             self._step = max(steps) + 1 if steps else 0
         metrics = [Metric(k, v, ms, self._step + i) for i, (ms, values) in enumerate(self.pending)
                    for k, v in values.items()]
