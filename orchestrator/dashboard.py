@@ -131,9 +131,10 @@ def stop(dash: Dashboard, *, grace_s: float = 10.0) -> None:
 
 
 def serve(cmd: list[str], *, host: str, port: int, log: Path, url_for: Callable[[str], str],
-          echo: Callable[[str], None] = print) -> int:
+          echo: Callable[[str], None] = print, more_urls: Callable[[str], dict[str, str]] | None = None) -> int:
     """Run the dashboard in the foreground: check the port, start, wait until it answers, print the view's
-    URL (`url_for(base)`), then wait; SIGINT/SIGTERM stop the server's process group. Returns the exit code."""
+    URL (`url_for(base)`; then `more_urls(base)`: {what: URL}), then wait; SIGINT/SIGTERM stop the server's
+    process group. Returns the exit code."""
     check_port(host, port)
     dash = start(cmd, host=host, port=port, log=log)
     stopping: list[int] = []
@@ -147,6 +148,8 @@ def serve(cmd: list[str], *, host: str, port: int, log: Path, url_for: Callable[
         echo(f"starting MLflow on {dash.base} (one worker; log {log}) ...")
         wait_until_up(dash)
         echo(f"MLflow dashboard, the sweep's runs: {url_for(dash.base)}")
+        for what, url in (more_urls(dash.base) if more_urls else {}).items():
+            echo(f"  {what}: {url}")
         echo("Ctrl-C stops it.")
         return dash.proc.wait()
     except KeyboardInterrupt:
@@ -161,9 +164,10 @@ def open_dashboard(*, uri: str, experiment: str | None, log_dir: Path, host: str
                    echo: Callable[[str], None] = print) -> int:
     """`bvit-sweep ui`: set up the sweep's experiment for the UI (model-training kind, the saved view), then
     serve the store and print the URL of the experiment's runs. Returns the server's exit code."""
-    from orchestrator.tracking import prepare_experiment
+    from orchestrator.tracking import CELLS_VIEW_ID, prepare_experiment
 
     check_port(host, port)  # before seconds of imports: a busy port fails at once
     experiment_id = prepare_experiment(uri, experiment)
+    cells = (lambda base: {"by cell, seeds averaged": view_url(base, experiment_id, CELLS_VIEW_ID)}) if experiment_id else None
     return serve(server_command(uri, host=host, port=port), host=host, port=port, log=Path(log_dir) / "ui.log",
-                 url_for=lambda base: view_url(base, experiment_id), echo=echo)
+                 url_for=lambda base: view_url(base, experiment_id), echo=echo, more_urls=cells)

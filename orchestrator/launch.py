@@ -55,6 +55,7 @@ from orchestrator.resume import check_sweep_state, record_final_state, snapshot,
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.strategy import Strategy, design_for, strategy_for
 from orchestrator.sweep_dir import sweep_dir_for
+from orchestrator.system_metrics import TrialTracking
 from orchestrator.timing import record_launch
 from orchestrator.tracking import resolve_tracking
 from orchestrator.tuner import PrepareFinish, build_tuner, sweep_callbacks, trial_name
@@ -159,7 +160,9 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, swee
         callbacks = sweep_callbacks(sweep_dir, tracking,
                                     progress=ProgressTable(total=strategy.total, design=design) if verbose else None)
         tuner = build_tuner(spec, strategy, sweep_dir=sweep_dir, callbacks=callbacks, resume=resume,
-                            data_paths=data_paths, pretrained=pretrained)
+                            data_paths=data_paths, pretrained=pretrained,
+                            tracking=TrialTracking(uri=uri, experiment=experiment, sweep=sweep_dir.name,
+                                                   interval_s=spec.tracking.system_metrics_s))
         interrupted = False
         try:
             with only_our_loggers(not resume), grid_without_copying_the_grid():

@@ -12,6 +12,9 @@ opens a CUDA context for every loader), so it is preloaded only where the machin
 """
 import glob
 
+import mlflow.system_metrics.metrics.gpu_monitor  # noqa: F401  (a trial's system metrics: MLflow's monitors
+import mlflow.tracking  # noqa: F401  and client, ~1.8 s to import on a small CPU; no CUDA, NVML is not opened)
+
 import bvit.trial  # noqa: F401  (torch, timm, the model, the training loop: none of them asks CUDA)
 import orchestrator.trainable  # noqa: F401
 from bvit.data.format import import_ffcv

@@ -9,9 +9,11 @@ present is never logged again, so a retried or resumed trial continues its own c
 What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
   * the experiment carries a saved view (`mlflow.sharedViewState.bvit-sweep`, MLflow's "saved views"
     envelope; its state is orchestrator.mlflow_view's): the runs table with the sweep's factors
-    (orchestrator.cells), seed and final test top-1 as columns, ordered by the `bvit.rank` tag (the parent
-    first, then the trials best first; ordering by anything but start time also makes MLflow list the
-    children flat), and the chart view's "Sweep" charts. `bvit-sweep ui` makes it the browser's default;
+    (orchestrator.cells), seed and final test top-1 as columns, the parent pinned first, then the trials
+    best first by `final_test_top1` (ordering by anything but start time also makes MLflow list the
+    children flat; `bvit.rank` holds the same order as a tag), and the chart view's "Sweep" charts.
+    `bvit-sweep ui` makes it the browser's default. A second saved view, `bvit-sweep-cells`, groups the
+    trials by cell with their seeds averaged (its URL: `?viewStateShareKey=bvit-sweep-cells`);
   * run names carry the trial's value of every factor, its seed and, once known, the final test top-1;
   * a run's step is its epoch (no `epoch` metric); values are logged to 5 significant digits; a trial's
     restarts are the tag `bvit.retries`;
@@ -41,17 +43,18 @@ from bvit.config import TrialConfig
 from orchestrator.cells import Design, text
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.errors import UserError
-from orchestrator.mlflow_view import FINAL_METRIC, arm_colors, view_state
+from orchestrator.mlflow_view import FINAL_METRIC, arm_colors, cells_view_state, view_state
 from orchestrator.provenance import code_version
 from orchestrator.timing import LAUNCHES
 from orchestrator.timing import read_records as read_lines
 
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
-           "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID"]
+           "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID", "CELLS_VIEW_ID"]
 
 TAG_SWEEP, TAG_TRIAL, TAG_ROLE, TAG_RANK = "bvit.sweep", "bvit.trial_id", "bvit.role", "bvit.rank"
 # A saved view of the runs page: its id goes in the URL as ?viewStateShareKey=<id> (see orchestrator/dashboard.py).
 VIEW_TAG_PREFIX, VIEW_ID = "mlflow.sharedViewState.", "bvit-sweep"
+CELLS_VIEW_ID = "bvit-sweep-cells"  # the same page grouped by cell, seeds averaged (a second saved view)
 TAG_NOTE, TAG_LOGGED = "mlflow.note.content", "mlflow.loggedArtifacts"
 TAG_RETRIES, TAG_CHECKPOINT, TAG_COLOR = "bvit.retries", "bvit.checkpoint", "mlflow.runColor"
 UNRANKED = "9999"  # a trial without a final test top-1 yet: listed after the ranked ones
@@ -172,21 +175,27 @@ class SweepTracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
-        if VIEW_TAG_PREFIX + VIEW_ID not in (exp.tags if exp is not None else {}):
-            self.save_view()
         self._runs: dict[str, str] = {}  # trial id (or "__parent__") -> run id
         self._info: dict[str, Any] = {}  # run id -> its RunInfo as last read (status, end time)
         self._indexed = False
         self._epochs: dict[str, set[int]] = {}
         self._retries: dict[str, int] = {}
+        if any(VIEW_TAG_PREFIX + v not in (exp.tags if exp is not None else {}) for v in (VIEW_ID, CELLS_VIEW_ID)):
+            if exp is not None:
+                self._index()  # an older store: its parent, to pin
+            self.save_view(self._runs.get("__parent__"))
 
-    def save_view(self) -> None:
-        """The saved view `bvit-sweep` (MLflow's "saved views" envelope around the page state), overwritten."""
+    def save_view(self, parent_run_id: str | None = None) -> None:
+        """The saved views `bvit-sweep` (the parent run pinned, when known) and `bvit-sweep-cells` (grouped by cell,
+        seeds averaged): MLflow's "saved views" envelope around the page state, overwritten."""
         created = int(self.client.get_experiment(self.experiment_id).creation_time or 0)
-        columns = [col for _, col in (self.design.names() if self.design else [])] + ["seed", "test top-1"]
-        envelope = {"name": f"sweep: {', '.join(columns)}", "createdAt": created,
-                    "updatedAt": created, "state": json.dumps(view_state(self.design))}
-        self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + VIEW_ID, json.dumps(envelope))
+        factors = [col for _, col in (self.design.names() if self.design else [])]
+        columns = factors + ["seed", "test top-1"]
+        views = {VIEW_ID: (f"sweep: {', '.join(columns)}", view_state(self.design, parent_run_id)),
+                 CELLS_VIEW_ID: (f"cells ({', '.join(factors) or 'one'}), seeds averaged", cells_view_state(self.design))}
+        for view_id, (name, state) in views.items():
+            envelope = {"name": name, "createdAt": created, "updatedAt": created, "state": json.dumps(state)}
+            self.client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + view_id, json.dumps(envelope))
 
     def runs(self, role: str | None = None) -> list[Any]:
         """Every run of this sweep (of one `role`: 'parent' or 'trial'), oldest first, page by page."""
@@ -220,6 +229,7 @@ class SweepTracker:
                 rid = self.client.create_run(self.experiment_id, start_time=sweep_start_ms(self.sweep_dir),
                                              run_name=f"{self.sweep} · sweep", tags={
                                                  TAG_SWEEP: self.sweep, TAG_ROLE: "parent", TAG_RANK: "0000"}).info.run_id
+                self.save_view(rid)  # the view pins it
             self._runs["__parent__"] = rid
         return self._runs["__parent__"]
 
@@ -319,8 +329,11 @@ class MlflowProgressCallback(tune.Callback):
             if item is None:
                 return
             try:
-                tracker = tracker or SweepTracker(**self.kw)
                 kind, trial_id, cfg, payload = item
+                if kind == "setup":  # the store, its tables and the experiment, before a trial's process looks
+                    SweepTracker(**self.kw)  # (the sweep directory, hence the parent's start, comes with a trial)
+                    continue
+                tracker = tracker or SweepTracker(**self.kw)
                 if kind == "epoch":
                     tracker.log_epochs(trial_id, cfg, [payload])
                 else:
@@ -348,6 +361,11 @@ class MlflowProgressCallback(tune.Callback):
             except Exception:  # a trial without a local path (remote storage): no start time from it
                 folder = None
             self.kw["sweep_dir"] = folder if folder is not None and folder.is_dir() else None
+
+    def setup(self, **info) -> None:
+        """At the experiment's start: the store is made ready (a new SQLite file's tables) by this process, once,
+        before any trial's process opens it to log its system metrics (orchestrator.system_metrics)."""
+        self._put(("setup", None, None, None))
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         env = TrialEnvelope.of(trial.config)
@@ -437,7 +455,8 @@ def describe_parent(*, sweep: str, table: list[dict[str, Any]], cells, plots: li
                   f"[{name}](#/experiments/{experiment_id}/runs/{run_id}/artifactPath/{path})", ""]
     named = " · ".join([col for _, col in (design.names() if design else [])] + ["seed", "top-1"])
     lines.append(f"Children: one run per trial (name: {named}); the experiment's "
-                 "saved view `bvit-sweep` lists them with these columns, best first.")
+                 "saved view `bvit-sweep` lists them with these columns, best first; "
+                 f"[by cell, seeds averaged](#/experiments/{experiment_id}/runs?viewStateShareKey={CELLS_VIEW_ID}).")
     return "\n".join(lines)
 
 
@@ -531,7 +550,7 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
                            sweep_dir=sweep_dir)
     client, parent = tracker.client, tracker.parent_run_id()
     cells, paths = (summary.cells, summary.paths) if summary is not None else (None, {})
-    tracker.save_view()  # rewritten each time: a newer bvit-sweep's view replaces an older one
+    tracker.save_view(parent)  # rewritten each time: a newer bvit-sweep's view replaces an older one
     for path in paths.values():
         client.log_artifact(parent, str(path), artifact_path="frontier")
     if cells is not None:

@@ -35,6 +35,7 @@ reported since the last sync (seen on loaded machines: epochs [1, 3] for a crash
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -52,6 +53,7 @@ from orchestrator.envelope import FAILED_KEY, TRIAL_KEY, TrialEnvelope
 from orchestrator.preflight import DRIVER_CPU
 from orchestrator.provenance import PROVENANCE_KEY, machine_provenance
 from orchestrator.spec import Resources
+from orchestrator.system_metrics import TrialSystemMetrics, TrialTracking
 
 # bvit.trial (torch, timm, FFCV) is imported inside the trial processes only: the launching process
 # starts Ray seconds sooner.
@@ -93,10 +95,13 @@ class FaultInjected(RuntimeError):
     """Raised by the test-only fault switch (`BVIT_SWEEP_TEST_FAULT`)."""
 
 
-def tune_trainable(resources: Resources):
-    """`run_trial` with its per-trial resources (and the test fault switch when its variable is set)."""
+def tune_trainable(resources: Resources, tracking: TrialTracking | None = None):
+    """`run_trial` with its per-trial resources, where its system metrics go (`tracking`: this launch's MLflow
+    store, so a resumed sweep's trials log where the resume does) and the test fault switch when its variable
+    is set."""
     fault = json.loads(os.environ[FAULT_ENV]) if os.environ.get(FAULT_ENV) else None
-    fn = tune.with_parameters(run_trial, fault=fault) if fault else run_trial
+    given = {k: v for k, v in (("fault", fault), ("tracking", tracking)) if v is not None}
+    fn = tune.with_parameters(run_trial, **given) if given else run_trial
     if resources.workers > 1:  # the Tune trial only drives a TorchTrainer; its workers hold the resources
         return tune.with_resources(fn, {"cpu": DRIVER_CPU})  # Ray refuses an empty bundle
     return tune.with_resources(fn, {"cpu": resources.cpus, "gpu": resources.gpus})
@@ -165,20 +170,23 @@ def _start_phases() -> dict[str, Any]:
             "process_runtime_env": bool(ray.is_initialized() and ray.get_runtime_context().runtime_env)}
 
 
-def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None) -> None:
-    """Tune function trainable for one trial (single process, or data-parallel when workers > 1)."""
+def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None,
+              tracking: TrialTracking | None = None) -> None:
+    """Tune function trainable for one trial (single process, or data-parallel when workers > 1). With
+    `tracking`, the trial's system metrics go into its MLflow run while it trains (each rank's, data-parallel)."""
     started = _start_phases()
     try:
         env = TrialEnvelope.of(config)
         if env.resources.workers > 1:
-            _run_data_parallel(env, fault)
+            _run_data_parallel(env, fault, tracking)
         else:
-            _run_single(env, fault, started)
+            _run_single(env, fault, started, tracking)
     finally:
         _PROCESS["last_end"] = time.time()
 
 
-def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[str, Any]) -> None:
+def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[str, Any],
+                tracking: TrialTracking | None) -> None:
     _hide_unreserved_gpus(env.resources)
     t_import = time.perf_counter()
     import torch
@@ -189,7 +197,8 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
     first = {**started, "phase_import_s": time.perf_counter() - t_import}  # 0 in a reused process
     torch.set_num_threads(env.resources.torch_threads)
     provenance = machine_provenance(with_torch=True)  # in every report: a retry may run on another machine
-    with tempfile.TemporaryDirectory(prefix=f"bvit-{env.trial_id}-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix=f"bvit-{env.trial_id}-") as tmp,
+          TrialSystemMetrics(tracking, trial_id=env.trial_id) as system):
         local = Path(tmp)
         retries = _restore_into(local, tune.get_checkpoint())
 
@@ -201,6 +210,7 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
                        "reported_at": time.time(), PROVENANCE_KEY: provenance}
             first.clear()  # the start-up phases go with the first report only
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(local)))
+            system.reported()
             reached["epoch"] = metrics["epoch"]
 
         try:
@@ -213,6 +223,7 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: one rank of a data-parallel trial (torch.distributed is set up by TorchTrainer)."""
     env, fault = TrialEnvelope.of(loop_config), loop_config.get("fault")
+    tracking = TrialTracking(**loop_config["tracking"]) if loop_config.get("tracking") else None
     _hide_unreserved_gpus(env.resources)
     import ray.train
     import ray.train.torch
@@ -222,7 +233,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     DETERMINISTIC = _deterministic()  # noqa: N806
     rank = ray.train.get_context().get_world_rank()
     provenance = machine_provenance(with_torch=True)
-    with tempfile.TemporaryDirectory(prefix=f"bvit-rank{rank}-") as tmp:
+    with (tempfile.TemporaryDirectory(prefix=f"bvit-rank{rank}-") as tmp,
+          TrialSystemMetrics(tracking, trial_id=env.trial_id, node_id=f"rank{rank}") as system):
         local = Path(tmp)
         retries = _restore_into(local, ray.train.get_checkpoint())
         reached = {"epoch": 0}
@@ -233,6 +245,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             metrics = {**metrics, "retries": retries, PROVENANCE_KEY: provenance}
             ckpt = ray.train.Checkpoint.from_directory(str(local)) if rank == 0 else None
             ray.train.report(metrics, checkpoint=ckpt)
+            system.reported()
             reached["epoch"] = metrics["epoch"]
 
         try:
@@ -242,7 +255,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             ray.train.report({FAILED_KEY: f"{type(e).__name__}: {e}", "epoch": reached["epoch"], "retries": retries})
 
 
-def _run_data_parallel(env: TrialEnvelope, fault: dict[str, Any] | None) -> None:
+def _run_data_parallel(env: TrialEnvelope, fault: dict[str, Any] | None, tracking: TrialTracking | None) -> None:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -251,7 +264,8 @@ def _run_data_parallel(env: TrialEnvelope, fault: dict[str, Any] | None) -> None
     per_worker = {"CPU": r.cpus / r.workers, **({"GPU": r.gpus / r.workers} if r.gpus else {})}
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={TRIAL_KEY: env.to_tune(), "fault": fault},
+        train_loop_config={TRIAL_KEY: env.to_tune(), "fault": fault,
+                           "tracking": dataclasses.asdict(tracking) if tracking else None},
         scaling_config=ScalingConfig(num_workers=r.workers, use_gpu=r.gpus > 0, resources_per_worker=per_worker),
         run_config=RunConfig(
             name=f"train-{env.trial_id}",

@@ -24,6 +24,7 @@ from orchestrator.envelope import Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.planning import run_order
 from orchestrator.spec import SweepSpec
 from orchestrator.strategy import Strategy
+from orchestrator.system_metrics import TrialTracking
 from orchestrator.tracking import MlflowProgressCallback
 from orchestrator.trainable import KeepHistoryOnRetry, tune_trainable
 
@@ -31,14 +32,15 @@ __all__ = ["PrepareFinish", "build_tuner", "sweep_callbacks", "trial_name"]
 
 
 def build_tuner(spec: SweepSpec, strategy: Strategy, *, sweep_dir: Path, callbacks: list, resume: bool,
-                data_paths: dict[str, str], pretrained: Pretrained) -> tune.Tuner:
-    """The sweep's Tuner: the saved one with `resume`, else a new one over the strategy's trials."""
+                data_paths: dict[str, str], pretrained: Pretrained, tracking: TrialTracking | None = None) -> tune.Tuner:
+    """The sweep's Tuner: the saved one with `resume`, else a new one over the strategy's trials. `tracking`: where
+    the trials log their system metrics (this launch's store)."""
     if resume:
-        return strategy.restore(sweep_dir, trainable=tune_trainable(spec.resources))
+        return strategy.restore(sweep_dir, trainable=tune_trainable(spec.resources, tracking))
     envelopes = build_envelopes(spec, run_order(strategy.trials), data_paths=data_paths, pretrained=pretrained,
                                 sweep_dir=sweep_dir)
     return tune.Tuner(
-        tune_trainable(spec.resources),
+        tune_trainable(spec.resources, tracking),
         param_space=strategy.param_space(envelopes),  # the grid's envelopes, or nothing: the searcher's points
         tune_config=tune.TuneConfig(
             search_alg=strategy.search_alg(data_paths=data_paths, sweep_dir=sweep_dir),

@@ -42,8 +42,9 @@ def _launched(tmp_path_factory, fmnist_dir, name: str, **spec_kw):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, fmnist_dir, ray_local):
-    """A finished 2-trial sweep (bvit and vit, width 32, 2 steps, 2 epochs) with its local MLflow store."""
-    return _launched(tmp_path_factory, fmnist_dir, "dash")
+    """A finished 2-trial sweep (bvit and vit, width 32, 2 steps, 2 epochs) with its local MLflow store; system
+    metrics sampled every second (the default is 10 s)."""
+    return _launched(tmp_path_factory, fmnist_dir, "dash", tracking={"system_metrics_s": 1})
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,16 @@ def test_launch_then_frontier_twice_then_sync_leaves_one_copy_of_everything(swee
     assert by_trial[best["trial_id"]].info.run_name == (
         f"arch {best['arch']} · seed 0 · top-1 {best['final_test_top1']:.1f} %")
     assert parent.data.tags["bvit.rank"] == "0000"
+    # Each trial's system metrics, sampled while it trained, in its own run (its "System metrics" tab).
+    for c in children:
+        cpu = client.get_metric_history(c.info.run_id, "system/cpu_utilization_percentage")
+        memory = client.get_metric_history(c.info.run_id, "system/system_memory_usage_megabytes")
+        assert len(cpu) >= 2 and [m.step for m in cpu] == list(range(len(cpu))), cpu  # one a second, at least 2 s
+        assert [m.step for m in memory] == [m.step for m in cpu] and all(m.value > 0 for m in memory)
+        assert all(0 <= m.value <= 100 for m in cpu)
+        assert c.info.start_time <= min(m.timestamp for m in cpu)  # while the trial ran (the last: as it ended)
+        assert max(m.timestamp for m in cpu) <= c.info.end_time + 15_000
+        assert c.info.status == "FINISHED"
 
 
 def _free_port() -> int:
@@ -102,8 +113,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_ui(work: Path, port: int, sweep: str = "runs/dash") -> tuple[subprocess.Popen, str]:
-    """`bvit-sweep ui` as a user runs it (this checkout's code); returns the process and the URL it printed."""
+def _start_ui(work: Path, port: int, sweep: str = "runs/dash") -> tuple[subprocess.Popen, str, str]:
+    """`bvit-sweep ui` as a user runs it (this checkout's code); returns the process, the URL it printed and the
+    one it printed below it (the runs grouped by cell)."""
     exe = str(Path(sys.executable).with_name("bvit-sweep"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([exe, "ui", sweep, "--port", str(port)], cwd=work, text=True, env=env,
@@ -115,7 +127,9 @@ def _start_ui(work: Path, port: int, sweep: str = "runs/dash") -> tuple[subproce
             break
         seen.append(line)
         if m := re.search(r"runs: (http://\S+)", line):
-            return proc, m.group(1)
+            cells = re.fullmatch(r"  by cell, seeds averaged: (http://\S+)\n", proc.stdout.readline())
+            assert cells, "`bvit-sweep ui` printed no URL of the runs by cell"
+            return proc, m.group(1), cells.group(1)
     proc.kill()
     raise AssertionError(f"`bvit-sweep ui` printed no URL: {''.join(seen)}")
 
@@ -151,9 +165,10 @@ def test_mlflow_bundle_still_keeps_what_bvit_sweep_ui_seeds_where_it_did():
 
 
 def test_dashboard_in_a_real_browser_holds_up_past_the_first_screen(grid_sweep, tmp_path):
-    """A researcher's path at 1,600 x 1,000: landing, a trial's page, Back, F5, the chart view, the compare page.
+    """A researcher's path at 1,600 x 1,000: landing, a trial's page, Back, F5, the chart view, the compare page,
+    the runs grouped by cell.
     Screenshots of each in the test's tmp dir (landing.png, child.png, back.png, reload.png, charts.png,
-    compare.png)."""
+    compare.png, cells.png)."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} missing: apt-get install chromium (scripts/setup.sh does, as root)")
     from playwright.sync_api import expect, sync_playwright
@@ -166,7 +181,7 @@ def test_dashboard_in_a_real_browser_holds_up_past_the_first_screen(grid_sweep, 
     assert sorted(factors) == ["model.steps", "model.width"]  # what the spec varies: nothing below names them
     columns = [f"params.`{f}`" for f in factors] + ["params.`seed`", "metrics.`final_test_top1`"]
     port = _free_port()
-    proc, url = _start_ui(work, port, "runs/grid")
+    proc, url, cells_url = _start_ui(work, port, "runs/grid")
     assert url.startswith(f"http://127.0.0.1:{port}/#/experiments/") and "workflowType=machine_learning" in url
     assert _port_open(port), "the URL was printed before the server answered"
     busy = subprocess.run([str(Path(sys.executable).with_name("bvit-sweep")), "ui", "runs/grid", "--port", str(port)],
@@ -193,9 +208,11 @@ def test_dashboard_in_a_real_browser_holds_up_past_the_first_screen(grid_sweep, 
                 names = page.locator(".ag-pinned-left-cols-container .ag-row").all_inner_texts()
                 assert "grid · sweep" in names[0] and _name(best) in names[1], (what, names)  # parent, then best first
 
-            # 1. Landing: the sweep's columns, nothing of the Assistant or the shared-view banner in the way.
+            # 1. Landing: the sweep's columns, nothing of the Assistant or the shared-view banner in the way,
+            #    sorted by what a person reads (the parent pinned above the trials).
             page.goto(url)
             sweep_columns_in_view("landing")
+            expect(page.get_by_test_id("sort-select-dropdown")).to_have_text("Sort: final_test_top1")
             expect(page.get_by_text("You're viewing a shared view")).to_have_count(0)
             expect(page.get_by_text("Ask questions about your experiments")).to_have_count(0)  # the Assistant panel
             page.screenshot(path=str(shots / "landing.png"))
@@ -260,6 +277,15 @@ def test_dashboard_in_a_real_browser_holds_up_past_the_first_screen(grid_sweep, 
                                   ".map(t => t.textContent)")
             assert f"{finals[-1]:.5f}" in ticks and f"{finals[0]:.5f}" in ticks, ticks  # its range: the finals'
             page.screenshot(path=str(shots / "compare.png"))
+
+            # 6. The runs by cell, seeds averaged: a group row per cell, labelled with its values.
+            page.goto(cells_url)
+            groups = page.locator(".ag-pinned-left-cols-container .ag-row")
+            for trial in result.trials:
+                label = ", ".join(f"{f}: {trial[f.rsplit('.', 1)[-1]]}" for f in factors)
+                expect(groups.filter(has_text=label).first, label).to_be_visible()
+            expect(page.get_by_test_id("sort-select-dropdown")).to_have_text("Sort: final_test_top1")
+            page.screenshot(path=str(shots / "cells.png"))
             browser.close()
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C

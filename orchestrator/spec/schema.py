@@ -127,6 +127,7 @@ class Compare(_Frozen):
 class Tracking(_Frozen):
     uri: str | None = Field(None, min_length=1)  # MLflow tracking URI (None: SQLite in the results)
     experiment: str | None = Field(None, min_length=1)  # MLflow experiment (None: the spec's name)
+    system_metrics_s: float = Field(10.0, ge=0)  # seconds between a trial's system-metric samples (0: none)
 
 
 class Smoke(_Frozen):
