@@ -81,7 +81,7 @@ def test_2000_trials_with_fractional_gpus_pack_as_planned(tmp_path, monkeypatch,
 
     cloudpickle.register_pickle_by_value(test_cluster_scale)  # the workers cannot import this test module
     cpu = _CpuPerTrial()
-    monkeypatch.setattr(tuner_mod, "tune_trainable", lambda resources: tune.with_resources(
+    monkeypatch.setattr(tuner_mod, "tune_trainable", lambda resources, *_, **__: tune.with_resources(
         _simulated(sleep_s), {"cpu": resources.cpus, "gpu": resources.gpus}))
     callbacks = tuner_mod.sweep_callbacks
     monkeypatch.setattr(tuner_mod, "sweep_callbacks", lambda *a, **kw: callbacks(*a, **kw) + [cpu])
