@@ -135,6 +135,7 @@ class SweepLocation:
     dir: Path  # what every local reader and writer uses: the sweep directory, or its local copy
     uri: str | None = None  # <storage URI>/<name>, or None for a local storage
     _pushed: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _fs: Any = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -159,7 +160,7 @@ class SweepLocation:
             return (self.dir / "tuner.pkl").is_file()
         import pyarrow.fs
 
-        fs, path = open_uri(self.uri)
+        fs, path = self._filesystem()
         return fs.get_file_info(f"{path}/tuner.pkl").type == pyarrow.fs.FileType.File
 
     def pull(self) -> int:
@@ -169,7 +170,7 @@ class SweepLocation:
             return 0
         import pyarrow.fs
 
-        fs, root = open_uri(self.uri)
+        fs, root = self._filesystem()
         infos = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
         files = [i.path for i in infos if i.type == pyarrow.fs.FileType.File
                  and not any(part.startswith(_SKIP) for part in PurePosixPath(i.path).relative_to(root).parts[:-1])]
@@ -195,19 +196,25 @@ class SweepLocation:
         number sent. Nothing for a local storage."""
         if self.uri is None:
             return 0
-        fs, root = open_uri(self.uri)
-        sent = 0
-        for rel in self._own():
-            if rel in exclude:
-                continue
-            stamp = _stamp(self.dir / rel)
-            if self._pushed.get(rel) == stamp:
-                continue
+        changed = {rel: stamp for rel in self._own() if rel not in exclude
+                   and self._pushed.get(rel) != (stamp := _stamp(self.dir / rel))}
+        if not changed:
+            return 0
+        fs, root = self._filesystem()
+        for rel, stamp in changed.items():
             with open(self.dir / rel, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             self._pushed[rel] = stamp
-            sent += 1
-        return sent
+        return len(changed)
+
+    def _filesystem(self):
+        """(filesystem, path) of `uri`, opened once (an S3 client takes a moment to make)."""
+        if self._fs is None:
+            self._fs = open_uri(self.uri)
+        return self._fs
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled with Tune's callbacks: no client, nothing pushed yet
+        return {"dir": self.dir, "uri": self.uri, "_pushed": {}, "_fs": None}
 
     def _own(self) -> list[str]:
         return sorted({p.relative_to(self.dir).as_posix() for pattern in OWN_FILES for p in self.dir.glob(pattern)
