@@ -31,7 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 __all__ = ["OWN_FILES", "PROBE_S", "SweepLocation", "cache_root", "is_uri", "location_of", "open_uri",
-           "storage_problems", "sweep_location"]
+           "storage_problems", "sweep_location", "sweep_name"]
 
 PROBE_S = 20.0  # how long a storage URI has to answer (pyarrow's S3 retries a refused connection for ~6 s)
 CACHE_ENV = "BVIT_SWEEP_CACHE"
@@ -235,8 +235,11 @@ def location_of(storage: str, name: str) -> SweepLocation:
     return SweepLocation(dir=cache_root() / key / name, uri=uri)
 
 
+def sweep_name(spec, smoke: bool) -> str:
+    """A smoke run is its own sweep (<name>-smoke), so it never collides with the real one."""
+    return spec.name + ("-smoke" if smoke else "")
+
+
 def sweep_location(spec, storage: str | None = None, *, smoke: bool = False) -> SweepLocation:
     """Where Ray Tune keeps this sweep's state: <storage>/<name> (storage from the CLI, else the spec)."""
-    from orchestrator.sweep_dir import sweep_name
-
     return location_of(storage or spec.storage, sweep_name(spec, smoke))

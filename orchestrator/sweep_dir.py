@@ -16,22 +16,16 @@ from orchestrator.cells import Design, design_of, text
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
+from orchestrator.storage import is_uri, location_of, storage_problems, sweep_location, sweep_name
 
 TUNER_STATE = "tuner.pkl"  # Ray Tune's (ray.tune.impl.tuner_internal._TUNER_PKL): a launched sweep has one
 
 __all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "read_snapshot", "check_tune_state", "sweep_status", "sweep_frontier", "rebuild_frontier", "sweep_sync", "ui_store"]
 
 
-def sweep_name(spec: SweepSpec, smoke: bool) -> str:
-    """A smoke run is its own sweep (<name>-smoke), so it never collides with the real one."""
-    return spec.name + ("-smoke" if smoke else "")
-
-
 def sweep_dir_for(spec: SweepSpec, storage: str | None = None, *, smoke: bool = False) -> Path:
     """The sweep's directory on this machine: <storage>/<name> (storage from the CLI, else the spec), or, for a URI
     storage, its local copy (`orchestrator.storage.sweep_location` has both)."""
-    from orchestrator.storage import sweep_location
-
     return sweep_location(spec, storage, smoke=smoke).dir
 
 
@@ -49,8 +43,6 @@ class Sweep:
 def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool = False) -> Sweep:
     """Find a sweep from a directory, a spec file or a name; a clear error when there is none. Ray-free: a sweep
     is a directory with the launch's snapshot and Tune's `tuner.pkl` (what `Tuner.can_restore` looks for)."""
-    from orchestrator.storage import is_uri, location_of, storage_problems, sweep_location
-
     p = Path(arg).expanduser()
     if is_uri(arg):
         where = location_of(*arg.rstrip("/").rsplit("/", 1))
