@@ -3,6 +3,7 @@
     TrialRecords(sweep_dir)   bvit_trials/<id>.json: each trial's state as JSON (`orchestrator.records`)
     SignState(sweep_dir)      bvit_signatures.json: this user's HMAC of Tune's pickled state, with each save
     ProgressTable(total)      the live progress a person reads: a line per result, the trial table now and then
+    PushOwnFiles(where)       a sweep on URI storage: the files above go up as they change (`orchestrator.storage`)
 """
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from rich.console import Console
 from orchestrator.cells import Design
 from orchestrator.envelope import TrialEnvelope
 from orchestrator.records import record_trial
-from orchestrator.signing import sign_state
+from orchestrator.signing import SIGNATURES, sign_state
 from orchestrator.tables import progress_line, render_table
 
-__all__ = ["ProgressTable", "SignState", "TrialRecords"]
+__all__ = ["ProgressTable", "PushOwnFiles", "SignState", "TrialRecords"]
 
 FULL_TABLE = 40  # trials: up to this many the table lists each one at every trial's end; past it, every
 # `every_s` seconds, the running trials and the counts per state (a table of every trial at every trial's
@@ -88,6 +89,41 @@ class SignState(tune.Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {"sweep_dir": self.sweep_dir, "_staging": None}
+
+
+class PushOwnFiles(tune.Callback):
+    """For a sweep on URI storage: uploads the launcher's own files of its local copy (trial records, a search's
+    state) that changed, when a trial starts or ends and at most every `every_s` seconds in between, so that
+    `status` elsewhere sees them while the sweep runs. Tune's state goes up by Tune's own sync; the signatures
+    with it (`SignState` writes them into Tune's staging directory)."""
+
+    def __init__(self, where, every_s: float = 10.0) -> None:
+        self.where, self.every_s = where, every_s
+        self._last = 0.0
+
+    def _push(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last >= self.every_s:
+            self._last = now
+            self.where.push(exclude=(SIGNATURES,))  # Tune's sync carries the signatures of the state it uploads
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        self._push()
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        self._push(force=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._push(force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._push(force=True)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._push(force=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"where": self.where, "every_s": self.every_s, "_last": 0.0}
 
 
 class ProgressTable(tune.Callback):

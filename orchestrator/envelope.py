@@ -48,12 +48,12 @@ class TrialEnvelope(BaseModel):
     resolved: TrialConfig  # what runs: absolute paths; a fine-tuning trial's model is its checkpoint's
     resources: Resources  # per trial: cpus, gpus, workers (> 1: a data-parallel Ray Train trial)
     max_failures: int  # retries of a failed trial, from its last checkpoint (Ray Train's too)
-    sweep_dir: str  # <storage>/<name>: Tune's state; data-parallel trials keep Ray Train's under train/
+    sweep_dir: str  # <storage>/<name> (a folder or a URI): Tune's state; data-parallel trials keep Ray Train's under train/
 
     @property
     def train_storage(self) -> str:
-        """Where a data-parallel trial's Ray Train run keeps its checkpoints."""
-        return str(Path(self.sweep_dir) / "train")
+        """Where a data-parallel trial's Ray Train run keeps its checkpoints (under a storage URI too)."""
+        return f"{self.sweep_dir.rstrip('/')}/train" if "://" in self.sweep_dir else str(Path(self.sweep_dir) / "train")
 
     def to_tune(self) -> dict[str, Any]:
         """The envelope as JSON data, as Ray Tune carries it (see `of`)."""
@@ -98,7 +98,7 @@ def resolve_config(cfg: TrialConfig, data_paths: dict[str, str], pretrained: Pre
 
 
 def build_envelopes(spec: SweepSpec, trials: list[Trial], *, data_paths: dict[str, str], pretrained: Pretrained,
-                    sweep_dir: Path) -> list[TrialEnvelope]:
+                    sweep_dir: Path | str) -> list[TrialEnvelope]:
     """One envelope per expanded trial, in the sweep's order."""
     return [TrialEnvelope(trial_id=t.id, config=t.config, resolved=resolve_config(t.config, data_paths, pretrained),
                           resources=spec.resources, max_failures=spec.max_failures, sweep_dir=str(sweep_dir))

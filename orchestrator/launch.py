@@ -3,6 +3,7 @@
     launch(spec_path="sweeps/width.yaml")                 # local Ray, storage runs/<name>
     launch(spec_path=..., address="ray://head:10001")     # or RAY_ADDRESS, or inside `ray job submit`
     launch(spec_path=..., resume=True)                    # Tuner.restore: finished trials are not rerun
+    launch(spec_path=..., storage="s3://bucket/sweeps")   # Tune's state and checkpoints in object storage
 
 One launcher per sweep: a second launcher of the same sweep (new or --resume) is refused at once with the
 holder's pid and host (`orchestrator.lock`; it does not wait). The embedded local Ray listens on 127.0.0.1
@@ -16,8 +17,12 @@ The launch is a sequence of steps, each in a room of its own:
 
     strategy_for          which trials, and how Tune chooses them (orchestrator.strategy: grid or a sampler)
     preflight             the spec, this machine's resources and memory, the data: one line each, before Ray
+    storage_problems      a storage URI that cannot be opened or reached: one line, before Ray (orchestrator.storage;
+                          a sweep on a URI is read and resumed from a local copy, pulled first, and the
+                          launcher's own files are pushed back as they change)
     check_sweep_state     may this launch start or resume the sweep (orchestrator.resume)
-    prepare_data          the trials' data, made ready once (orchestrator.data_prep)
+    prepare_data          the trials' data, made ready once (orchestrator.data_prep); then, once Ray is up,
+                          every node must see the same files (`check_data_on_nodes`)
     resolve_pretrained    fine-tuning checkpoints, found and checked (orchestrator.pretrained)
     tune_switches         the environment variables set for Tune, restored at the end (orchestrator.env_switches)
     ray_session           the running Ray, a cluster, or an embedded one (orchestrator.ray_cluster; the Ray
@@ -34,8 +39,8 @@ from typing import Any
 
 import ray
 
-from orchestrator.callbacks import ProgressTable
-from orchestrator.data_prep import prepare_data
+from orchestrator.callbacks import ProgressTable, PushOwnFiles
+from orchestrator.data_prep import check_data_on_nodes, prepare_data
 from orchestrator.env_switches import only_our_loggers, tune_switches
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
@@ -53,6 +58,7 @@ from orchestrator.ray_cluster import cluster_address, probe_cluster, ray_session
 from orchestrator.results import collect_trials, finalize, write_results
 from orchestrator.resume import check_sweep_state, record_final_state, snapshot, write_snapshot
 from orchestrator.spec import SweepSpec, load_spec
+from orchestrator.storage import SweepLocation, storage_problems, sweep_location
 from orchestrator.strategy import Strategy, design_for, strategy_for
 from orchestrator.sweep_dir import sweep_dir_for
 from orchestrator.system_metrics import TrialTracking
@@ -114,7 +120,10 @@ def launch(
     strategy = strategy_for(spec, smoke=smoke)  # the grid's trials, or a sampler's (orchestrator.strategy)
     if problems := schedule_problems(spec, strategy.configs, source=source):
         raise UserError(problems)
-    sweep_dir = sweep_dir_for(spec, storage, smoke=smoke)
+    if problems := storage_problems(storage or spec.storage, source="--storage" if storage else source):
+        raise UserError(problems)
+    where = sweep_location(spec, storage, smoke=smoke)
+    sweep_dir = where.dir  # the sweep's folder, or (URI storage) its local copy
     resolve_tracking(spec, Path(results_root) / sweep_dir.name, tracking_uri)  # a bad store: refused before Ray
     if problems := worker_problems(spec, strategy.configs, source=source):
         raise UserError(problems)
@@ -126,16 +135,17 @@ def launch(
                              tracking_uri=tracking_uri)
     # One launcher per sweep, from before its state is read until Ray is shut down (a second one is refused).
     with sweep_lock(sweep_dir):
-        return _launch_locked(spec=spec, spec_path=Path(spec_path), strategy=strategy, sweep_dir=sweep_dir,
+        where.pull()  # URI storage: the sweep as it is there now (nothing when it does not exist yet)
+        return _launch_locked(spec=spec, spec_path=Path(spec_path), strategy=strategy, where=where,
                               address=address, smoke=smoke, resume=resume, force=force, trust_state=trust_state,
                               command=command, results_root=Path(results_root), tracking_uri=tracking_uri,
                               verbose=verbose, started_at=started_at)
 
 
-def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, sweep_dir: Path, address: str | None,
-                   smoke: bool, resume: bool, force: bool, trust_state: bool, command: str, results_root: Path,
-                   tracking_uri: str | None, verbose: bool, started_at: float) -> LaunchResult:
-    configs, source = strategy.configs, str(spec_path)
+def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, where: SweepLocation,
+                   address: str | None, smoke: bool, resume: bool, force: bool, trust_state: bool, command: str,
+                   results_root: Path, tracking_uri: str | None, verbose: bool, started_at: float) -> LaunchResult:
+    configs, source, sweep_dir = strategy.configs, str(spec_path), where.dir
     snap = snapshot(spec, smoke, strategy.trials)
     check_sweep_state(sweep_dir, snap, spec=spec, spec_path=spec_path, resume=resume, force=force,
                       trust_state=trust_state)
@@ -148,10 +158,12 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, swee
     pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=source)
     # Every variable set for Tune (here and by ray_session: PL_DISABLE_FORK) is as it was once the launch ends.
     with tune_switches(), ray_session(address, spec):
+        check_data_on_nodes(data_paths)  # every node sees the files the driver prepared (a moment per node)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record_launch(sweep_dir, started_at=started_at, ray_ready_at=time.time(), command=command)
         if not resume or force:
             write_snapshot(sweep_dir, snap)
+        where.push()  # URI storage: the snapshot and launch log, before any trial starts
         results_dir = results_root / sweep_dir.name
         uri, experiment = resolve_tracking(spec, results_dir, tracking_uri)
         design = design_for(spec, smoke=smoke)  # design_of's cells, plus a search's ranged dimensions
@@ -159,7 +171,9 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, swee
                         artifact_root=str(results_dir / "mlflow" / "artifacts"), design=design)
         callbacks = sweep_callbacks(sweep_dir, tracking,
                                     progress=ProgressTable(total=strategy.total, design=design) if verbose else None)
-        tuner = build_tuner(spec, strategy, sweep_dir=sweep_dir, callbacks=callbacks, resume=resume,
+        if where.uri is not None:
+            callbacks.append(PushOwnFiles(where))
+        tuner = build_tuner(spec, strategy, where=where, callbacks=callbacks, resume=resume,
                             data_paths=data_paths, pretrained=pretrained,
                             tracking=TrialTracking(uri=uri, experiment=experiment, sweep=sweep_dir.name,
                                                    interval_s=spec.tracking.system_metrics_s))
@@ -169,10 +183,15 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, swee
                 tuner.fit()
         except KeyboardInterrupt:
             interrupted = True
+        if where.uri is not None:  # Tune's final state, synced up by `fit`, read here from a fresh copy
+            where.push()
+            where.pull()
         record_final_state(sweep_dir)
+        where.push()  # the signatures and trial records written just now
         table = collect_trials(sweep_dir, trials=strategy.finished_trials(sweep_dir))
         interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)
-        write_results(table, spec=spec, command=command, results_dir=results_dir, sweep_dir=sweep_dir, sha=sha)
+        write_results(table, spec=spec, command=command, results_dir=results_dir, sweep_dir=sweep_dir, sha=sha,
+                      storage_uri=where.uri)
         strategy.write_pareto(table, spec=spec, sweep_dir=sweep_dir, results_dir=results_dir, uri=uri,
                               experiment=experiment, verbose=verbose)
         finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,

@@ -8,6 +8,11 @@ cannot both get it), released by the kernel when the process ends however it end
 so a crashed launcher never leaves a stale lock behind. The file records the holder's pid, host and
 start time for the error message. flock is local to a machine: launchers on two hosts sharing the
 storage over NFS are not serialised by it.
+
+A sweep on URI storage (s3://...) has no local folder to lock beside: its lock is beside its local copy,
+`<cache>/<hash of the URI>/.<name>.lock` (`orchestrator.storage`), a file keyed by the URI. It serialises the
+launchers of that URI on this host only; object stores have no lock a second host would see, so launch a sweep
+on shared storage from one host.
 """
 from __future__ import annotations
 

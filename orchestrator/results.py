@@ -122,10 +122,11 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> Tri
 
 
 def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, command: str, results_dir: Path,
-                  sweep_dir: Path, sha: str | None = None) -> Path:
+                  sweep_dir: Path, sha: str | None = None, storage_uri: str | None = None) -> Path:
     """results/<name>[-smoke]/: trials.csv, curves.csv (when `rows` is `collect_trials`' TrialTable: one line
     per trial and epoch), spec.yaml (resolved; its `convergence` always, the threshold behind trials.csv's
-    still_improving), run.json (SHA, the launch command as run, sweep dir relative to the repository, and the
+    still_improving), run.json (SHA, the launch command as run, sweep dir relative to the repository (its URI on
+    URI storage), and the
     launching machine's and the trials' provenance: CPU model and ISA, cores, torch's oneDNN / MKL / CUDA and
     threads, package versions)."""
     out = results_dir
@@ -145,7 +146,7 @@ def write_results(rows: list[dict[str, Any]], *, spec: SweepSpec, command: str, 
     resolved.setdefault("convergence", spec.convergence.model_dump(mode="json"))  # what still_improving means here
     (out / "spec.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (out / "run.json").write_text(json.dumps({
-        "git_sha": sha or git_sha(), "command": command, "sweep_dir": relative_to_repo(sweep_dir),
+        "git_sha": sha or git_sha(), "command": command, "sweep_dir": storage_uri or relative_to_repo(sweep_dir),
         "python": sys.version.split()[0], "trials": len(rows),
         "terminated": sum(r["status"] == "TERMINATED" for r in rows),
         "launcher": machine_provenance(),  # the machine that launched the sweep and wrote these files

@@ -1,7 +1,8 @@
 """After-the-fact views of a sweep: status, frontier, MLflow sync and the MLflow dashboard.
 
-A SWEEP argument is a sweep directory (<storage>/<name>), a spec file (its sweep under the spec's
-storage), or a bare name (looked up under ./runs). `rebuild_frontier` needs no sweep directory: it remakes
+A SWEEP argument is a sweep directory (<storage>/<name>, a folder or a URI such as s3://bucket/prefix/name), a spec
+file (its sweep under the spec's storage), or a bare name (looked up under ./runs). A sweep on URI storage is read
+from its local copy, pulled first (orchestrator.storage). `rebuild_frontier` needs no sweep directory: it remakes
 the frontier files from a committed results/<sweep>/trials.csv (and its curves.csv, where there is one).
 """
 from __future__ import annotations
@@ -15,20 +16,17 @@ from orchestrator.cells import Design, design_of, text
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
+from orchestrator.storage import is_uri, location_of, storage_problems, sweep_location, sweep_name
 
 TUNER_STATE = "tuner.pkl"  # Ray Tune's (ray.tune.impl.tuner_internal._TUNER_PKL): a launched sweep has one
 
 __all__ = ["SNAPSHOT", "Sweep", "sweep_name", "sweep_dir_for", "resolve_sweep", "read_snapshot", "check_tune_state", "sweep_status", "sweep_frontier", "rebuild_frontier", "sweep_sync", "ui_store"]
 
 
-def sweep_name(spec: SweepSpec, smoke: bool) -> str:
-    """A smoke run is its own sweep (<name>-smoke), so it never collides with the real one."""
-    return spec.name + ("-smoke" if smoke else "")
-
-
 def sweep_dir_for(spec: SweepSpec, storage: str | None = None, *, smoke: bool = False) -> Path:
-    """Where Ray Tune keeps this sweep's state: <storage>/<name> (storage from the CLI, else the spec)."""
-    return Path(storage or spec.storage).expanduser().resolve() / sweep_name(spec, smoke)
+    """The sweep's directory on this machine: <storage>/<name> (storage from the CLI, else the spec), or, for a URI
+    storage, its local copy (`orchestrator.storage.sweep_location` has both)."""
+    return sweep_location(spec, storage, smoke=smoke).dir
 
 
 @dataclass
@@ -46,15 +44,24 @@ def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool
     """Find a sweep from a directory, a spec file or a name; a clear error when there is none. Ray-free: a sweep
     is a directory with the launch's snapshot and Tune's `tuner.pkl` (what `Tuner.can_restore` looks for)."""
     p = Path(arg).expanduser()
-    if p.suffix in (".yaml", ".yml"):
+    if is_uri(arg):
+        where = location_of(*arg.rstrip("/").rsplit("/", 1))
+        if problems := storage_problems(where.storage_path, source=arg):
+            raise UserError(problems)
+    elif p.suffix in (".yaml", ".yml"):
         spec = load_spec(p)
-        d = sweep_dir_for(spec, smoke=smoke)
-    elif p.is_dir():
-        d = p.resolve()
+        where = sweep_location(spec, smoke=smoke)
+        if problems := storage_problems(spec.storage, source=str(p)):
+            raise UserError(problems)
+    elif p.is_dir() or len(p.parts) > 1 or p.is_absolute():  # a path: taken as given, never under ./runs again
+        where = location_of(str(p.parent), p.name)
     else:
-        d = (Path("runs") / arg).resolve()
+        where = location_of("runs", arg)
+    if where.uri is not None and where.exists():
+        where.pull()  # Ray's state and results and the project's records; checkpoints stay where they are
+    d = where.dir
     if not (d / SNAPSHOT).exists() or not (d / TUNER_STATE).is_file():
-        raise UserError([f"{arg}: no sweep found at {d}; pass a sweep directory (<storage>/<name>), "
+        raise UserError([f"{arg}: no sweep found at {where}; pass a sweep directory (<storage>/<name>), "
                          "its spec file, or its name under ./runs"])
     check_tune_state(d)
     spec = read_snapshot(d)[1]

@@ -2,13 +2,14 @@
 records them.
 
     callbacks = sweep_callbacks(sweep_dir, tracking, progress=ProgressTable(...))
-    tuner = build_tuner(spec, strategy, sweep_dir=sweep_dir, callbacks=callbacks, resume=False,
+    tuner = build_tuner(spec, strategy, where=where, callbacks=callbacks, resume=False,
                         data_paths=data_paths, pretrained=pretrained)
 
 A new sweep's Tuner takes its `param_space`, `search_alg` and `num_samples` from the strategy
 (`orchestrator.strategy`: one `grid_search` over the grid's envelopes, or a searcher's points); a resumed
 sweep's is the strategy's `restore` of the saved experiment (its callbacks and searcher come back with it).
-Trials are named and stored by their spec trial id, a hash of their config.
+Trials are named and stored by their spec trial id, a hash of their config. Tune is given the sweep's storage as
+the user wrote it (`SweepLocation.tune_path`: a folder, or a URI whose filesystem pyarrow opens on each node).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from orchestrator.callbacks import SignState, TrialRecords
 from orchestrator.envelope import Pretrained, TrialEnvelope, build_envelopes
 from orchestrator.planning import run_order
 from orchestrator.spec import SweepSpec
+from orchestrator.storage import SweepLocation
 from orchestrator.strategy import Strategy
 from orchestrator.system_metrics import TrialTracking
 from orchestrator.tracking import MlflowProgressCallback
@@ -31,14 +33,15 @@ from orchestrator.trainable import KeepHistoryOnRetry, tune_trainable
 __all__ = ["PrepareFinish", "build_tuner", "sweep_callbacks", "trial_name"]
 
 
-def build_tuner(spec: SweepSpec, strategy: Strategy, *, sweep_dir: Path, callbacks: list, resume: bool,
+def build_tuner(spec: SweepSpec, strategy: Strategy, *, where: SweepLocation, callbacks: list, resume: bool,
                 data_paths: dict[str, str], pretrained: Pretrained, tracking: TrialTracking | None = None) -> tune.Tuner:
     """The sweep's Tuner: the saved one with `resume`, else a new one over the strategy's trials. `tracking`: where
     the trials log their system metrics (this launch's store)."""
     if resume:
-        return strategy.restore(sweep_dir, trainable=tune_trainable(spec.resources, tracking))
+        return strategy.restore(where.tune_path, trainable=tune_trainable(spec.resources, tracking))
+    sweep_dir = where.dir
     envelopes = build_envelopes(spec, run_order(strategy.trials), data_paths=data_paths, pretrained=pretrained,
-                                sweep_dir=sweep_dir)
+                                sweep_dir=where.tune_path)
     return tune.Tuner(
         tune_trainable(spec.resources, tracking),
         param_space=strategy.param_space(envelopes),  # the grid's envelopes, or nothing: the searcher's points
@@ -56,7 +59,7 @@ def build_tuner(spec: SweepSpec, strategy: Strategy, *, sweep_dir: Path, callbac
             trial_name_creator=trial_name, trial_dirname_creator=trial_name,
         ),
         run_config=tune.RunConfig(
-            name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0, callbacks=callbacks,
+            name=where.name, storage_path=where.storage_path, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         ),

@@ -36,13 +36,18 @@ def _print_table(rows: list[dict[str, Any]], title: str) -> None:
 
 @command()
 def validate(spec: SpecFile, json_out: JsonOut = False) -> None:
-    """Check a spec (and its smoke variant) without running anything; say how many trials it makes.
+    """Check a spec (and its smoke variant) without running anything; say how many trials it makes. A `storage` URI
+    (s3://bucket/prefix) must open and its bucket answer.
 
     Example: `bvit-sweep validate sweeps/width.yaml`
     """
+    from orchestrator.errors import UserError
     from orchestrator.spec import validate_file
+    from orchestrator.storage import storage_problems
 
     result = validate_file(path=spec)
+    if problems := storage_problems(result.spec.storage, source=result.spec.source):  # a URI: opened and reached
+        raise UserError(problems)
     if json_out:
         print_json(result.to_dict())
     else:
@@ -92,7 +97,7 @@ def plan(
 def launch(
         spec: SpecFile,
         address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, the spec's, else the persistent local Ray of `bvit-sweep ray up` when it runs, else an embedded local Ray; `local`: embedded).")] = None,
-        storage: Annotated[str | None, typer.Option(help="Ray Tune storage root (default: the spec's `storage`).")] = None,
+        storage: Annotated[str | None, typer.Option(help="Ray Tune storage root: a folder or a URI such as s3://bucket/prefix (default: the spec's `storage`).")] = None,
         smoke: Annotated[bool, typer.Option("--smoke", help="Apply the spec's `smoke:` overrides (a separate <name>-smoke sweep).")] = False,
         resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep; finished trials are not rerun.")] = False,
         force: Annotated[bool, typer.Option("--force", help="With --resume: accept a spec that changed since the sweep started.")] = False,
