@@ -10,7 +10,8 @@ does not find it and `down` can tell its processes from any other Ray's. Its wor
 (`trainable.PRELOAD`), like the embedded Ray's. Ray starts a job's workers when its driver connects, so each launch's
 trials import the code as it is at that launch; what the head keeps from `up` is its Python, its project checkout
 and its environment variables. A launch from another Python or checkout does not attach (it says so and runs an
-embedded Ray). No token authentication: any local user who can reach 127.0.0.1 can reach it, as with the embedded Ray.
+embedded Ray). Authentication as for the embedded Ray: Ray's token (~/.ray/auth_token, made if missing) unless
+RAY_AUTH_MODE says otherwise when `up` runs; launches attach in the head's mode.
 """
 from __future__ import annotations
 
@@ -29,9 +30,8 @@ from orchestrator.errors import UserError
 __all__ = ["HEAD_ENV", "HEAD_FILE_ENV", "attachable_head", "head_file", "start_head", "stop_head", "temp_dir"]
 
 HEAD_FILE_ENV = "BVIT_SWEEP_RAY_HEAD"  # where the running head's address is recorded (tests point it elsewhere)
-# The head's (and so its workers') environment: loopback only, no token authentication (a token file in ~/.ray
-# would switch it on for `ray start` alone, and then nothing could attach), and what Tune gives every trial actor.
-HEAD_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "PL_DISABLE_FORK": "1"}
+# The head's (and so its workers') environment: loopback only, and what Tune gives every trial actor.
+HEAD_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PL_DISABLE_FORK": "1"}
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 10.0
 
@@ -107,9 +107,15 @@ def start_head(num_cpus: int | None = None) -> dict[str, Any]:
                          f"({why.split(': running', 1)[0]}); stop it first with `bvit-sweep ray down`"])
     num_cpus = num_cpus or os.cpu_count() or 1
     address = f"127.0.0.1:{_free_port()}"
+    # Ray 2.60's embedded Ray uses token authentication by default (making the token if missing); `ray start`
+    # only when a token exists: the head is made to match, and launches attach in its mode.
+    auth = os.environ.get("RAY_AUTH_MODE", "token").lower()
+    if auth == "token":
+        subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "get-auth-token", "--generate"],
+                       capture_output=True, timeout=60)  # prints the token: not shown
     # Tune gives an actor a runtime env of its own (and so a new worker process) when the launch has any of these
     # set (AWS credentials, Train's settings): the head's workers have none of them, never a stale value.
-    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS_TO_PROPAGATE} | HEAD_ENV
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS_TO_PROPAGATE} | HEAD_ENV | {"RAY_AUTH_MODE": auth}
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={address.rpartition(':')[2]}",
            "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
            f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir()}",
@@ -121,7 +127,7 @@ def start_head(num_cpus: int | None = None) -> dict[str, Any]:
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError([f"`ray start --head` failed (exit {out.returncode}): {tail[0]}"])
     head = {"address": address, "num_cpus": num_cpus, "temp_dir": str(temp_dir()), "python": sys.prefix,
-            "project": _project_root(), "started_at": started, "start_s": round(time.time() - started, 2),
+            "project": _project_root(), "auth_mode": auth, "started_at": started, "start_s": round(time.time() - started, 2),
             "inherited": {k: v for k, v in HEAD_ENV.items() if k == "PL_DISABLE_FORK"}}
     head_file().parent.mkdir(parents=True, exist_ok=True)
     tmp = head_file().with_suffix(".tmp")

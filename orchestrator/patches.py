@@ -5,6 +5,7 @@
     with few_join_retries(JOIN_RETRIES): ray.init(address=...)   # a refused cluster token: seconds, not minutes
     with trial_actors_on_started_workers(env): tuner.fit()       # trial actors on the workers Ray started
     with grid_without_copying_the_grid(): tuner.fit()            # a grid's trials made in O(N), not O(N^2)
+    with auth_mode("token"): ray.init(address=...)               # attach in a running head's authentication mode
     stop_autoscaler_monitor()                   # before ray.shutdown(): a second less at the end of every launch
 
 Each one reaches into Ray 2.60's private parts (`ray._private.ray_constants`, the node's process table, Tune's
@@ -24,7 +25,7 @@ import ray
 
 from orchestrator.errors import UserError
 
-__all__ = ["ALLOW_ENV", "TESTED_RAY", "check_ray_version", "few_join_retries", "grid_without_copying_the_grid",
+__all__ = ["ALLOW_ENV", "TESTED_RAY", "auth_mode", "check_ray_version", "few_join_retries", "grid_without_copying_the_grid",
            "loopback_only", "stop_autoscaler_monitor", "trial_actors_on_started_workers"]
 
 TESTED_RAY = "2.60"  # major.minor: the patches were written for and tested on 2.60.x (pyproject pins 2.60.0)
@@ -173,3 +174,27 @@ def grid_without_copying_the_grid() -> Iterator[None]:
         yield
     finally:
         vg._grid_search_generator = original
+
+
+@contextmanager
+def auth_mode(mode: str) -> Iterator[None]:
+    """This process in Ray's authentication `mode` ("token" or "disabled") while open (Ray 2.60: RAY_AUTH_MODE, read
+    into the cached `RayConfig` when Ray is imported; `_raylet.Config.initialize` re-reads it, as Ray does itself when
+    it turns token mode on for a new local Ray).
+
+    Why: a launch attaching to the persistent local Ray must speak the head's mode whatever its own environment
+    said when Ray was imported; afterwards the process is as it was (a later embedded Ray decides for itself).
+    """
+    from ray._raylet import Config
+
+    before = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = mode
+    Config.initialize("")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = before
+        Config.initialize("")

@@ -23,6 +23,7 @@ from orchestrator.env_switches import env_switch
 from orchestrator.errors import InputWarning, UserError
 from orchestrator.local_ray import attachable_head
 from orchestrator.patches import (
+    auth_mode,
     few_join_retries,
     loopback_only,
     stop_autoscaler_monitor,
@@ -72,7 +73,7 @@ def ray_session(address: str | None, spec: SweepSpec) -> Iterator[str]:
     if why:
         warnings.warn(why, InputWarning, stacklevel=2)
     if head is not None:
-        with env_switch("RAY_AUTH_MODE", "disabled"), env_switch("PL_DISABLE_FORK", "1"):
+        with auth_mode(head.get("auth_mode", "disabled")), env_switch("PL_DISABLE_FORK", "1"):
             with loopback_only():  # this driver's node address is the head's: 127.0.0.1
                 ray.init(address=head["address"], log_to_driver=False)
             try:

@@ -83,13 +83,14 @@ def test_help_lists_every_command():
     result = invoke("--help")
     assert result.exit_code == 0
     for name in ("validate", "plan", "launch", "status", "frontier", "sync", "ui", "train", "finetune", "analyze",
-                 "data"):
+                 "data", "ray"):
         assert re.search(rf"\b{name}\s", result.output), name
 
 
 def test_every_command_help_shows_an_example_invocation():
     leaves = _leaf_commands()
-    assert len(leaves) == 14  # 10 top-level commands; data: prepare fashion-mnist, image-folder, transfer, verify
+    assert len(leaves) == 17  # 10 top-level commands; data: prepare fashion-mnist, image-folder, transfer, verify;
+    # ray: up, down, status
     for path, _ in leaves:
         result = invoke(*path, "--help")
         assert result.exit_code == 0, (path, result.output)

@@ -38,6 +38,7 @@ def test_peak_table_names_its_source():
     assert got["Tesla T4"][0] == "None" and "not in" in got["Tesla T4"][1]
 
 
+@pytest.mark.slow  # minutes here: `make test-slow` (the default suite stays ~20 min on 2 cores)
 def test_bench_gpu_tiny_reports_both_arms(tmp_path):
     """bench/gpu.py --tiny: every section runs on the CPU and the report compares the two arms sanely."""
     _run([sys.executable, "bench/gpu.py", "--tiny", "--out", str(tmp_path), "--data", str(tmp_path / "none"),

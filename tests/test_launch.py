@@ -194,6 +194,7 @@ def test_changed_spec_is_refused_on_resume_and_force_accepts_only_edits_that_cha
     assert json.loads((workdir / "runs" / "chg" / "bvit_sweep.json").read_text()) == snapshot  # left as it was
 
 
+@pytest.mark.slow  # minutes here: `make test-slow` (the default suite stays ~20 min on 2 cores)
 def test_finetune_method_is_a_sweep_axis_over_a_pretraining_sweeps_best_trial(workdir, fmnist_dir):
     from bvit.checkpoint import load_trained
     from bvit.models.factory import count_params
@@ -431,6 +432,7 @@ def test_trials_larger_than_this_machine_are_refused_before_ray(tmp_path, monkey
     assert "GiB to train (weights, gradients, AdamW moments, 4 bytes each), but " in line
 
 
+@pytest.mark.slow  # minutes here: `make test-slow` (the default suite stays ~20 min on 2 cores)
 def test_a_diverging_trial_fails_at_once_while_a_crashed_one_is_retried(workdir, fmnist_dir, monkeypatch):
     """Divergence is deterministic: retrying it from its checkpoint would diverge again. A crash is not."""
     spec = write_spec(workdir / "s.yaml", fmnist_dir, name="div", epochs=2, axes={"optim.lr": [1e-3, 1e6]},
@@ -489,6 +491,7 @@ result = run_trial(cfg, trial_id=sys.argv[2], checkpoint_dir=sys.argv[3], device
 """
 
 
+@pytest.mark.slow  # minutes here: `make test-slow` (the default suite stays ~20 min on 2 cores)
 def test_trials_run_back_to_back_in_one_reused_process_equal_each_run_in_a_fresh_one(workdir, fmnist_dir):
     """Tune reuses a trial's process for the next trial: nothing may leak from one into the next (RNG states,
     thread counts, cached data loaders, autocast, the model or optimizer). The second trial differs from the

@@ -1,7 +1,6 @@
 """The persistent local Ray (`bvit-sweep ray up | status | down`): launches attach to it, it outlives them, it
 listens on loopback only, `down` stops it and nothing else, and a head it cannot use is never attached to."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,23 +13,23 @@ from typer.testing import CliRunner
 from orchestrator import local_ray
 from orchestrator.cli import app
 from orchestrator.errors import InputWarning
-from orchestrator.launch import launch
 
 runner = CliRunner()
 
-# How many jobs (drivers) of this test process the head has seen: one per launch that attached to it.
+# How many jobs (drivers) of process `pid` the head has seen: one per launch that attached to it.
 _JOBS = """
 import json, os, sys, ray
+from orchestrator.local_ray import attachable_head
 from orchestrator.patches import loopback_only
-os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["RAY_AUTH_MODE"] = attachable_head()[0]["auth_mode"]
 with loopback_only():
     ray.init(address=sys.argv[1], log_to_driver=False)
 print(json.dumps(sum(int(j["DriverPid"]) == int(sys.argv[2]) for j in ray._private.state.jobs())))
 """
 
 
-def _jobs(address: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _JOBS, address, str(os.getpid())], capture_output=True, text=True,
+def _jobs(address: str, pid: int) -> int:
+    out = subprocess.run([sys.executable, "-c", _JOBS, address, str(pid)], capture_output=True, text=True,
                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -38,6 +37,9 @@ def _jobs(address: str) -> int:
 
 @pytest.fixture
 def head_file(tmp_path, monkeypatch):
+    import ray
+
+    ray.shutdown()  # a Ray an earlier test left connected would be used as it is ("existing")
     path = tmp_path / "ray-head.json"
     monkeypatch.setenv(local_ray.HEAD_FILE_ENV, str(path))
     yield path
@@ -56,19 +58,24 @@ def test_up_launch_attaches_and_down_stops_only_it(head_file, fmnist_dir, tmp_pa
     again = runner.invoke(app, ["ray", "up"])  # idempotent: the running head, not a second one
     assert again.exit_code == 0 and "already running" in again.output and head["address"] in again.output
 
-    spec = write_spec(tmp_path / "s.yaml", fmnist_dir, name="pl", epochs=1, storage=str(tmp_path / "runs"))
-    assert _jobs(head["address"]) == 0
-    result = launch(spec_path=spec, results_root=tmp_path / "results",
-                    verbose=False)
-    assert result.ok and len(result.trials) == 2
-    assert _jobs(head["address"]) == 1  # the launch was a job of the persistent head...
-    assert local_ray.attachable_head()[0]["address"] == head["address"]  # ...which outlives it
+    # Launches as a user runs them: each its own process (Ray keeps per-process state between sessions).
+    def launch_cli(spec, *extra) -> int:
+        proc = subprocess.Popen([sys.executable, "-c", "from orchestrator.cli import app; app()", "launch", str(spec),
+                                 "--json", *extra], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["ok"] and len(result["trials"]) == 2
+        return proc.pid
 
-    explicit = launch(spec_path=write_spec(tmp_path / "e.yaml", fmnist_dir, name="emb", epochs=1,
-                                           storage=str(tmp_path / "runs")),
-                      address="local", results_root=tmp_path / "results",
-                      verbose=False)
-    assert explicit.ok and _jobs(head["address"]) == 1  # --address local: an embedded Ray, not the head
+    storage = str(tmp_path / "runs")
+    attached = launch_cli(write_spec(tmp_path / "s.yaml", fmnist_dir, name="pl", epochs=1, storage=storage))
+    assert _jobs(head["address"], attached) == 1  # the launch was a job of the persistent head...
+    assert local_ray.attachable_head()[0]["address"] == head["address"]  # ...which outlives it
+    embedded = launch_cli(write_spec(tmp_path / "e.yaml", fmnist_dir, name="emb", epochs=1, storage=storage),
+                          "--address", "local")
+    assert _jobs(head["address"], embedded) == 0  # --address local: an embedded Ray, not the head
 
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another process
     try:
