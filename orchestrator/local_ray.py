@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -123,7 +122,7 @@ def start_head(num_cpus: int | None = None) -> dict[str, Any]:
     started = time.time()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S)
     if out.returncode or not _listening(address, timeout=5.0):
-        stop_head(quiet=True)
+        stop_head()
         tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError([f"`ray start --head` failed (exit {out.returncode}): {tail[0]}"])
     head = {"address": address, "num_cpus": num_cpus, "temp_dir": str(temp_dir()), "python": sys.prefix,
@@ -150,22 +149,11 @@ def _processes() -> list:
     return found
 
 
-def stop_head(*, quiet: bool = False) -> int:
+def stop_head() -> int:
     """Stop the persistent head's processes (SIGTERM, then SIGKILL after STOP_GRACE_S); the number stopped."""
-    import psutil
+    from orchestrator.reaper import terminate_then_kill
 
     procs = _processes()
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=STOP_GRACE_S)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=STOP_GRACE_S)
+    terminate_then_kill(procs, STOP_GRACE_S)
     head_file().unlink(missing_ok=True)
     return len(procs)

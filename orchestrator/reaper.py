@@ -21,7 +21,7 @@ import sys
 
 import psutil
 
-__all__ = ["Reaper"]
+__all__ = ["Reaper", "terminate_then_kill"]
 
 POLL_S = 0.5
 GRACE_S = 3.0
@@ -67,21 +67,33 @@ def _remember(parent: psutil.Process, seen: dict[int, float]) -> None:
 
 
 def _reap(seen: dict[int, float]) -> None:
-    alive = []
+    mine = []
     for pid, created in seen.items():
         try:
             p = psutil.Process(pid)
             if p.create_time() == created:
-                p.terminate()
-                alive.append(p)
+                mine.append(p)
         except psutil.Error:
             pass
-    _, still = psutil.wait_procs(alive, timeout=GRACE_S)
+    terminate_then_kill(mine, GRACE_S)
+
+
+def terminate_then_kill(procs: list, grace_s: float) -> None:
+    """SIGTERM each process, SIGKILL those still alive after `grace_s`, wait for them (gone ones are skipped)."""
+    alive = []
+    for p in procs:
+        try:
+            p.terminate()
+            alive.append(p)
+        except psutil.Error:
+            pass
+    _, still = psutil.wait_procs(alive, timeout=grace_s)
     for p in still:
         try:
             p.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(still, timeout=grace_s)
 
 
 def main(parent_pid: int) -> int:

@@ -43,7 +43,7 @@ def head_file(tmp_path, monkeypatch):
     path = tmp_path / "ray-head.json"
     monkeypatch.setenv(local_ray.HEAD_FILE_ENV, str(path))
     yield path
-    local_ray.stop_head(quiet=True)  # whatever a failing test left running
+    local_ray.stop_head()  # whatever a failing test left running
 
 
 def test_up_launch_attaches_and_down_stops_only_it(head_file, fmnist_dir, tmp_path, monkeypatch):
