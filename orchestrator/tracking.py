@@ -180,6 +180,7 @@ class SweepTracker:
         self._indexed = False
         self._epochs: dict[str, set[int]] = {}
         self._retries: dict[str, int] = {}
+        self._fresh: set[str] = set()  # runs this tracker created that have no epoch logged yet
         if any(VIEW_TAG_PREFIX + v not in (exp.tags if exp is not None else {}) for v in (VIEW_ID, CELLS_VIEW_ID)):
             if exp is not None:
                 self._index()  # an older store: its parent, to pin
@@ -241,14 +242,19 @@ class SweepTracker:
             rid = self._runs.get(trial_id)
             if rid is None:
                 from mlflow.entities import Param
-                rid = self.client.create_run(self.experiment_id, run_name=run_name(cfg, design=self.design),
+                run = self.client.create_run(self.experiment_id, run_name=run_name(cfg, design=self.design),
                                              start_time=start_ms, tags={
                     TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id, TAG_ROLE: "trial", TAG_RANK: UNRANKED,
                     "mlflow.parentRunId": self.parent_run_id(),
-                }).info.run_id
+                })
+                rid = run.info.run_id
                 params = [Param(k, str(v)) for k, v in cfg.flat().items()]
                 for i in range(0, len(params), 100):
                     self.client.log_batch(rid, params=params[i:i + 100])
+                # What this process knows of the run it just made, so the trial's first epoch and its end cost
+                # no reads: no epoch logged, no `params`/`flops_per_image` yet, status as created.
+                self._epochs[rid], self._info[rid] = set(), run.info
+                self._fresh.add(rid)
             self._runs[trial_id] = rid
         return self._runs[trial_id]
 
@@ -260,14 +266,15 @@ class SweepTracker:
 
     def log_epochs(self, trial_id: str, cfg: TrialConfig, records: list[dict[str, Any]]) -> int:
         """Log every record (one per epoch) not yet in the trial's run; returns how many were logged."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         rid = self.child_run_id(trial_id, cfg, start_ms=trial_times(records)[0])
         done = self._logged_epochs(rid)
-        logged, retries = 0, None
+        counts = [int(r["retries"]) for r in records if r.get("retries") is not None]
+        retries = max(counts) if counts else None
+        tags = [RunTag(TAG_RETRIES, str(retries))] if retries is not None and self._retries.get(rid) != retries else []
+        logged = 0
         for r in sorted(records, key=lambda r: r["epoch"]):
-            if r.get("retries") is not None:
-                retries = max(int(r["retries"]), retries or 0)
             if isinstance(r.get(FAILED_KEY), str):  # the failure itself: the run's status, not an epoch
                 continue
             epoch = int(r["epoch"])
@@ -278,15 +285,22 @@ class SweepTracker:
                        if r.get(k) is not None and (r[k] == r[k] or k == "train_loss")]
             params = []
             if not done and r.get("params") is not None:
-                run = self.client.get_run(rid)
-                params = [Param("params", str(int(r["params"])))] if "params" not in run.data.params else []
-                if r.get("flops_per_image") is not None and "flops_per_image" not in run.data.metrics:
+                if rid in self._fresh:  # made here, nothing logged since: neither is there
+                    have_params, have_flops = False, False
+                else:
+                    run = self.client.get_run(rid)
+                    have_params, have_flops = "params" in run.data.params, "flops_per_image" in run.data.metrics
+                params = [] if have_params else [Param("params", str(int(r["params"])))]
+                if r.get("flops_per_image") is not None and not have_flops:
                     metrics.append(Metric("flops_per_image", float(r["flops_per_image"]), ts, 0))
-            self.client.log_batch(rid, metrics=metrics, params=params)
+            self.client.log_batch(rid, metrics=metrics, params=params, tags=tags)  # the retries tag rides along
+            self._fresh.discard(rid)
+            tags = []
             done.add(epoch)
             logged += 1
-        if retries is not None and self._retries.get(rid) != retries:
+        if tags:  # no epoch to log it with
             self.client.set_tag(rid, TAG_RETRIES, str(retries))
+        if retries is not None:
             self._retries[rid] = retries
         return logged
 
