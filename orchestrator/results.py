@@ -191,7 +191,7 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     `bvit-sweep sync` repeats this step later.
     """
     from orchestrator.frontier import summarize
-    from orchestrator.tracking import publish_sweep, sync_sweep
+    from orchestrator.tracking import MlflowProgressCallback, publish_sweep, sync_sweep
 
     out: dict[str, Any] = {"frontier": None, "synced": None}
     try:
@@ -203,8 +203,9 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
             print(f"no frontier yet: {e}")
     try:
         root = Path(artifact_root) if artifact_root else None
+        # When live logging never failed in this process, a run whose last epoch is logged is complete.
         out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root,
-                                   design=design)
+                                   design=design, trust_last=MlflowProgressCallback.failures == 0)
         ids = {row["trial_id"] for row in table}
         configs = {tid: env.resolved for tid, env in trial_envelopes(sweep_dir).items() if tid in ids}
         publish_sweep(results_dir=results_dir, table=table, summary=summary, uri=uri, experiment=experiment,

@@ -181,6 +181,7 @@ class SweepTracker:
         self._epochs: dict[str, set[int]] = {}
         self._retries: dict[str, int] = {}
         self._fresh: set[str] = set()  # runs this tracker created that have no epoch logged yet
+        self._last_epoch: dict[str, int] = {}  # run id -> its latest logged epoch, as the sweep's index read it
         if any(VIEW_TAG_PREFIX + v not in (exp.tags if exp is not None else {}) for v in (VIEW_ID, CELLS_VIEW_ID)):
             if exp is not None:
                 self._index()  # an older store: its parent, to pin
@@ -219,8 +220,13 @@ class SweepTracker:
             tags = run.data.tags
             key = "__parent__" if tags.get(TAG_ROLE) == "parent" else tags.get(TAG_TRIAL)
             if key is not None and key not in self._runs:
-                self._runs[key] = run.info.run_id
-                self._info[run.info.run_id] = run.info
+                rid = self._runs[key] = run.info.run_id
+                self._info[rid] = run.info
+                if (retries := tags.get(TAG_RETRIES)) is not None and retries.isdigit():
+                    self._retries[rid] = int(retries)
+                steps = [int(m.step) for m in run.data._metric_objs if m.key == STEP_MARKERS[0]]
+                if steps:
+                    self._last_epoch[rid] = max(steps)  # the latest epoch logged (MLflow keeps the latest value)
 
     def parent_run_id(self) -> str:
         if "__parent__" not in self._runs:
@@ -264,12 +270,21 @@ class SweepTracker:
                                     for m in self.client.get_metric_history(run_id, key)}
         return self._epochs[run_id]
 
-    def log_epochs(self, trial_id: str, cfg: TrialConfig, records: list[dict[str, Any]]) -> int:
-        """Log every record (one per epoch) not yet in the trial's run; returns how many were logged."""
+    def log_epochs(self, trial_id: str, cfg: TrialConfig, records: list[dict[str, Any]], *,
+                   trust_last: bool = False) -> int:
+        """Log every record (one per epoch) not yet in the trial's run; returns how many were logged.
+
+        `trust_last`: a run whose latest logged epoch (from the sweep's index) is the records' last is taken as
+        complete, without reading its history (epochs are logged in order; the launch passes it when its live
+        logging never failed, `bvit-sweep sync` never)."""
         from mlflow.entities import Metric, Param, RunTag
 
         rid = self.child_run_id(trial_id, cfg, start_ms=trial_times(records)[0])
-        done = self._logged_epochs(rid)
+        epochs = [int(r["epoch"]) for r in records if not isinstance(r.get(FAILED_KEY), str)]
+        if trust_last and epochs and self._last_epoch.get(rid) == max(epochs):
+            done = self._epochs.setdefault(rid, set(epochs))
+        else:
+            done = self._logged_epochs(rid)
         counts = [int(r["retries"]) for r in records if r.get("retries") is not None]
         retries = max(counts) if counts else None
         tags = [RunTag(TAG_RETRIES, str(retries))] if retries is not None and self._retries.get(rid) != retries else []
@@ -324,7 +339,10 @@ class SweepTracker:
 
 
 class MlflowProgressCallback(tune.Callback):
-    """Logs each epoch result to the trial's child run from a background thread; failures only warn."""
+    """Logs each epoch result to the trial's child run from a background thread; failures only warn (and are
+    counted in `failures`, for this process: the end of the launch then checks every run's history)."""
+
+    failures = 0
 
     def __init__(self, *, uri: str, experiment: str, sweep: str, artifact_root: str | None = None,
                  design: Design | None = None) -> None:
@@ -354,6 +372,7 @@ class MlflowProgressCallback(tune.Callback):
                     tracker.finish(trial_id, cfg, *payload)
             except Exception as e:  # the server being away must not stop training; `sync` back-fills
                 tracker = None
+                MlflowProgressCallback.failures += 1
                 if not warned:
                     warnings.warn(f"MLflow at {self.kw['uri']} unreachable ({type(e).__name__}: {e}); training goes "
                                   "on, and the sweep back-fills MLflow at the end (or run `bvit-sweep sync`)",
@@ -400,9 +419,11 @@ class MlflowProgressCallback(tune.Callback):
 
 
 def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
-               artifact_root: Path | None = None, design: Design | None = None) -> dict[str, int]:
+               artifact_root: Path | None = None, design: Design | None = None,
+               trust_last: bool = False) -> dict[str, int]:
     """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent. Reads the
-    sweep's JSON records and result.json lines only (`orchestrator.records`), never Tune's pickled state."""
+    sweep's JSON records and result.json lines only (`orchestrator.records`), never Tune's pickled state.
+    `trust_last`: see `SweepTracker.log_epochs` (a run whose last epoch is logged is not read back)."""
     from orchestrator.records import read_history, read_records
 
     records = read_records(sweep_dir)
@@ -413,7 +434,7 @@ def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
     for trial in records:
         env = trial.envelope
         history = read_history(sweep_dir, env.trial_id)
-        logged += tracker.log_epochs(env.trial_id, env.resolved, history)
+        logged += tracker.log_epochs(env.trial_id, env.resolved, history, trust_last=trust_last)
         if (status := trial_status(trial)) in ("TERMINATED", "ERROR"):
             tracker.finish(env.trial_id, env.resolved, status, trial_times(history or [trial.last_result])[1])
         trials += 1

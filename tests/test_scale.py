@@ -158,3 +158,39 @@ def test_a_new_trial_costs_mlflow_four_calls_and_no_reads(tmp_path, monkeypatch)
     assert run.data.params["params"] == "1234" and run.data.metrics["flops_per_image"] == 5678.0
     assert run.data.tags[tracking.TAG_RETRIES] == "0" and run.info.status == "FINISHED"
     assert run.data.metrics["test_top1"] == 50.0 and run.info.end_time == 2_000_000
+
+
+def test_the_end_of_a_launch_reads_no_run_history_when_live_logging_never_failed(tmp_path, monkeypatch):
+    """The end of a launch back-fills MLflow from Ray's results (`sync_sweep`): at 2,000 trials that read every
+    run's history twice and re-tagged every run, minutes. A fresh tracker now knows each run's latest epoch and
+    retries from its one read of the sweep's runs: a run whose last epoch is logged costs nothing, unless live
+    logging failed in this process (then every history is read, as `bvit-sweep sync` always does)."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    envs = [TrialEnvelope.of(t.config) for t in _trials(5)]
+    history = [{"epoch": e, "train_loss": 2.0 / e, "test_top1": 40.0 + e, "retries": 0, "reported_at": 1_000.0 + e}
+               for e in (1, 2)]
+    live = tracking.SweepTracker(uri=uri, experiment="big", sweep="big")
+    for env in envs:
+        live.log_epochs(env.trial_id, env.resolved, history)
+        live.finish(env.trial_id, env.resolved, "TERMINATED", end_ms=2_000_000)
+
+    def count(trust_last: bool, records=history) -> list[str]:
+        calls: list[str] = []
+        with monkeypatch.context() as m:
+            for name in ("log_batch", "set_tag", "set_terminated", "get_run", "get_metric_history"):
+                real = getattr(MlflowClient, name)
+                m.setattr(MlflowClient, name, lambda self, *a, _n=name, _r=real, **kw: calls.append(_n) or _r(self, *a, **kw))
+            end = tracking.SweepTracker(uri=uri, experiment="big", sweep="big")
+            for env in envs:
+                end.log_epochs(env.trial_id, env.resolved, records, trust_last=trust_last)
+                end.finish(env.trial_id, env.resolved, "TERMINATED", end_ms=2_000_000)
+        return calls
+
+    assert count(trust_last=True) == []  # nothing to write, nothing read back
+    assert count(trust_last=False) == ["get_metric_history"] * 2 * len(envs)  # `bvit-sweep sync`: checks each
+    third = [*history, {"epoch": 3, "train_loss": 0.5, "test_top1": 44.0, "retries": 0, "reported_at": 1_003.0}]
+    assert count(trust_last=True, records=third) == ["get_metric_history", "get_metric_history", "log_batch"] * len(envs)
