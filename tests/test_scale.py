@@ -228,5 +228,5 @@ def test_describing_the_children_at_the_end_is_one_write_per_run_and_none_when_u
     assert writes() == []  # published again (frontier, sync, --resume): nothing changed, nothing written
     run = MlflowClient(uri).get_run(tracker.child_run_id(envs[3].trial_id, envs[3].resolved))
     assert run.data.tags[tracking.TAG_RANK] == "0001" and run.data.tags["mlflow.source.git.commit"] == "abc123"
-    assert run.info.run_name.endswith("53.00") or "53" in run.info.run_name
+    assert run.info.run_name == "seed 0 · top-1 53.0 %"  # through log_batch too
     assert run.data.metrics[tracking.FINAL_METRIC] == 53.0 and "finished after 1 epochs" in run.data.tags[tracking.TAG_NOTE]
