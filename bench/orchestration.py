@@ -239,7 +239,8 @@ def run(cases: list[str], data: str = "data/fashion-mnist") -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=["realistic", "short", "both"], default="both")
+    ap.add_argument("--case", choices=["realistic", "short", "both"], default=os.environ.get("BVIT_BENCH_CASE", "both"),
+                    help="default: both, or BVIT_BENCH_CASE (how `bench/run_all.py` picks one)")
     ap.add_argument("--data", default="data/fashion-mnist")
     a = ap.parse_args()
     print("\n".join(run(["realistic", "short"] if a.case == "both" else [a.case], a.data)))

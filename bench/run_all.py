@@ -48,7 +48,8 @@ def main() -> None:
 
 
 def _command(only: list[str]) -> str:
-    return "make bench" if only == BENCHES else f"python bench/run_all.py --only {' '.join(only)}"
+    case = f"BVIT_BENCH_CASE={os.environ['BVIT_BENCH_CASE']} " if os.environ.get("BVIT_BENCH_CASE") else ""
+    return case + ("make bench" if only == BENCHES else f"python bench/run_all.py --only {' '.join(only)}")
 
 
 if __name__ == "__main__":
