@@ -1,6 +1,7 @@
 """The persistent local Ray (`bvit-sweep ray up | status | down`): launches attach to it, it outlives them, it
 listens on loopback only, `down` stops it and nothing else, and a head it cannot use is never attached to."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,8 @@ runner = CliRunner()
 
 # How many jobs (drivers) of process `pid` the head has seen: one per launch that attached to it.
 _JOBS = """
-import json, os, sys, ray
-from orchestrator.local_ray import attachable_head
+import json, sys, ray
 from orchestrator.patches import loopback_only
-os.environ["RAY_AUTH_MODE"] = attachable_head()[0]["auth_mode"]
 with loopback_only():
     ray.init(address=sys.argv[1], log_to_driver=False)
 print(json.dumps(sum(int(j["DriverPid"]) == int(sys.argv[2]) for j in ray._private.state.jobs())))
@@ -29,8 +28,10 @@ print(json.dumps(sum(int(j["DriverPid"]) == int(sys.argv[2]) for j in ray._priva
 
 
 def _jobs(address: str, pid: int) -> int:
+    mode = local_ray.attachable_head()[0]["auth_mode"]  # read by Ray as it is imported: set before
     out = subprocess.run([sys.executable, "-c", _JOBS, address, str(pid)], capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent,
+                         env={**os.environ, "RAY_AUTH_MODE": mode})
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
