@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import ray
 
+from orchestrator.env_switches import env_switch
 from orchestrator.errors import UserError
 
 __all__ = ["ALLOW_ENV", "TESTED_RAY", "auth_mode", "check_ray_version", "few_join_retries", "grid_without_copying_the_grid",
@@ -187,14 +188,9 @@ def auth_mode(mode: str) -> Iterator[None]:
     """
     from ray._raylet import Config
 
-    before = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = mode
-    Config.initialize("")
     try:
-        yield
+        with env_switch("RAY_AUTH_MODE", mode):
+            Config.initialize("")
+            yield
     finally:
-        if before is None:
-            os.environ.pop("RAY_AUTH_MODE", None)
-        else:
-            os.environ["RAY_AUTH_MODE"] = before
-        Config.initialize("")
+        Config.initialize("")  # re-read once the variable is as it was again
