@@ -11,19 +11,21 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from orchestrator.cells import MEASURED, column_names
-from orchestrator.curves import CURVES, curve_table, epoch_curve, still_improving
+from orchestrator.curves import CURVES, curve_table, epoch_curve, finite, still_improving
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.errors import UserError
 from orchestrator.provenance import PROVENANCE_KEY, git_sha, machine_provenance, relative_to_repo
 from orchestrator.records import read_history, read_records
 from orchestrator.spec import Convergence, SweepSpec, Trial
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["trial_status", "collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes",
            "trial_curves", "TrialTable", "COLUMNS"]
@@ -58,12 +60,23 @@ def _axis_columns(trials: list[Trial] | None) -> dict[str, str]:
     if not trials:
         return {}
     flats = [t.config.flat() for t in trials]
-    return column_names(k for k in flats[0] if len({json.dumps(f.get(k)) for f in flats}) > 1 and k != "seed")
+    first = {k: (type(v), v) for k, v in flats[0].items()}  # 1 and 1.0 and True are different values of a path
+    return column_names(k for k in first if k != "seed" and any((type(f.get(k)), f.get(k)) != first[k] for f in flats))
 
 
 def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
     """{trial id -> envelope} of every trial the sweep at `sweep_dir` recorded (its JSON records only)."""
     return {r.trial_id: r.envelope for r in read_records(sweep_dir)}
+
+
+def _best(history: list[dict[str, Any]]) -> tuple[float | None, int | None]:
+    """(best test top-1, the epoch it was reached at; the first on a tie) of a trial's per-epoch records;
+    (None, None) when it has none."""
+    scored = [(x, r) for r in history if (x := finite(r.get("test_top1"))) is not None and finite(r.get("epoch")) is not None]
+    if not scored:
+        return None, None
+    top, rec = max(scored, key=lambda xr: xr[0])  # max keeps the first of equal values
+    return top, int(rec["epoch"])
 
 
 def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> TrialTable:
@@ -86,9 +99,7 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> Tri
         flat = cfg.flat()
         last = trial.last_result or {}
         history = read_history(sweep_dir, env.trial_id)
-        df = pd.DataFrame(history) if history else None
-        curve = [] if df is None or df.empty else epoch_curve(df.to_dict("records"), eval_every=cfg.eval_every,
-                                                              epochs=cfg.optim.epochs)
+        curve = epoch_curve(history, eval_every=cfg.eval_every, epochs=cfg.optim.epochs) if history else []
         curves[env.trial_id] = curve
         row: dict[str, Any] = {
             "trial_id": env.trial_id, "status": trial.status, "arch": cfg.model.arch,
@@ -105,11 +116,7 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> Tri
             ft = cfg.finetune
             row.update(method=ft.method, rank=ft.rank if ft.method.startswith("lora") else None,
                        trainable_params=last.get("trainable_params"), merged_test_top1=last.get("merged_test_top1"))
-        if df is not None and not df.empty and "test_top1" in df:
-            best = df.loc[df["test_top1"].idxmax()]
-            row["best_test_top1"], row["best_epoch"] = float(best["test_top1"]), int(best["epoch"])
-        else:
-            row["best_test_top1"], row["best_epoch"] = None, None
+        row["best_test_top1"], row["best_epoch"] = _best(history)
         if isinstance(last.get(FAILED_KEY), str):  # failed for good (diverged, bad data): not retried
             row["status"], row["error"] = "ERROR", last[FAILED_KEY]
         elif trial.status == "ERROR":  # Tune's copy in the sweep directory, not the node's temporary one
