@@ -11,7 +11,7 @@ What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
     envelope; its state is orchestrator.mlflow_view's): the runs table with the sweep's factors
     (orchestrator.cells), seed and final test top-1 as columns, the parent pinned first, then the trials
     best first by `final_test_top1` (ordering by anything but start time also makes MLflow list the
-    children flat; `bvit.rank` holds the same order as a tag), and the chart view's "Sweep" charts.
+    children flat), and the chart view's "Sweep" charts.
     `bvit-sweep ui` makes it the browser's default. A second saved view, `bvit-sweep-cells`, groups the
     trials by cell with their seeds averaged (its URL: `?viewStateShareKey=bvit-sweep-cells`);
   * run names carry the trial's value of every factor, its seed and, once known, the final test top-1;
@@ -23,7 +23,8 @@ What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
   * `publish_sweep` gives the parent run its description (the frontier table, the plots inline),
     the spec, run.json, the command and git SHA; and every child its git SHA and command as MLflow's source
     tags, a short description (cell, seed, outcome), its checkpoint's location (`bvit.checkpoint`), its
-    `final_test_top1` and a colour per compared arm. Every artifact is written whole, never appended.
+    `final_test_top1` and a colour per compared arm -- written by the launcher's MLflow thread as each trial
+    finishes, checked (one read of the sweep's runs) at the end. Every artifact is written whole, never appended.
 """
 from __future__ import annotations
 
