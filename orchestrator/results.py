@@ -206,7 +206,7 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     `bvit-sweep sync` repeats this step later.
     """
     from orchestrator.frontier import summarize
-    from orchestrator.tracking import MlflowProgressCallback, publish_sweep, sync_sweep
+    from orchestrator.tracking import MlflowProgressCallback, SweepTracker, publish_sweep, sync_sweep
 
     out: dict[str, Any] = {"frontier": None, "synced": None}
     try:
@@ -218,14 +218,16 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
             print(f"no frontier yet: {e}")
     try:
         root = Path(artifact_root) if artifact_root else None
+        tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=root, design=design,
+                               sweep_dir=sweep_dir)  # one for both steps: the sweep's runs are read once
         # When live logging never failed in this process, a run whose last epoch is logged is complete.
         out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root,
-                                   design=design, trust_last=MlflowProgressCallback.failures == 0)
+                                   design=design, trust_last=MlflowProgressCallback.failures == 0, tracker=tracker)
         ids = {row["trial_id"] for row in table}
         configs = {tid: env.resolved for tid, env in trial_envelopes(sweep_dir).items() if tid in ids}
         publish_sweep(results_dir=results_dir, table=table, summary=summary, uri=uri, experiment=experiment,
                       sweep=sweep, artifact_root=root, complete=complete, configs=configs,
-                      best=best_checkpoint(sweep_dir, table), design=design, sweep_dir=sweep_dir)
+                      best=best_checkpoint(sweep_dir, table), design=design, sweep_dir=sweep_dir, tracker=tracker)
     except Exception as e:  # tracking must never lose a finished sweep
         print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
               f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")

@@ -461,15 +461,16 @@ class MlflowProgressCallback(tune.Callback):
 
 def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
                artifact_root: Path | None = None, design: Design | None = None,
-               trust_last: bool = False) -> dict[str, int]:
+               trust_last: bool = False, tracker: SweepTracker | None = None) -> dict[str, int]:
     """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent. Reads the
     sweep's JSON records and result.json lines only (`orchestrator.records`), never Tune's pickled state.
-    `trust_last`: see `SweepTracker.log_epochs` (a run whose last epoch is logged is not read back)."""
+    `trust_last`: see `SweepTracker.log_epochs` (a run whose last epoch is logged is not read back). `tracker`:
+    one to reuse (the end of a launch passes the same to `publish_sweep`: the sweep's runs are read once)."""
     from orchestrator.records import read_history, read_records
 
     records = read_records(sweep_dir)
-    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design,
-                           sweep_dir=sweep_dir)
+    tracker = tracker or SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root,
+                                      design=design, sweep_dir=sweep_dir)
     tracker.parent_run_id()
     logged = trials = 0
     for trial in records:
@@ -622,7 +623,7 @@ def _describe_children(tracker: SweepTracker, table: list[dict[str, Any]], confi
 def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tuple | None, uri: str,
                   experiment: str, sweep: str, artifact_root: Path | None, complete: bool,
                   configs: dict[str, TrialConfig], best: tuple[str, Path] | None, design: Design | None = None,
-                  sweep_dir: Path | None = None) -> None:
+                  sweep_dir: Path | None = None, tracker: SweepTracker | None = None) -> None:
     """The sweep's front page in MLflow, idempotent: any number of calls leave one copy of everything.
 
     `summary` is frontier.summarize's Summary or None before any trial finished. On the parent: the frontier
@@ -633,8 +634,8 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
     """
     from mlflow.entities import Param
 
-    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design,
-                           sweep_dir=sweep_dir)
+    tracker = tracker or SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root,
+                                      design=design, sweep_dir=sweep_dir)
     client, parent = tracker.client, tracker.parent_run_id()
     cells, paths = (summary.cells, summary.paths) if summary is not None else (None, {})
     tracker.save_view(parent)  # rewritten each time: a newer bvit-sweep's view replaces an older one
