@@ -32,7 +32,7 @@ bench: setup
 	$(BIN)/python bench/run_all.py
 
 bench-scale: setup  ## the orchestrator's cost at N = 100, 400 and 1,000 tiny trials (bench/scale.py; ~1 h here)
-	$(BIN)/python bench/scale.py --n 100 400 1000
+	BVIT_BENCH_SCALE_N="100 400 1000" $(BIN)/python bench/run_all.py --only scale.py
 
 bench-gpu: setup  ## bViT-B/16 vs ViT-B/16 on the GPU: results/gpu/<date>.md (TINY=1: the CPU check)
 	$(BIN)/python bench/gpu.py $(if $(TINY),--tiny --out .gpu-out/results/gpu)

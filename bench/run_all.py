@@ -48,7 +48,8 @@ def main() -> None:
 
 
 def _command(only: list[str]) -> str:
-    case = f"BVIT_BENCH_CASE={os.environ['BVIT_BENCH_CASE']} " if os.environ.get("BVIT_BENCH_CASE") else ""
+    case = "".join(f"{k}={os.environ[k]!r} " if " " in os.environ[k] else f"{k}={os.environ[k]} "
+                   for k in ("BVIT_BENCH_CASE", "BVIT_BENCH_SCALE_N") if os.environ.get(k))
     return case + ("make bench" if only == BENCHES else f"python bench/run_all.py --only {' '.join(only)}")
 
 

@@ -2,7 +2,7 @@
 loops from a shared queue, for several N, in one run.
 
     python bench/scale.py [--n 25 100 400]        # `make bench` (about 10-15 min on the 2-core CPU)
-    python bench/scale.py --n 100 400 1000        # `make bench-scale`
+    BVIT_BENCH_SCALE_N="100 400 1000" python bench/run_all.py --only scale.py   # `make bench-scale`
 
 Each trial is a bViT of width 8, one step, trained one epoch on the first 1,024 Fashion-MNIST training images
 and scored on the first 512 test images (a subset written from Debian's files into a temporary FFCV set):
@@ -177,7 +177,8 @@ def table(results: list[dict]) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, nargs="+", default=[25, 100, 400])
+    default = [int(n) for n in os.environ.get("BVIT_BENCH_SCALE_N", "25 100 400").split()]  # run_all passes no args
+    ap.add_argument("--n", type=int, nargs="+", default=default)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["BVIT_SWEEP_RAY_HEAD"] = str(Path(tmp) / "ray-head.json")  # embedded Ray, whatever else runs

@@ -65,6 +65,7 @@ class Design:
     compare: str | None = None  # dotted path of the compared axis
     baseline: Any = None
     trend: str | None = None  # dotted path: the recovered fraction's slope per doubling of this factor
+    arms: tuple[str, ...] = ()  # the compared axis's values as labels show them, where the spec lists them
 
     def names(self) -> list[tuple[str, str]]:
         """(path, column) of every factor, the compared axis first: how run names and views list a trial."""
@@ -212,11 +213,12 @@ def design_of(spec: Any, *, smoke: bool = False) -> Design:
     factors = tuple(Factor(g, tuple(names[p] for p in g)) for g in groups)
     compare = spec.compare
     if compare is not None and compare.axis in varied:
-        return Design(factors, compare.axis, compare.baseline, compare.trend if compare.trend in varied else None)
+        return Design(factors, compare.axis, compare.baseline, compare.trend if compare.trend in varied else None,
+                      arms=tuple(text(v) for v in varied[compare.axis]))
     if compare is None and DEFAULT_COMPARE_AXIS in varied:
         base = _default_baseline(varied[DEFAULT_COMPARE_AXIS])
         if base is not None:
-            return Design(factors, DEFAULT_COMPARE_AXIS, base)
+            return Design(factors, DEFAULT_COMPARE_AXIS, base, arms=tuple(text(v) for v in varied[DEFAULT_COMPARE_AXIS]))
     return Design(factors)
 
 

@@ -15,14 +15,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.envelope import FAILED_KEY
 from orchestrator.spec import METRICS, Convergence
 
-__all__ = ["CURVES", "CURVE_METRICS", "epoch_curve", "still_improving", "curve_table", "read_curves", "flag",
+if TYPE_CHECKING:  # pandas is imported where a table is made: `status` reads records without it
+    import pandas as pd
+
+__all__ = ["CURVES", "CURVE_METRICS", "finite", "epoch_curve", "still_improving", "curve_table", "read_curves", "flag",
            "count_still_improving", "still_improving_line", "plot_curves", "MAX_PANELS", "best_groups"]
 
 CURVES = "curves.csv"  # beside trials.csv in results/<sweep>/
@@ -31,7 +32,7 @@ MAX_PANELS = 12  # a plot's panels at most: a 1,000-cell grid gets its best cell
 _SCORED = ("test_loss", "test_top1", "test_top5")  # fresh on scored epochs only; the records between repeat them
 
 
-def _number(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -50,12 +51,12 @@ def epoch_curve(records: Iterable[dict[str, Any]], *, eval_every: int = 1,
     """
     by_epoch: dict[int, dict[str, Any]] = {}
     for r in records:
-        epoch = _number(r.get("epoch"))
+        epoch = finite(r.get("epoch"))
         if epoch is None or isinstance(r.get(FAILED_KEY), str):
             continue
         e = int(epoch)
         scored = e % eval_every == 0 or e == epochs
-        by_epoch[e] = {"epoch": e, **{k: _number(r.get(k)) if scored or k not in _SCORED else None
+        by_epoch[e] = {"epoch": e, **{k: finite(r.get(k)) if scored or k not in _SCORED else None
                                       for k in CURVE_METRICS}}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
@@ -80,6 +81,8 @@ def curve_table(rows: Sequence[dict[str, Any]], curves: dict[str, list[dict[str,
     values) repeated on one line per epoch of its curve, then epoch and CURVE_METRICS."""
     lines = [{**{c: row.get(c) for c in columns}, **point}
              for row in rows for point in curves.get(row["trial_id"], [])]
+    import pandas as pd
+
     return pd.DataFrame(lines, columns=[*columns, "epoch", *CURVE_METRICS])
 
 
@@ -88,6 +91,8 @@ def read_curves(path: Path) -> pd.DataFrame | None:
     written); ValueError (one line) when it is not a curves table."""
     if not path.is_file():
         return None
+    import pandas as pd
+
     try:
         df = pd.read_csv(path, dtype={"trial_id": str})
     except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:

@@ -169,7 +169,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, wher
         design = design_for(spec, smoke=smoke)  # design_of's cells, plus a search's ranged dimensions
         tracking = dict(uri=uri, experiment=experiment, sweep=sweep_dir.name,
                         artifact_root=str(results_dir / "mlflow" / "artifacts"), design=design)
-        callbacks = sweep_callbacks(sweep_dir, tracking,
+        callbacks = sweep_callbacks(sweep_dir, tracking, source=(sha, command),
                                     progress=ProgressTable(total=strategy.total, design=design) if verbose else None)
         if where.uri is not None:
             callbacks.append(PushOwnFiles(where))

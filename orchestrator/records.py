@@ -20,7 +20,7 @@ from typing import Any
 from orchestrator.envelope import TrialEnvelope
 from orchestrator.errors import UserError
 
-__all__ = ["RECORDS", "TrialRecord", "read_history", "read_records", "record_trial"]
+__all__ = ["RECORDS", "TrialRecord", "read_history", "read_records", "record_doc", "record_trial"]
 
 RECORDS = "bvit_trials"  # in the sweep directory: one JSON record per trial
 
@@ -64,18 +64,23 @@ def _json_safe(value: Any) -> Any:
         return str(value)
 
 
-def record_trial(sweep_dir: Path, trial, status: str | None = None, result: dict[str, Any] | None = None) -> None:
-    """Write (atomically) the record of Tune trial `trial`; `status` overrides the trial's own, `result` its
-    last result (Tune calls `on_trial_result` before it updates `trial.last_result`)."""
+def record_doc(trial, status: str | None = None, result: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record of Tune trial `trial` as JSON data; `status` overrides the trial's own, `result` its last
+    result (Tune calls `on_trial_result` before it updates `trial.last_result`)."""
     env = TrialEnvelope.of(trial.config)
+    return {"trial_id": env.trial_id, "status": status or trial.status, "num_failures": trial.num_failures,
+            "error_file": str(trial.error_file) if getattr(trial, "error_file", None) else None,
+            "envelope": env.to_tune(), "last_result": _json_safe(result if result is not None else trial.last_result or {})}
+
+
+def record_trial(sweep_dir: Path, trial, status: str | None = None, result: dict[str, Any] | None = None) -> None:
+    """Write (atomically) the record of Tune trial `trial` (`record_doc`)."""
+    doc = record_doc(trial, status, result)
     out = Path(sweep_dir) / RECORDS
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"trial_id": env.trial_id, "status": status or trial.status, "num_failures": trial.num_failures,
-           "error_file": str(trial.error_file) if getattr(trial, "error_file", None) else None,
-           "envelope": env.to_tune(), "last_result": _json_safe(result if result is not None else trial.last_result or {})}
-    tmp = out / f".{env.trial_id}.json.tmp"
+    tmp = out / f".{doc['trial_id']}.json.tmp"
     tmp.write_text(json.dumps(doc))
-    tmp.replace(out / f"{env.trial_id}.json")
+    tmp.replace(out / f"{doc['trial_id']}.json")
 
 
 def read_records(sweep_dir: Path) -> list[TrialRecord]:

@@ -11,21 +11,23 @@ import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import yaml
 
 from orchestrator.cells import MEASURED, column_names
-from orchestrator.curves import CURVES, curve_table, epoch_curve, still_improving
+from orchestrator.curves import CURVES, curve_table, epoch_curve, finite, still_improving
 from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
 from orchestrator.errors import UserError
 from orchestrator.provenance import PROVENANCE_KEY, git_sha, machine_provenance, relative_to_repo
-from orchestrator.records import read_history, read_records
+from orchestrator.records import TrialRecord, read_history, read_records
 from orchestrator.spec import Convergence, SweepSpec, Trial
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
 
-__all__ = ["trial_status", "collect_trials", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes",
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["trial_status", "collect_trials", "trial_row", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes",
            "trial_curves", "TrialTable", "COLUMNS"]
 
 COLUMNS = [
@@ -58,12 +60,58 @@ def _axis_columns(trials: list[Trial] | None) -> dict[str, str]:
     if not trials:
         return {}
     flats = [t.config.flat() for t in trials]
-    return column_names(k for k in flats[0] if len({json.dumps(f.get(k)) for f in flats}) > 1 and k != "seed")
+    first = {k: (type(v), v) for k, v in flats[0].items()}  # 1 and 1.0 and True are different values of a path
+    return column_names(k for k in first if k != "seed" and any((type(f.get(k)), f.get(k)) != first[k] for f in flats))
 
 
 def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
     """{trial id -> envelope} of every trial the sweep at `sweep_dir` recorded (its JSON records only)."""
     return {r.trial_id: r.envelope for r in read_records(sweep_dir)}
+
+
+def _best(history: list[dict[str, Any]]) -> tuple[float | None, int | None]:
+    """(best test top-1, the epoch it was reached at; the first on a tie) of a trial's per-epoch records;
+    (None, None) when it has none."""
+    scored = [(x, r) for r in history if (x := finite(r.get("test_top1"))) is not None and finite(r.get("epoch")) is not None]
+    if not scored:
+        return None, None
+    top, rec = max(scored, key=lambda xr: xr[0])  # max keeps the first of equal values
+    return top, int(rec["epoch"])
+
+
+def trial_row(sweep_dir: Path, trial: TrialRecord, *, axis_cols: dict[str, str],
+              convergence: Convergence) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One trial's row of the trial table and its learning curve (`collect_trials`; the launcher's MLflow
+    thread describes a finished trial's run from the same row). `axis_cols`: {dotted path: column} of the
+    paths the sweep varies."""
+    env = trial.envelope
+    cfg = env.resolved  # a fine-tuning trial's model is its checkpoint's
+    flat = cfg.flat()
+    last = trial.last_result or {}
+    history = read_history(sweep_dir, env.trial_id)
+    curve = epoch_curve(history, eval_every=cfg.eval_every, epochs=cfg.optim.epochs) if history else []
+    row: dict[str, Any] = {
+        "trial_id": env.trial_id, "status": trial.status, "arch": cfg.model.arch,
+        "width": cfg.model.width, "steps": cfg.model.steps, "heads": cfg.model.heads, "seed": cfg.seed,
+        **{col: flat[path] for path, col in axis_cols.items() if col not in ("arch", "width", "steps", "heads")},
+        "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
+        "final_test_top1": last.get("test_top1"), "final_test_top5": last.get("test_top5"),
+        "final_test_loss": last.get("test_loss"), "final_train_loss": last.get("train_loss"),
+        "epochs": last.get("epoch", 0), "still_improving": still_improving(curve, convergence),
+        "wall_s": last.get("time_total_s"), "node": last.get("node_ip"),
+        "retries": max(int(last.get("retries", 0)), trial.num_failures), "error": "",
+    }
+    if cfg.finetune is not None:  # a fine-tuning trial: how it adapted the pretrained model
+        ft = cfg.finetune
+        row.update(method=ft.method, rank=ft.rank if ft.method.startswith("lora") else None,
+                   trainable_params=last.get("trainable_params"), merged_test_top1=last.get("merged_test_top1"))
+    row["best_test_top1"], row["best_epoch"] = _best(history)
+    if isinstance(last.get(FAILED_KEY), str):  # failed for good (diverged, bad data): not retried
+        row["status"], row["error"] = "ERROR", last[FAILED_KEY]
+    elif trial.status == "ERROR":  # Tune's copy in the sweep directory, not the node's temporary one
+        kept = Path(sweep_dir) / env.trial_id / "error.txt"
+        row["error"] = f"see {kept}" if kept.exists() else (f"see {trial.error_file}" if trial.error_file else "")
+    return row, curve
 
 
 def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> TrialTable:
@@ -81,40 +129,7 @@ def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> Tri
     convergence = read_snapshot(sweep_dir)[1].convergence if (sweep_dir / SNAPSHOT).exists() else Convergence()
     rows, curves = [], {}
     for trial in read_records(sweep_dir):
-        env = trial.envelope
-        cfg = env.resolved  # a fine-tuning trial's model is its checkpoint's
-        flat = cfg.flat()
-        last = trial.last_result or {}
-        history = read_history(sweep_dir, env.trial_id)
-        df = pd.DataFrame(history) if history else None
-        curve = [] if df is None or df.empty else epoch_curve(df.to_dict("records"), eval_every=cfg.eval_every,
-                                                              epochs=cfg.optim.epochs)
-        curves[env.trial_id] = curve
-        row: dict[str, Any] = {
-            "trial_id": env.trial_id, "status": trial.status, "arch": cfg.model.arch,
-            "width": cfg.model.width, "steps": cfg.model.steps, "heads": cfg.model.heads, "seed": cfg.seed,
-            **{col: flat[path] for path, col in axis_cols.items() if col not in ("arch", "width", "steps", "heads")},
-            "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
-            "final_test_top1": last.get("test_top1"), "final_test_top5": last.get("test_top5"),
-            "final_test_loss": last.get("test_loss"), "final_train_loss": last.get("train_loss"),
-            "epochs": last.get("epoch", 0), "still_improving": still_improving(curve, convergence),
-            "wall_s": last.get("time_total_s"), "node": last.get("node_ip"),
-            "retries": max(int(last.get("retries", 0)), trial.num_failures), "error": "",
-        }
-        if cfg.finetune is not None:  # a fine-tuning trial: how it adapted the pretrained model
-            ft = cfg.finetune
-            row.update(method=ft.method, rank=ft.rank if ft.method.startswith("lora") else None,
-                       trainable_params=last.get("trainable_params"), merged_test_top1=last.get("merged_test_top1"))
-        if df is not None and not df.empty and "test_top1" in df:
-            best = df.loc[df["test_top1"].idxmax()]
-            row["best_test_top1"], row["best_epoch"] = float(best["test_top1"]), int(best["epoch"])
-        else:
-            row["best_test_top1"], row["best_epoch"] = None, None
-        if isinstance(last.get(FAILED_KEY), str):  # failed for good (diverged, bad data): not retried
-            row["status"], row["error"] = "ERROR", last[FAILED_KEY]
-        elif trial.status == "ERROR":  # Tune's copy in the sweep directory, not the node's temporary one
-            kept = Path(sweep_dir) / env.trial_id / "error.txt"
-            row["error"] = f"see {kept}" if kept.exists() else (f"see {trial.error_file}" if trial.error_file else "")
+        row, curves[trial.trial_id] = trial_row(sweep_dir, trial, axis_cols=axis_cols, convergence=convergence)
         rows.append(row)
     order = {t.id: i for i, t in enumerate(trials or [])}
     rows.sort(key=lambda r: (order.get(r["trial_id"], len(order)), r["trial_id"]))
@@ -191,7 +206,7 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
     `bvit-sweep sync` repeats this step later.
     """
     from orchestrator.frontier import summarize
-    from orchestrator.tracking import MlflowProgressCallback, publish_sweep, sync_sweep
+    from orchestrator.tracking import MlflowProgressCallback, SweepTracker, publish_sweep, sync_sweep
 
     out: dict[str, Any] = {"frontier": None, "synced": None}
     try:
@@ -203,14 +218,16 @@ def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]],
             print(f"no frontier yet: {e}")
     try:
         root = Path(artifact_root) if artifact_root else None
+        tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=root, design=design,
+                               sweep_dir=sweep_dir)  # one for both steps: the sweep's runs are read once
         # When live logging never failed in this process, a run whose last epoch is logged is complete.
         out["synced"] = sync_sweep(sweep_dir, uri=uri, experiment=experiment, sweep=sweep, artifact_root=root,
-                                   design=design, trust_last=MlflowProgressCallback.failures == 0)
+                                   design=design, trust_last=MlflowProgressCallback.failures == 0, tracker=tracker)
         ids = {row["trial_id"] for row in table}
         configs = {tid: env.resolved for tid, env in trial_envelopes(sweep_dir).items() if tid in ids}
         publish_sweep(results_dir=results_dir, table=table, summary=summary, uri=uri, experiment=experiment,
                       sweep=sweep, artifact_root=root, complete=complete, configs=configs,
-                      best=best_checkpoint(sweep_dir, table), design=design, sweep_dir=sweep_dir)
+                      best=best_checkpoint(sweep_dir, table), design=design, sweep_dir=sweep_dir, tracker=tracker)
     except Exception as e:  # tracking must never lose a finished sweep
         print(f"warning: MLflow at {uri} could not be updated ({type(e).__name__}: {e}); "
               f"rerun `bvit-sweep sync {sweep_dir}` when it is reachable")

@@ -11,7 +11,7 @@ What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
     envelope; its state is orchestrator.mlflow_view's): the runs table with the sweep's factors
     (orchestrator.cells), seed and final test top-1 as columns, the parent pinned first, then the trials
     best first by `final_test_top1` (ordering by anything but start time also makes MLflow list the
-    children flat; `bvit.rank` holds the same order as a tag), and the chart view's "Sweep" charts.
+    children flat), and the chart view's "Sweep" charts.
     `bvit-sweep ui` makes it the browser's default. A second saved view, `bvit-sweep-cells`, groups the
     trials by cell with their seeds averaged (its URL: `?viewStateShareKey=bvit-sweep-cells`);
   * run names carry the trial's value of every factor, its seed and, once known, the final test top-1;
@@ -23,7 +23,8 @@ What a researcher sees in MLflow's UI (3.17) is set up here too, idempotently:
   * `publish_sweep` gives the parent run its description (the frontier table, the plots inline),
     the spec, run.json, the command and git SHA; and every child its git SHA and command as MLflow's source
     tags, a short description (cell, seed, outcome), its checkpoint's location (`bvit.checkpoint`), its
-    `final_test_top1` and a colour per compared arm. Every artifact is written whole, never appended.
+    `final_test_top1` and a colour per compared arm -- written by the launcher's MLflow thread as each trial
+    finishes, checked (one read of the sweep's runs) at the end. Every artifact is written whole, never appended.
 """
 from __future__ import annotations
 
@@ -51,13 +52,12 @@ from orchestrator.timing import read_records as read_lines
 __all__ = ["SweepTracker", "MlflowProgressCallback", "default_tracking_uri", "resolve_tracking", "sync_sweep",
            "publish_sweep", "prepare_experiment", "run_name", "view_state", "VIEW_ID", "CELLS_VIEW_ID"]
 
-TAG_SWEEP, TAG_TRIAL, TAG_ROLE, TAG_RANK = "bvit.sweep", "bvit.trial_id", "bvit.role", "bvit.rank"
+TAG_SWEEP, TAG_TRIAL, TAG_ROLE = "bvit.sweep", "bvit.trial_id", "bvit.role"
 # A saved view of the runs page: its id goes in the URL as ?viewStateShareKey=<id> (see orchestrator/dashboard.py).
 VIEW_TAG_PREFIX, VIEW_ID = "mlflow.sharedViewState.", "bvit-sweep"
 CELLS_VIEW_ID = "bvit-sweep-cells"  # the same page grouped by cell, seeds averaged (a second saved view)
 TAG_NOTE, TAG_LOGGED = "mlflow.note.content", "mlflow.loggedArtifacts"
 TAG_RETRIES, TAG_CHECKPOINT, TAG_COLOR = "bvit.retries", "bvit.checkpoint", "mlflow.runColor"
-UNRANKED = "9999"  # a trial without a final test top-1 yet: listed after the ranked ones
 # Logged at step=epoch, test_top1 first (MLflow's compare page plots the first metric its runs share).
 EPOCH_METRICS = ("test_top1", "train_loss", "test_top5", "test_loss", "best_test_top1", "lr", "images_per_s",
                  "epoch_seconds", "merged_test_top1")
@@ -182,6 +182,8 @@ class SweepTracker:
         self._retries: dict[str, int] = {}
         self._fresh: set[str] = set()  # runs this tracker created that have no epoch logged yet
         self._last_epoch: dict[str, int] = {}  # run id -> its latest logged epoch, as the sweep's index read it
+        self._indexed_runs: dict[str, Any] = {}  # trial id -> its run as the sweep's index read it (tags, times)
+        self._ended: dict[str, int] = {}  # run id -> the end time this tracker gave it
         if any(VIEW_TAG_PREFIX + v not in (exp.tags if exp is not None else {}) for v in (VIEW_ID, CELLS_VIEW_ID)):
             if exp is not None:
                 self._index()  # an older store: its parent, to pin
@@ -222,6 +224,7 @@ class SweepTracker:
             if key is not None and key not in self._runs:
                 rid = self._runs[key] = run.info.run_id
                 self._info[rid] = run.info
+                self._indexed_runs[key] = run
                 if (retries := tags.get(TAG_RETRIES)) is not None and retries.isdigit():
                     self._retries[rid] = int(retries)
                 steps = [int(m.step) for m in run.data._metric_objs if m.key == STEP_MARKERS[0]]
@@ -235,7 +238,7 @@ class SweepTracker:
             if rid is None:
                 rid = self.client.create_run(self.experiment_id, start_time=sweep_start_ms(self.sweep_dir),
                                              run_name=f"{self.sweep} · sweep", tags={
-                                                 TAG_SWEEP: self.sweep, TAG_ROLE: "parent", TAG_RANK: "0000"}).info.run_id
+                                                 TAG_SWEEP: self.sweep, TAG_ROLE: "parent"}).info.run_id
                 self.save_view(rid)  # the view pins it
             self._runs["__parent__"] = rid
         return self._runs["__parent__"]
@@ -250,7 +253,7 @@ class SweepTracker:
                 from mlflow.entities import Param
                 run = self.client.create_run(self.experiment_id, run_name=run_name(cfg, design=self.design),
                                              start_time=start_ms, tags={
-                    TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id, TAG_ROLE: "trial", TAG_RANK: UNRANKED,
+                    TAG_SWEEP: self.sweep, TAG_TRIAL: trial_id, TAG_ROLE: "trial",
                     "mlflow.parentRunId": self.parent_run_id(),
                 })
                 rid = run.info.run_id
@@ -326,15 +329,33 @@ class SweepTracker:
             self._info[run_id] = info
             return
         self.client.set_terminated(run_id, status, end_time=end_ms)
+        self._ended[run_id] = end_ms or int(time.time() * 1000)
 
     def finish(self, trial_id: str, cfg: TrialConfig, status: str, end_ms: int | None = None) -> None:
         """End the trial's run (its status from Tune's), at `end_ms`: its last report."""
         rid = self.child_run_id(trial_id, cfg)
         self._terminate(rid, {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED"), end_ms)
 
+    def trial_runs(self) -> dict[str, Any]:
+        """{trial id: its run} as the sweep's index read them (tags, metrics, times: a trial's run is its oldest)."""
+        self._index()
+        return {key: run for key, run in self._indexed_runs.items() if key != "__parent__"}
+
+    def describe(self, trial_id: str, cfg: TrialConfig, row: dict[str, Any], *, sha: str, command: str,
+                 end_ms: int | None = None) -> None:
+        """Write what a finished trial's run says of it (`child_description`, from its row of the trial table), in
+        one `log_batch`: the end of the launch then finds nothing left to write."""
+        want, final = child_description(row, cfg, design=self.design, parent=self.parent_run_id(), sha=sha,
+                                        command=command, sweep_dir=self.sweep_dir)
+        _write_description(self.client, self.child_run_id(trial_id, cfg), want, final,
+                           epochs=int(row.get("epochs") or 0), end_ms=end_ms)
+
     def finish_parent(self, ok: bool) -> None:
         """End the parent run when its last trial ended: the sweep's wall time is the parent's duration."""
-        ends = [c.info.end_time for c in self.runs("trial") if c.info.end_time]
+        self._index()  # the trials' runs as read once (and the ends this tracker wrote since)
+        ends = [self._ended.get(run.info.run_id) or run.info.end_time
+                for key, run in self._indexed_runs.items() if key != "__parent__"]
+        ends = [e for e in ends if e]
         self._terminate(self.parent_run_id(), "FINISHED" if ok else "KILLED", max(ends) if ends else None)
 
 
@@ -345,14 +366,15 @@ class MlflowProgressCallback(tune.Callback):
     failures = 0
 
     def __init__(self, *, uri: str, experiment: str, sweep: str, artifact_root: str | None = None,
-                 design: Design | None = None) -> None:
+                 design: Design | None = None, source: tuple[str, str] | None = None) -> None:
         self.kw = dict(uri=uri, experiment=experiment, sweep=sweep,
                        artifact_root=Path(artifact_root) if artifact_root else None, design=design)
+        self.source = source  # (git SHA, command) of the launch: a finished trial's run is described as it ends
         self._q: queue.Queue | None = None
         self._thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"kw": self.kw, "_q": None, "_thread": None}
+        return {"kw": self.kw, "source": self.source, "_q": None, "_thread": None}
 
     def _worker(self) -> None:
         tracker, warned = None, False
@@ -369,7 +391,10 @@ class MlflowProgressCallback(tune.Callback):
                 if kind == "epoch":
                     tracker.log_epochs(trial_id, cfg, [payload])
                 else:
-                    tracker.finish(trial_id, cfg, *payload)
+                    status, end, row = payload
+                    tracker.finish(trial_id, cfg, status, end)
+                    if row is not None and getattr(self, "source", None):
+                        tracker.describe(trial_id, cfg, row, sha=self.source[0], command=self.source[1], end_ms=end)
             except Exception as e:  # the server being away must not stop training; `sync` back-fills
                 tracker = None
                 MlflowProgressCallback.failures += 1
@@ -409,7 +434,23 @@ class MlflowProgressCallback(tune.Callback):
         env = TrialEnvelope.of(trial.config)
         self._sweep_dir(trial)
         end = trial_times([trial.last_result or {}])[1]
-        self._put(("end", env.trial_id, env.resolved, (trial_status(trial), end)))
+        self._put(("end", env.trial_id, env.resolved, (trial_status(trial), end, self._row(trial))))
+
+    def _row(self, trial) -> dict[str, Any] | None:
+        """The finished trial's row of the trial table, as the end of the launch will read it (None: not here)."""
+        from orchestrator.records import TrialRecord, record_doc
+        from orchestrator.results import trial_row
+        from orchestrator.spec import Convergence
+
+        sweep_dir, design = self.kw.get("sweep_dir"), self.kw.get("design")
+        if sweep_dir is None:
+            return None
+        try:
+            record = TrialRecord(record_doc(trial, "TERMINATED"), Path(sweep_dir))
+            cols = dict(design.names()) if design is not None else {}
+            return trial_row(Path(sweep_dir), record, axis_cols=cols, convergence=Convergence())[0]
+        except Exception:  # a trial the launcher cannot read back: the end of the launch describes it
+            return None
 
     def on_experiment_end(self, trials, **info) -> None:
         if self._thread is not None:
@@ -420,15 +461,16 @@ class MlflowProgressCallback(tune.Callback):
 
 def sync_sweep(sweep_dir: Path, *, uri: str, experiment: str, sweep: str,
                artifact_root: Path | None = None, design: Design | None = None,
-               trust_last: bool = False) -> dict[str, int]:
+               trust_last: bool = False, tracker: SweepTracker | None = None) -> dict[str, int]:
     """Back-fill MLflow from Ray's results: every trial's every epoch, and run status. Idempotent. Reads the
     sweep's JSON records and result.json lines only (`orchestrator.records`), never Tune's pickled state.
-    `trust_last`: see `SweepTracker.log_epochs` (a run whose last epoch is logged is not read back)."""
+    `trust_last`: see `SweepTracker.log_epochs` (a run whose last epoch is logged is not read back). `tracker`:
+    one to reuse (the end of a launch passes the same to `publish_sweep`: the sweep's runs are read once)."""
     from orchestrator.records import read_history, read_records
 
     records = read_records(sweep_dir)
-    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design,
-                           sweep_dir=sweep_dir)
+    tracker = tracker or SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root,
+                                      design=design, sweep_dir=sweep_dir)
     tracker.parent_run_id()
     logged = trials = 0
     for trial in records:
@@ -530,47 +572,58 @@ def _last_checkpoint(sweep_dir: Path | None, trial_id: str) -> Path | None:
     return ckpts[-1].resolve() if ckpts else None
 
 
-def _describe_children(tracker: SweepTracker, table: list[dict[str, Any]], configs: dict[str, TrialConfig], *,
-                       sha: str, command: str, sweep_dir: Path | None) -> None:
-    """Each child: its name with its final top-1, `bvit.rank` (best first: the saved view's order), the git SHA
-    and command as MLflow's source tags, a description, its checkpoint, `final_test_top1`, its arm's colour."""
+def child_description(row: dict[str, Any], cfg: TrialConfig, *, design: Design | None, parent: str, sha: str,
+                      command: str, sweep_dir: Path | None) -> tuple[dict[str, str], float | None]:
+    """What a finished trial's run says of it, from its row of the trial table (`results.trial_row`): its tags
+    (its name with its final top-1, the git SHA and command as MLflow's source tags, a description, its
+    checkpoint, its arm's colour) and the `final_test_top1` to log (None: none yet)."""
+    ckpt = _last_checkpoint(sweep_dir, row["trial_id"])
+    want = {"mlflow.runName": run_name(cfg, row.get("final_test_top1"), design),
+            "mlflow.source.git.commit": sha, "mlflow.source.name": command, "mlflow.source.type": "LOCAL",
+            TAG_NOTE: describe_child(row, design, ckpt, parent)}
+    if ckpt is not None:
+        want[TAG_CHECKPOINT] = str(ckpt)
+    arm = design.column(design.compare) if design is not None and design.compare else None
+    if arm is not None and design.arms and text(row.get(arm)) in design.arms:  # a colour per arm the spec lists
+        want[TAG_COLOR] = arm_colors(list(design.arms))[text(row.get(arm))]
+    final = row.get("final_test_top1")
+    return want, (rounded(final) if row["status"] == "TERMINATED" and final is not None else None)
+
+
+def _write_description(client, run_id: str, want: dict[str, str], final: float | None, *, epochs: int,
+                       end_ms: int | None, run: Any = None) -> bool:
+    """One `log_batch` of what `run` (as last read; None: unknown) lacks of `want` and `final`; False: nothing
+    to write."""
     from mlflow.entities import Metric, RunTag
 
-    by_trial: dict[str, Any] = {}
-    for r in tracker.runs("trial"):  # oldest first: a trial's run is its oldest
-        by_trial.setdefault(r.data.tags.get(TAG_TRIAL), r)
-    scored = sorted((r for r in table if r.get("final_test_top1") is not None), key=lambda r: -r["final_test_top1"])
-    rank = {r["trial_id"]: f"{i:04d}" for i, r in enumerate(scored, start=1)}
-    design = tracker.design
-    arm = design.column(design.compare) if design is not None and design.compare else None
-    colors = arm_colors([r.get(arm) for r in table]) if arm else {}
+    tags = [RunTag(key, value) for key, value in want.items() if run is None or run.data.tags.get(key) != value]
+    metrics = [] if final is None or (run is not None and run.data.metrics.get(FINAL_METRIC) == final) else [
+        Metric(FINAL_METRIC, final, end_ms or int(time.time() * 1000), epochs)]
+    if tags or metrics:  # one write per run (a write per tag was ~9 SQLite commits per trial)
+        client.log_batch(run_id, metrics=metrics, tags=tags)
+    return bool(tags or metrics)
+
+
+def _describe_children(tracker: SweepTracker, table: list[dict[str, Any]], configs: dict[str, TrialConfig], *,
+                       sha: str, command: str, sweep_dir: Path | None) -> None:
+    """Each child as `child_description` has it, written where its run (as the sweep's one index read it) differs:
+    the launcher's MLflow thread describes each trial as it finishes, so at the end of a launch this is a check."""
     parent = tracker.parent_run_id()
+    runs = tracker.trial_runs()
     for row in table:
-        run, cfg = by_trial.get(row["trial_id"]), configs.get(row["trial_id"])
+        run, cfg = runs.get(row["trial_id"]), configs.get(row["trial_id"])
         if run is None or cfg is None:
             continue
-        ckpt = _last_checkpoint(sweep_dir, row["trial_id"])
-        want = {TAG_RANK: rank.get(row["trial_id"], UNRANKED),
-                "mlflow.runName": run_name(cfg, row.get("final_test_top1"), design),
-                "mlflow.source.git.commit": sha, "mlflow.source.name": command, "mlflow.source.type": "LOCAL",
-                TAG_NOTE: describe_child(row, design, ckpt, parent)}
-        if ckpt is not None:
-            want[TAG_CHECKPOINT] = str(ckpt)
-        if arm and str(row.get(arm)) in colors:
-            want[TAG_COLOR] = colors[str(row.get(arm))]
-        tags = [RunTag(key, value) for key, value in want.items() if run.data.tags.get(key) != value]
-        final, metrics = row.get("final_test_top1"), []
-        if row["status"] == "TERMINATED" and final is not None and run.data.metrics.get(FINAL_METRIC) != rounded(final):
-            metrics = [Metric(FINAL_METRIC, rounded(final), run.info.end_time or int(time.time() * 1000),
-                              int(row.get("epochs") or 0))]
-        if tags or metrics:  # one write per run (a write per tag was ~9 SQLite commits per trial)
-            tracker.client.log_batch(run.info.run_id, metrics=metrics, tags=tags)
+        want, final = child_description(row, cfg, design=tracker.design, parent=parent, sha=sha, command=command,
+                                        sweep_dir=sweep_dir)
+        _write_description(tracker.client, run.info.run_id, want, final, epochs=int(row.get("epochs") or 0),
+                           end_ms=run.info.end_time, run=run)
 
 
 def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tuple | None, uri: str,
                   experiment: str, sweep: str, artifact_root: Path | None, complete: bool,
                   configs: dict[str, TrialConfig], best: tuple[str, Path] | None, design: Design | None = None,
-                  sweep_dir: Path | None = None) -> None:
+                  sweep_dir: Path | None = None, tracker: SweepTracker | None = None) -> None:
     """The sweep's front page in MLflow, idempotent: any number of calls leave one copy of everything.
 
     `summary` is frontier.summarize's Summary or None before any trial finished. On the parent: the frontier
@@ -581,8 +634,8 @@ def publish_sweep(*, results_dir: Path, table: list[dict[str, Any]], summary: tu
     """
     from mlflow.entities import Param
 
-    tracker = SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root, design=design,
-                           sweep_dir=sweep_dir)
+    tracker = tracker or SweepTracker(uri=uri, experiment=experiment, sweep=sweep, artifact_root=artifact_root,
+                                      design=design, sweep_dir=sweep_dir)
     client, parent = tracker.client, tracker.parent_run_id()
     cells, paths = (summary.cells, summary.paths) if summary is not None else (None, {})
     tracker.save_view(parent)  # rewritten each time: a newer bvit-sweep's view replaces an older one

@@ -66,11 +66,13 @@ def build_tuner(spec: SweepSpec, strategy: Strategy, *, where: SweepLocation, ca
     )
 
 
-def sweep_callbacks(sweep_dir: Path, tracking: dict[str, Any], *, progress: tune.Callback | None) -> list:
-    """The launcher's Tune callbacks: the progress table (when verbose), MLflow, each trial's history kept across
-    retries and written as JSON and CSV, the finish's imports, the trial records and the state's signature."""
+def sweep_callbacks(sweep_dir: Path, tracking: dict[str, Any], *, progress: tune.Callback | None,
+                    source: tuple[str, str] | None = None) -> list:
+    """The launcher's Tune callbacks: the progress table (when verbose), MLflow (`source`: the launch's git SHA
+    and command, for each finished trial's run), each trial's history kept across retries and written as JSON and
+    CSV, the finish's imports, the trial records and the state's signature."""
     callbacks = [progress] if progress is not None else []
-    return callbacks + [MlflowProgressCallback(**tracking), KeepHistoryOnRetry(), *_history_loggers(),
+    return callbacks + [MlflowProgressCallback(**tracking, source=source), KeepHistoryOnRetry(), *_history_loggers(),
                         PrepareFinish(), TrialRecords(sweep_dir), SignState(sweep_dir)]
 
 

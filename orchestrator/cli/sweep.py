@@ -28,10 +28,10 @@ def _console(width: int):
     return console if console.is_terminal else Console(width=width)  # piped: keep rows on one line
 
 
-def _print_table(rows: list[dict[str, Any]], title: str) -> None:
+def _print_table(rows: list[dict[str, Any]], title: str, max_rows: int | None = None) -> None:
     from orchestrator.tables import render_table
 
-    _console(160).print(render_table(rows, title=title))
+    _console(160).print(render_table(rows, title=title, max_rows=max_rows))
 
 
 @command()
@@ -119,7 +119,7 @@ def launch(
         print_json({"sweep_dir": str(result.sweep_dir), "results_dir": str(result.results_dir),
                     "ok": result.ok, "interrupted": result.interrupted, "trials": result.trials})
     else:
-        _print_table(result.trials, title=f"{result.sweep_dir.name}: results in {result.results_dir}")
+        _print_table(result.trials, title=f"{result.sweep_dir.name}: results in {result.results_dir}", max_rows=200)
         if result.interrupted:
             typer.echo(f"interrupted: continue with `bvit-sweep launch {spec} --resume`"
                        + (" --smoke" if smoke else ""), err=True)
@@ -132,6 +132,7 @@ def status(
         sweep: SweepArg,
         json_out: JsonOut = False,
         timing: Annotated[bool, typer.Option("--timing", help="Where the time went: each phase per trial and summed, and the launch timeline.")] = False,
+        all_rows: Annotated[bool, typer.Option("--all", help="Show every trial (past 200 rows the table keeps the unfinished ones and the first finished).")] = False,
 ) -> None:
     """The trial table of a sweep, finished or not (state, epoch, best top-1, node, retries).
 
@@ -148,7 +149,7 @@ def status(
         print_json({"sweep_dir": str(s.dir), "trials": rows})
     else:
         done = sum(r["status"] == "TERMINATED" for r in rows)
-        _print_table(rows, title=f"{s.name}: {done}/{len(rows)} trials finished")
+        _print_table(rows, title=f"{s.name}: {done}/{len(rows)} trials finished", max_rows=None if all_rows else 200)
 
 
 def _print_timing(s, json_out: bool = False) -> None:
