@@ -35,6 +35,7 @@ class TrialRecords(tune.Callback):
     def __init__(self, sweep_dir: str | Path) -> None:
         self.sweep_dir = Path(sweep_dir)
         self._all_written = False
+        self.ended = False  # every trial's final record written as the experiment ended (the launch reads it)
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
         if not self._all_written:
@@ -60,9 +61,10 @@ class TrialRecords(tune.Callback):
     def on_experiment_end(self, trials: list, **info) -> None:
         for trial in trials:
             record_trial(self.sweep_dir, trial)
+        self.ended = True
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into tuner.pkl: a resumed launch writes all again
-        return {"sweep_dir": self.sweep_dir, "_all_written": False}
+        return {"sweep_dir": self.sweep_dir, "_all_written": False, "ended": False}
 
 
 class SignState(tune.Callback):

@@ -44,7 +44,11 @@ from orchestrator.data_prep import check_data_on_nodes, prepare_data
 from orchestrator.env_switches import only_our_loggers, tune_switches
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
-from orchestrator.patches import check_ray_version, grid_without_copying_the_grid
+from orchestrator.patches import (
+    check_ray_version,
+    grid_without_copying_the_grid,
+    result_grid_without_histories,
+)
 from orchestrator.preflight import (
     data_problems,
     memory_problems,
@@ -179,14 +183,14 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, wher
                                                    interval_s=spec.tracking.system_metrics_s))
         interrupted = False
         try:
-            with only_our_loggers(not resume), grid_without_copying_the_grid():
+            with only_our_loggers(not resume), grid_without_copying_the_grid(), result_grid_without_histories():
                 tuner.fit()
         except KeyboardInterrupt:
             interrupted = True
         if where.uri is not None:  # Tune's final state, synced up by `fit`, read here from a fresh copy
             where.push()
             where.pull()
-        record_final_state(sweep_dir)
+        record_final_state(sweep_dir, records_written=any(getattr(c, "ended", False) for c in callbacks))
         where.push()  # the signatures and trial records written just now
         table = collect_trials(sweep_dir, trials=strategy.finished_trials(sweep_dir))
         interrupted = interrupted or any(t["status"] in ("PENDING", "RUNNING", "PAUSED") for t in table)

@@ -5,6 +5,7 @@
     with few_join_retries(JOIN_RETRIES): ray.init(address=...)   # a refused cluster token: seconds, not minutes
     with trial_actors_on_started_workers(env): tuner.fit()       # trial actors on the workers Ray started
     with grid_without_copying_the_grid(): tuner.fit()            # a grid's trials made in O(N), not O(N^2)
+    with result_grid_without_histories(): tuner.fit()           # fit's ResultGrid reads no trial's history
     with auth_mode("token"): ray.init(address=...)               # attach in a running head's authentication mode
     stop_autoscaler_monitor()                   # before ray.shutdown(): a second less at the end of every launch
 
@@ -27,7 +28,7 @@ from orchestrator.env_switches import env_switch
 from orchestrator.errors import UserError
 
 __all__ = ["ALLOW_ENV", "TESTED_RAY", "auth_mode", "check_ray_version", "few_join_retries", "grid_without_copying_the_grid",
-           "loopback_only", "stop_autoscaler_monitor", "trial_actors_on_started_workers"]
+           "loopback_only", "result_grid_without_histories", "stop_autoscaler_monitor", "trial_actors_on_started_workers"]
 
 TESTED_RAY = "2.60"  # major.minor: the patches were written for and tested on 2.60.x (pyproject pins 2.60.0)
 ALLOW_ENV = "BVIT_SWEEP_UNTESTED_RAY"  # =1: run on another Ray anyway, at the user's risk
@@ -175,6 +176,26 @@ def grid_without_copying_the_grid() -> Iterator[None]:
         yield
     finally:
         vg._grid_search_generator = original
+
+
+@contextmanager
+def result_grid_without_histories() -> Iterator[None]:
+    """Let the ResultGrid that `Tuner.fit` returns skip reading every trial's history into a DataFrame (Tune 2.60:
+    `ExperimentAnalysis._fetch_trial_dataframes`, called when fit builds its result).
+
+    Why: fit's last act read each trial's progress file with pandas -- 13 s of the end of a 1,000-trial launch,
+    for a result the launcher never reads (it reads the project's own records and result.json lines). Each trial
+    gets an empty DataFrame, as Tune gives a trial whose files it cannot read.
+    """
+    from pandas import DataFrame
+    from ray.tune.analysis import experiment_analysis as ea
+
+    original = ea.ExperimentAnalysis._fetch_trial_dataframes
+    ea.ExperimentAnalysis._fetch_trial_dataframes = lambda self: {t.trial_id: DataFrame() for t in self.trials}
+    try:
+        yield
+    finally:
+        ea.ExperimentAnalysis._fetch_trial_dataframes = original
 
 
 @contextmanager

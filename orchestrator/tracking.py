@@ -322,10 +322,11 @@ class SweepTracker:
             self._retries[rid] = retries
         return logged
 
-    def _terminate(self, run_id: str, status: str, end_ms: int | None) -> None:
-        """End a run with `status` at `end_ms`, unless it already ended so (a finished run keeps its times)."""
+    def _terminate(self, run_id: str, status: str, end_ms: int | None, *, keep_end: bool = False) -> None:
+        """End a run with `status` at `end_ms`, unless it already ended so (with `keep_end`: ended with that status
+        at any time -- a trial's run keeps the end its first writer gave it; the parent's moves with its trials)."""
         info = self._info.pop(run_id, None) or self.client.get_run(run_id).info
-        if info.status == status and info.end_time and (end_ms is None or info.end_time == end_ms):
+        if info.status == status and info.end_time and (keep_end or end_ms is None or info.end_time == end_ms):
             self._info[run_id] = info
             return
         self.client.set_terminated(run_id, status, end_time=end_ms)
@@ -334,7 +335,7 @@ class SweepTracker:
     def finish(self, trial_id: str, cfg: TrialConfig, status: str, end_ms: int | None = None) -> None:
         """End the trial's run (its status from Tune's), at `end_ms`: its last report."""
         rid = self.child_run_id(trial_id, cfg)
-        self._terminate(rid, {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED"), end_ms)
+        self._terminate(rid, {"TERMINATED": "FINISHED", "ERROR": "FAILED"}.get(status, "KILLED"), end_ms, keep_end=True)
 
     def trial_runs(self) -> dict[str, Any]:
         """{trial id: its run} as the sweep's index read them (tags, metrics, times: a trial's run is its oldest)."""

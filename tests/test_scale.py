@@ -332,3 +332,48 @@ def test_status_of_a_large_sweep_shows_its_unfinished_trials_and_imports_neither
     assert len(doc["trials"]) == n
     last = doc["trials"][-1]
     assert (last["best_test_top1"], last["best_epoch"], last["status"]) == (52.0 + (n - 1) / n, 3, "PENDING")
+
+
+def test_the_end_of_a_launch_rereads_neither_tunes_histories_nor_ends_a_finished_run_again(tmp_path, monkeypatch):
+    """Three costs of the end of a 1,000-trial launch, measured there: fit's ResultGrid loaded every trial's history
+    with pandas (13 s), the launcher read Tune's final state back the same way to rewrite records its callback had
+    just written (14 s), and the back-fill ended every run again because its end time differed by a few ms from the
+    live one (15 s of SQLite writes)."""
+    import inspect
+
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.analysis import experiment_analysis as ea
+
+    from orchestrator import patches, resume, tracking
+
+    # 1. Tune 2.60 builds fit's result through _fetch_trial_dataframes; under the patch no trial's files are read.
+    assert "self._fetch_trial_dataframes()" in inspect.getsource(ea.ExperimentAnalysis.__init__)
+    original = ea.ExperimentAnalysis._fetch_trial_dataframes
+    with patches.result_grid_without_histories():
+        frames = ea.ExperimentAnalysis._fetch_trial_dataframes(SimpleNamespace(trials=[SimpleNamespace(trial_id="a")]))
+        assert list(frames) == ["a"] and frames["a"].empty
+    assert ea.ExperimentAnalysis._fetch_trial_dataframes is original
+
+    # 2. Records the callback wrote at the experiment's end are not rewritten from Tune's state; it is still signed.
+    sweep = _finished_sweep(tmp_path, 3, {})
+    signed = []
+    monkeypatch.setattr(resume, "sign_state", signed.append)
+    monkeypatch.setattr(tune, "ExperimentAnalysis", lambda *a, **kw: pytest.fail("Tune's state read back"))
+    resume.record_final_state(sweep, records_written=True)
+    assert signed == [sweep]
+
+    # 3. A finished trial's run keeps the end it was given first; a status that changed is written.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = TrialEnvelope.of(_trials(1)[0].config)
+    live = tracking.SweepTracker(uri=uri, experiment="big", sweep="big")
+    live.finish(env.trial_id, env.resolved, "TERMINATED", end_ms=1_000_000)
+    live.finish_parent(ok=True)
+    ended = []
+    real = MlflowClient.set_terminated
+    monkeypatch.setattr(MlflowClient, "set_terminated", lambda self, rid, *a, **kw: ended.append(rid) or real(self, rid, *a, **kw))
+    back_fill = tracking.SweepTracker(uri=uri, experiment="big", sweep="big")
+    back_fill.finish(env.trial_id, env.resolved, "TERMINATED", end_ms=1_000_007)  # Ray's records: 7 ms later
+    assert ended == []
+    back_fill.finish(env.trial_id, env.resolved, "ERROR", end_ms=1_000_007)  # a status that changed is written
+    assert ended == [back_fill.child_run_id(env.trial_id, env.resolved)]
