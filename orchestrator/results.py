@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from orchestrator.cells import MEASURED, column_names
-from orchestrator.curves import CURVES, curve_table, epoch_curve, finite, still_improving
-from orchestrator.envelope import FAILED_KEY, TrialEnvelope, trial_status
+from orchestrator.curves import CURVES, curve_table
+from orchestrator.envelope import TrialEnvelope, trial_status
 from orchestrator.errors import UserError
 from orchestrator.provenance import PROVENANCE_KEY, git_sha, machine_provenance, relative_to_repo
-from orchestrator.records import TrialRecord, read_history, read_records
+from orchestrator.records import read_records, trial_row
 from orchestrator.spec import Convergence, SweepSpec, Trial
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
 
@@ -67,51 +67,6 @@ def _axis_columns(trials: list[Trial] | None) -> dict[str, str]:
 def trial_envelopes(sweep_dir: Path) -> dict[str, TrialEnvelope]:
     """{trial id -> envelope} of every trial the sweep at `sweep_dir` recorded (its JSON records only)."""
     return {r.trial_id: r.envelope for r in read_records(sweep_dir)}
-
-
-def _best(history: list[dict[str, Any]]) -> tuple[float | None, int | None]:
-    """(best test top-1, the epoch it was reached at; the first on a tie) of a trial's per-epoch records;
-    (None, None) when it has none."""
-    scored = [(x, r) for r in history if (x := finite(r.get("test_top1"))) is not None and finite(r.get("epoch")) is not None]
-    if not scored:
-        return None, None
-    top, rec = max(scored, key=lambda xr: xr[0])  # max keeps the first of equal values
-    return top, int(rec["epoch"])
-
-
-def trial_row(sweep_dir: Path, trial: TrialRecord, *, axis_cols: dict[str, str],
-              convergence: Convergence) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One trial's row of the trial table and its learning curve (`collect_trials`; the launcher's MLflow
-    thread describes a finished trial's run from the same row). `axis_cols`: {dotted path: column} of the
-    paths the sweep varies."""
-    env = trial.envelope
-    cfg = env.resolved  # a fine-tuning trial's model is its checkpoint's
-    flat = cfg.flat()
-    last = trial.last_result or {}
-    history = read_history(sweep_dir, env.trial_id)
-    curve = epoch_curve(history, eval_every=cfg.eval_every, epochs=cfg.optim.epochs) if history else []
-    row: dict[str, Any] = {
-        "trial_id": env.trial_id, "status": trial.status, "arch": cfg.model.arch,
-        "width": cfg.model.width, "steps": cfg.model.steps, "heads": cfg.model.heads, "seed": cfg.seed,
-        **{col: flat[path] for path, col in axis_cols.items() if col not in ("arch", "width", "steps", "heads")},
-        "params": last.get("params"), "flops_per_image": last.get("flops_per_image"),
-        "final_test_top1": last.get("test_top1"), "final_test_top5": last.get("test_top5"),
-        "final_test_loss": last.get("test_loss"), "final_train_loss": last.get("train_loss"),
-        "epochs": last.get("epoch", 0), "still_improving": still_improving(curve, convergence),
-        "wall_s": last.get("time_total_s"), "node": last.get("node_ip"),
-        "retries": max(int(last.get("retries", 0)), trial.num_failures), "error": "",
-    }
-    if cfg.finetune is not None:  # a fine-tuning trial: how it adapted the pretrained model
-        ft = cfg.finetune
-        row.update(method=ft.method, rank=ft.rank if ft.method.startswith("lora") else None,
-                   trainable_params=last.get("trainable_params"), merged_test_top1=last.get("merged_test_top1"))
-    row["best_test_top1"], row["best_epoch"] = _best(history)
-    if isinstance(last.get(FAILED_KEY), str):  # failed for good (diverged, bad data): not retried
-        row["status"], row["error"] = "ERROR", last[FAILED_KEY]
-    elif trial.status == "ERROR":  # Tune's copy in the sweep directory, not the node's temporary one
-        kept = Path(sweep_dir) / env.trial_id / "error.txt"
-        row["error"] = f"see {kept}" if kept.exists() else (f"see {trial.error_file}" if trial.error_file else "")
-    return row, curve
 
 
 def collect_trials(sweep_dir: Path, *, trials: list[Trial] | None = None) -> TrialTable:

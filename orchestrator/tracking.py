@@ -439,8 +439,7 @@ class MlflowProgressCallback(tune.Callback):
 
     def _row(self, trial) -> dict[str, Any] | None:
         """The finished trial's row of the trial table, as the end of the launch will read it (None: not here)."""
-        from orchestrator.records import TrialRecord, record_doc
-        from orchestrator.results import trial_row
+        from orchestrator.records import TrialRecord, record_doc, trial_row
         from orchestrator.spec import Convergence
 
         sweep_dir, design = self.kw.get("sweep_dir"), self.kw.get("design")

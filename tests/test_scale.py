@@ -243,8 +243,8 @@ def test_a_trial_described_as_it_finishes_leaves_the_end_of_the_launch_nothing_t
 
     from orchestrator import tracking
     from orchestrator.cells import design_of
-    from orchestrator.records import read_records
-    from orchestrator.results import collect_trials, trial_row
+    from orchestrator.records import read_records, trial_row
+    from orchestrator.results import collect_trials
     from orchestrator.spec import Convergence
 
     sweep = _finished_sweep(tmp_path, 6, {})
