@@ -21,7 +21,8 @@ from pathlib import Path
 from bvit.config import TrialConfig
 from orchestrator.errors import UserError
 
-__all__ = ["PROBE_S", "check_data_on_nodes", "data_fingerprints", "node_data_problems", "prepare_data"]
+__all__ = ["PROBE_S", "check_data_on_nodes", "data_fingerprints", "node_data_problems", "on_each_node", "prepare_data",
+           "trial_nodes"]
 
 PROBE_S = 60.0  # how long the nodes have to answer (a worker process starts on each)
 _HEAD = 1 << 16  # bytes of each file hashed: enough to tell another preparation from this one, cheap on NFS
@@ -88,12 +89,18 @@ def node_data_problems(expected: dict[str, dict[str, list]], nodes: list[dict], 
                        timeout_s: float = PROBE_S) -> dict[str, list[str]]:
     """{"node <ip> (<id>)": its problems} for each of Ray's `nodes` (entries of `ray.nodes()`) that does not see
     `expected` (data_fingerprints) as the launcher does: a task of no CPUs pinned to each node."""
+    return on_each_node(_probe, expected, nodes, timeout_s=timeout_s)
+
+
+def on_each_node(fn, arg, nodes: list[dict], *, timeout_s: float) -> dict[str, list[str]]:
+    """{"node <ip> (<id>)": problems} of `fn(arg)` (a list of problems) run as a task of no CPUs pinned to each of
+    Ray's `nodes`, for the nodes with any; a node that does not answer in time, or dies, is one of them."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    probe = ray.remote(num_cpus=0, max_retries=0)(_probe)
-    pending = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
-        expected): f"node {n.get('NodeManagerAddress', '?')} ({n['NodeID'][:12]})" for n in nodes}
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    pending = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+        arg): f"node {n.get('NodeManagerAddress', '?')} ({n['NodeID'][:12]})" for n in nodes}
     ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
     out = {pending[ref]: [f"did not answer within {timeout_s:g} s"] for ref in late}
     for ref in ready:

@@ -49,6 +49,18 @@ class TrialEnvelope(BaseModel):
     resources: Resources  # per trial: cpus, gpus, workers (> 1: a data-parallel Ray Train trial)
     max_failures: int  # retries of a failed trial, from its last checkpoint (Ray Train's too)
     sweep_dir: str  # <storage>/<name> (a folder or a URI): Tune's state; data-parallel trials keep Ray Train's under train/
+    data_source: str | None = None  # URI storage: the data's published copy (orchestrator.data_share), else None
+
+    def on_this_node(self) -> TrialEnvelope:
+        """The envelope as a trial on this node runs it: with a published data copy, `resolved`'s data path is the
+        folder this node reads (the launcher's when it sees the same files there, else its verified local copy)."""
+        if self.data_source is None:
+            return self
+        from orchestrator.data_share import local_data
+
+        path = local_data(self.data_source, self.resolved.data.path)
+        data = self.resolved.data.model_copy(update={"path": path})
+        return self.model_copy(update={"resolved": self.resolved.model_copy(update={"data": data})})
 
     @property
     def train_storage(self) -> str:
@@ -98,8 +110,13 @@ def resolve_config(cfg: TrialConfig, data_paths: dict[str, str], pretrained: Pre
 
 
 def build_envelopes(spec: SweepSpec, trials: list[Trial], *, data_paths: dict[str, str], pretrained: Pretrained,
-                    sweep_dir: Path | str) -> list[TrialEnvelope]:
-    """One envelope per expanded trial, in the sweep's order."""
-    return [TrialEnvelope(trial_id=t.id, config=t.config, resolved=resolve_config(t.config, data_paths, pretrained),
-                          resources=spec.resources, max_failures=spec.max_failures, sweep_dir=str(sweep_dir))
-            for t in trials]
+                    sweep_dir: Path | str, data_sources: dict[str, str] | None = None) -> list[TrialEnvelope]:
+    """One envelope per expanded trial, in the sweep's order. `data_sources`: {absolute data dir: its published
+    copy} when the sweep's storage is a URI (orchestrator.data_share.publish_data)."""
+    out = []
+    for t in trials:
+        resolved = resolve_config(t.config, data_paths, pretrained)
+        out.append(TrialEnvelope(trial_id=t.id, config=t.config, resolved=resolved, resources=spec.resources,
+                                 max_failures=spec.max_failures, sweep_dir=str(sweep_dir),
+                                 data_source=(data_sources or {}).get(resolved.data.path)))
+    return out

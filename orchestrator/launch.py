@@ -41,6 +41,7 @@ import ray
 
 from orchestrator.callbacks import ProgressTable, PushOwnFiles
 from orchestrator.data_prep import check_data_on_nodes, prepare_data
+from orchestrator.data_share import publish_data, stage_data_on_nodes
 from orchestrator.env_switches import only_our_loggers, tune_switches
 from orchestrator.errors import UserError
 from orchestrator.lock import sweep_lock
@@ -59,7 +60,7 @@ from orchestrator.preflight import (
 from orchestrator.pretrained import resolve_pretrained
 from orchestrator.provenance import code_version
 from orchestrator.ray_cluster import cluster_address, probe_cluster, ray_session
-from orchestrator.results import collect_trials, finalize, write_results
+from orchestrator.results import best_trial, collect_trials, finalize, write_results
 from orchestrator.resume import check_sweep_state, record_final_state, snapshot, write_snapshot
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.storage import SweepLocation, storage_problems, sweep_location
@@ -161,8 +162,14 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, wher
         raise UserError(problems)
     pretrained = resolve_pretrained(configs, data_paths, cwd=Path.cwd(), source=source)
     # Every variable set for Tune (here and by ray_session: PL_DISABLE_FORK) is as it was once the launch ends.
+    # URI storage: the data goes there too (once per content), and each node reads it from there unless it sees the
+    # launcher's files itself; a local storage: every node must see the files the launcher prepared.
+    data_sources = publish_data(data_paths, where.storage_path) if where.uri is not None else {}
     with tune_switches(), ray_session(address, spec):
-        check_data_on_nodes(data_paths)  # every node sees the files the driver prepared (a moment per node)
+        if data_sources:
+            stage_data_on_nodes(data_sources)  # each trial node fetches (or finds) them once, before any trial
+        else:
+            check_data_on_nodes(data_paths)  # every node sees the files the driver prepared (a moment per node)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         record_launch(sweep_dir, started_at=started_at, ray_ready_at=time.time(), command=command)
         if not resume or force:
@@ -178,7 +185,7 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, wher
         if where.uri is not None:
             callbacks.append(PushOwnFiles(where))
         tuner = build_tuner(spec, strategy, where=where, callbacks=callbacks, resume=resume,
-                            data_paths=data_paths, pretrained=pretrained,
+                            data_paths=data_paths, pretrained=pretrained, data_sources=data_sources,
                             tracking=TrialTracking(uri=uri, experiment=experiment, sweep=sweep_dir.name,
                                                    interval_s=spec.tracking.system_metrics_s))
         interrupted = False
@@ -198,6 +205,8 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, wher
                       storage_uri=where.uri)
         strategy.write_pareto(table, spec=spec, sweep_dir=sweep_dir, results_dir=results_dir, uri=uri,
                               experiment=experiment, verbose=verbose)
+        if where.uri is not None and (best := best_trial(table)) is not None:
+            where.pull_checkpoint(best)  # the best model goes to MLflow; `pull` leaves checkpoints on the storage
         finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
                  complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)

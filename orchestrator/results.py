@@ -27,7 +27,7 @@ from orchestrator.spec.load import SNAPSHOT, read_snapshot
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["trial_status", "collect_trials", "trial_row", "write_results", "finalize", "best_checkpoint", "git_sha", "trial_envelopes",
+__all__ = ["trial_status", "collect_trials", "trial_row", "write_results", "finalize", "best_checkpoint", "best_trial", "git_sha", "trial_envelopes",
            "trial_curves", "TrialTable", "COLUMNS"]
 
 COLUMNS = [
@@ -140,14 +140,18 @@ def _trial_machines(sweep_dir: Path) -> list[dict[str, Any]]:
     return list(machines.values())
 
 
+def best_trial(rows: list[dict[str, Any]]) -> str | None:
+    """The id of the finished trial with the best final test top-1, or None."""
+    done = [r for r in rows if r["status"] == "TERMINATED" and r.get("final_test_top1") is not None]
+    return max(done, key=lambda r: r["final_test_top1"])["trial_id"] if done else None
+
+
 def best_checkpoint(sweep_dir: Path, rows: list[dict[str, Any]]) -> tuple[str, Path] | None:
     """(trial id, checkpoint.pt) of the finished trial with the best final test top-1, or None."""
-    done = [r for r in rows if r["status"] == "TERMINATED" and r.get("final_test_top1") is not None]
-    if not done:
+    if (best := best_trial(rows)) is None:
         return None
-    best = max(done, key=lambda r: r["final_test_top1"])
-    ckpts = sorted((sweep_dir / best["trial_id"]).glob("checkpoint_*/checkpoint.pt"))
-    return (best["trial_id"], ckpts[-1]) if ckpts else None
+    ckpts = sorted((sweep_dir / best).glob("checkpoint_*/checkpoint.pt"))
+    return (best, ckpts[-1]) if ckpts else None
 
 
 def finalize(*, sweep_dir: Path, results_dir: Path, table: list[dict[str, Any]], uri: str, experiment: str,

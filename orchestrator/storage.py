@@ -191,6 +191,29 @@ class SweepLocation:
         self._pushed = {p: _stamp(self.dir / p) for p in self._own()}  # what was fetched needs no push
         return len(files)
 
+    def pull_checkpoint(self, trial_id: str) -> Path | None:
+        """A URI: the trial's newest checkpoint folder, fetched into the local copy (`pull` leaves checkpoints out);
+        its local path, or None when it has none. A local storage: the folder as it is."""
+        if self.uri is None:
+            found = sorted((self.dir / trial_id).glob("checkpoint_*"))
+            return found[-1] if found else None
+        import pyarrow.fs
+
+        fs, root = self._filesystem()
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{trial_id}", allow_not_found=True))
+        folders = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                         and PurePosixPath(i.path).name.startswith("checkpoint_"))
+        if not folders:
+            return None
+        local = self.dir / trial_id / PurePosixPath(folders[-1]).name
+        for info in fs.get_file_info(pyarrow.fs.FileSelector(folders[-1], recursive=True)):
+            if info.type == pyarrow.fs.FileType.File:
+                target = local / PurePosixPath(info.path).relative_to(folders[-1])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+        return local
+
     def push(self, *, exclude: tuple[str, ...] = ()) -> int:
         """Upload the project's own files (OWN_FILES, less `exclude`) that changed since the last pull or push; the
         number sent. Nothing for a local storage."""

@@ -200,8 +200,10 @@ class OptunaStrategy(Strategy):
     def param_space(self, envelopes: list[TrialEnvelope]) -> dict[str, Any]:
         return {}
 
-    def search_alg(self, *, data_paths: dict[str, str], sweep_dir: Path) -> PointSearcher:
+    def search_alg(self, *, data_paths: dict[str, str], sweep_dir: Path,
+                   data_sources: dict[str, str] | None = None) -> PointSearcher:
         return PointSearcher(space=self.space, spec=self.spec, data_paths=data_paths, sweep_dir=str(sweep_dir),
+                             data_sources=data_sources or {},
                              num_trials=self.num_samples)
 
     def finished_trials(self, sweep_dir: Path) -> list[Trial]:
@@ -316,7 +318,7 @@ class PointSearcher(Searcher):
     """
 
     def __init__(self, *, space: Space, spec: SweepSpec, data_paths: dict[str, str], sweep_dir: str,
-                 num_trials: int) -> None:
+                 num_trials: int, data_sources: dict[str, str] | None = None) -> None:
         from ray.tune.search.optuna import OptunaSearch
 
         s = spec.search
@@ -324,7 +326,7 @@ class PointSearcher(Searcher):
         metrics, modes = list(self.objectives), list(self.objectives.values())
         super().__init__(metric=metrics[0], mode=modes[0])
         self.space, self.num_trials, self.sweep_dir = space, num_trials, sweep_dir
-        self.context = dict(data_paths=data_paths, resources=spec.resources.model_dump(),
+        self.context = dict(data_paths=data_paths, data_sources=data_sources or {}, resources=spec.resources.model_dump(),
                             max_failures=spec.max_failures)
         multi = len(metrics) > 1
         self.inner = OptunaSearch(space=_DefineByRun(space), metric=metrics if multi else metrics[0],
@@ -387,8 +389,10 @@ class PointSearcher(Searcher):
     def _envelope(self, config_id: str) -> dict[str, Any]:
         cfg = TrialConfig.model_validate(self._configs[config_id])
         c = self.context
-        env = TrialEnvelope(trial_id=config_id, config=cfg, resolved=resolve_config(cfg, c["data_paths"], {}),
-                            resources=c["resources"], max_failures=c["max_failures"], sweep_dir=self.sweep_dir)
+        resolved = resolve_config(cfg, c["data_paths"], {})
+        env = TrialEnvelope(trial_id=config_id, config=cfg, resolved=resolved, resources=c["resources"],
+                            max_failures=c["max_failures"], sweep_dir=self.sweep_dir,
+                            data_source=c.get("data_sources", {}).get(resolved.data.path))
         return {TRIAL_KEY: env.to_tune()}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

@@ -178,9 +178,9 @@ def run_trial(config: dict[str, Any], fault: dict[str, Any] | None = None,
     try:
         env = TrialEnvelope.of(config)
         if env.resources.workers > 1:
-            _run_data_parallel(env, fault, tracking)
+            _run_data_parallel(env, fault, tracking)  # each rank finds its node's data itself
         else:
-            _run_single(env, fault, started, tracking)
+            _run_single(env.on_this_node(), fault, started, tracking)
     finally:
         _PROCESS["last_end"] = time.time()
 
@@ -222,7 +222,7 @@ def _run_single(env: TrialEnvelope, fault: dict[str, Any] | None, started: dict[
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train worker: one rank of a data-parallel trial (torch.distributed is set up by TorchTrainer)."""
-    env, fault = TrialEnvelope.of(loop_config), loop_config.get("fault")
+    env, fault = TrialEnvelope.of(loop_config).on_this_node(), loop_config.get("fault")
     tracking = TrialTracking(**loop_config["tracking"]) if loop_config.get("tracking") else None
     _hide_unreserved_gpus(env.resources)
     import ray.train

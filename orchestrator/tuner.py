@@ -34,19 +34,21 @@ __all__ = ["PrepareFinish", "build_tuner", "sweep_callbacks", "trial_name"]
 
 
 def build_tuner(spec: SweepSpec, strategy: Strategy, *, where: SweepLocation, callbacks: list, resume: bool,
-                data_paths: dict[str, str], pretrained: Pretrained, tracking: TrialTracking | None = None) -> tune.Tuner:
+                data_paths: dict[str, str], pretrained: Pretrained, tracking: TrialTracking | None = None,
+                data_sources: dict[str, str] | None = None) -> tune.Tuner:
     """The sweep's Tuner: the saved one with `resume`, else a new one over the strategy's trials. `tracking`: where
-    the trials log their system metrics (this launch's store)."""
+    the trials log their system metrics (this launch's store); `data_sources`: the data's published copies (URI
+    storage, orchestrator.data_share)."""
     if resume:
         return strategy.restore(where.tune_path, trainable=tune_trainable(spec.resources, tracking))
     sweep_dir = where.dir
     envelopes = build_envelopes(spec, run_order(strategy.trials), data_paths=data_paths, pretrained=pretrained,
-                                sweep_dir=where.tune_path)
+                                sweep_dir=where.tune_path, data_sources=data_sources)
     return tune.Tuner(
         tune_trainable(spec.resources, tracking),
         param_space=strategy.param_space(envelopes),  # the grid's envelopes, or nothing: the searcher's points
         tune_config=tune.TuneConfig(
-            search_alg=strategy.search_alg(data_paths=data_paths, sweep_dir=sweep_dir),
+            search_alg=strategy.search_alg(data_paths=data_paths, sweep_dir=sweep_dir, data_sources=data_sources),
             num_samples=strategy.num_samples,
             # A metric only for ASHA: FIFO trials may score the test set only at the end (eval_every).
             metric=spec.scheduler.metric if spec.scheduler.type == "asha" else None,

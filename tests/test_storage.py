@@ -3,6 +3,7 @@ launch whose state and checkpoints go there, `status` / `frontier` / `--resume` 
 cannot be opened or reached is one line and exit 2 before Ray starts, never a local folder named after it."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -179,11 +180,14 @@ def test_a_sweep_on_s3_runs_reads_back_and_resumes_from_there(tmp_path, monkeypa
         assert f"{t}/result.json" in remote
         assert remote[f"{t}/checkpoint_000000/checkpoint.pt"] > 10_000
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "runs").exists()
+    data = _remote_files(s3_server, "s3://sweeps/bvit/.bvit-data")  # the data, published beside the sweep
+    assert sorted(n.split("/", 1)[1] for n in data) == ["manifest.json", "meta.json", "test.beton", "train.beton"]
+    log = (tmp_path / "launch.log").read_text()
+    assert "publishing " in log and not (tmp_path / "cache" / "data").exists()  # this node read the launcher's files
     run = json.loads((tmp_path / "results" / "ons3" / "run.json").read_text())
     assert run["sweep_dir"] == "s3://sweeps/bvit/ons3" and run["terminated"] == 2
 
     # status, by URI and by spec: the trial table, read from the server into a fresh local copy
-    import shutil
     shutil.rmtree(tmp_path / "cache")
     r1 = CliRunner().invoke(app, ["status", "s3://sweeps/bvit/ons3", "--json"])
     assert r1.exit_code == 0, r1.output
@@ -218,3 +222,72 @@ def _remote_bytes(uri: str) -> bytes:
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+# --- the trials' data through the storage (orchestrator.data_share): nodes that share no folder ---------------
+
+def test_data_is_published_once_per_content_and_fetched_verified_where_a_node_lacks_it(tmp_path, monkeypatch,
+                                                                                        s3_server, fmnist_dir):
+    """The launcher's data dir goes up once under <storage>/.bvit-data/<name>-<key> (manifest last); a node that
+    sees the same files at the launcher's path reads them there; a node that does not gets a copy in its cache,
+    byte-identical and checked against the manifest's SHA-256s; other data is another key, never an overwrite."""
+    from orchestrator.data_share import MANIFEST, local_data, publish_data
+
+    _aws_env(monkeypatch, s3_server, tmp_path)
+    monkeypatch.setenv("BVIT_DATA_CACHE", str(tmp_path / "node-cache"))
+    src = tmp_path / "fashion-mnist"
+    shutil.copytree(fmnist_dir, src)
+    (source,) = publish_data({"data/fashion-mnist": str(src)}, "s3://sweeps/bvit").values()
+    assert source.startswith("s3://sweeps/bvit/.bvit-data/fashion-mnist-")
+    remote = _remote_files(s3_server, source)
+    assert sorted(remote) == ["manifest.json", "meta.json", "test.beton", "train.beton"]
+    assert remote["train.beton"] == (src / "train.beton").stat().st_size
+
+    stamp = pyarrow.fs.FileSystem.from_uri(source)[0].get_file_info(source[5:] + "/train.beton").mtime
+    assert publish_data({"x": str(src)}, "s3://sweeps/bvit") == {str(src): source}  # the same content: no upload
+    assert pyarrow.fs.FileSystem.from_uri(source)[0].get_file_info(source[5:] + "/train.beton").mtime == stamp
+
+    assert local_data(source, str(src)) == str(src)  # this node sees the launcher's files: read there
+    assert not (tmp_path / "node-cache").exists()
+    gone = str(tmp_path / "not-on-this-node")
+    copy = Path(local_data(source, gone))
+    assert copy.parent == tmp_path / "node-cache" and (copy / MANIFEST).is_file()
+    for name in ("meta.json", "train.beton", "test.beton"):
+        assert (copy / name).read_bytes() == (src / name).read_bytes()
+    assert local_data(source, gone) == str(copy)  # fetched once: the next trial on this node finds it
+
+    with open(src / "test.beton", "r+b") as f:  # other data under the same name: another copy, the first kept
+        f.seek(100)
+        f.write(b"\xff")
+    (other,) = publish_data({"d": str(src)}, "s3://sweeps/bvit").values()
+    assert other != source and _remote_files(s3_server, source)["test.beton"] == remote["test.beton"]
+
+
+def test_a_published_copy_that_does_not_match_its_manifest_is_refused_and_leaves_nothing_half_fetched(
+        tmp_path, monkeypatch, s3_server, fmnist_dir):
+    from orchestrator.data_share import local_data, publish_data
+
+    _aws_env(monkeypatch, s3_server, tmp_path)
+    monkeypatch.setenv("BVIT_DATA_CACHE", str(tmp_path / "node-cache"))
+    (source,) = publish_data({"d": str(fmnist_dir)}, "s3://sweeps/corrupt").values()
+    fs, path = pyarrow.fs.FileSystem.from_uri(source)
+    with fs.open_output_stream(f"{path}/test.beton") as f:  # the object changed after it was published
+        f.write(b"not the data")
+    with pytest.raises(OSError, match=r"test.beton: its SHA-256 differs from the manifest's"):
+        local_data(source, str(tmp_path / "elsewhere"))
+    assert [p.name for p in (tmp_path / "node-cache").iterdir()] == [f".{source.rsplit('/', 1)[1]}.lock"]
+    with pytest.raises(FileNotFoundError, match=r"manifest.json not found"):
+        local_data("s3://sweeps/corrupt/.bvit-data/none-0", str(tmp_path / "elsewhere"))
+
+
+def test_a_node_that_cannot_fetch_the_published_data_is_named_before_any_trial(ray_local, tmp_path):
+    """The real Ray task on this node, asked for a copy that is not on the storage: one line naming the node, the
+    URI and the reason, and what to do."""
+    from orchestrator.data_share import stage_data_on_nodes
+
+    source = "s3://sweeps/nowhere/.bvit-data/fashion-mnist-0123456789abcdef"
+    with pytest.raises(UserError) as e:
+        stage_data_on_nodes({str(tmp_path / "not-here"): source}, timeout_s=60)
+    (line,) = e.value.lines
+    assert line.startswith("data: 1 node(s) cannot get the trials' data from the sweep's storage -- node ")
+    assert f"cannot fetch {source} (" in line and line.endswith("then launch again")
