@@ -4,7 +4,7 @@ VENV  := .venv
 BIN   := $(VENV)/bin
 SPEC  ?= sweeps/width.yaml
 
-.PHONY: setup sweep smoke test test-slow test-cluster lint bench bench-scale bench-gpu gpu-bundle gpu-check-tiny clean
+.PHONY: setup sweep smoke test test-slow test-cluster test-cluster-hosts lint bench bench-scale bench-gpu gpu-bundle gpu-check-tiny clean
 
 setup:
 	@scripts/setup.sh
@@ -24,6 +24,9 @@ test-slow: setup  ## only the slow tests (real training runs, multi-node)
 
 test-cluster: setup  ## as root: a real compose cluster (PostgreSQL, MLflow, Ray head + 2 workers), checked end to end
 	scripts/test-cluster.sh
+
+test-cluster-hosts: setup  ## as root: a head host and two worker hosts sharing only ports and an S3 server (docker/compose.head.yaml, compose.worker.yaml)
+	scripts/test-cluster.sh hosts
 
 lint: setup
 	$(BIN)/ruff check .

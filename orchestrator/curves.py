@@ -43,7 +43,7 @@ def finite(value: Any) -> float | None:
 def epoch_curve(records: Iterable[dict[str, Any]], *, eval_every: int = 1,
                 epochs: int | None = None) -> list[dict[str, Any]]:
     """A trial's curve from its per-epoch records (Ray's result.json lines): one dict per epoch, in order,
-    with CURVE_METRICS (None where not measured).
+    with CURVE_METRICS (None where not measured) and the `node` (IP) that trained it (a retry may move).
 
     An epoch reported twice (a restart from an earlier checkpoint) keeps its last record. A test metric is
     kept only on the epochs the test set was scored (every `eval_every`-th and the last, `epochs`):
@@ -57,7 +57,7 @@ def epoch_curve(records: Iterable[dict[str, Any]], *, eval_every: int = 1,
         e = int(epoch)
         scored = e % eval_every == 0 or e == epochs
         by_epoch[e] = {"epoch": e, **{k: finite(r.get(k)) if scored or k not in _SCORED else None
-                                      for k in CURVE_METRICS}}
+                                      for k in CURVE_METRICS}, "node": r.get("node_ip")}
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -83,7 +83,7 @@ def curve_table(rows: Sequence[dict[str, Any]], curves: dict[str, list[dict[str,
              for row in rows for point in curves.get(row["trial_id"], [])]
     import pandas as pd
 
-    return pd.DataFrame(lines, columns=[*columns, "epoch", *CURVE_METRICS])
+    return pd.DataFrame(lines, columns=[*columns, "epoch", *CURVE_METRICS, "node"])
 
 
 def read_curves(path: Path) -> pd.DataFrame | None:

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # make test-cluster: a real multi-node cluster on this machine, from docker/compose.yaml, checked from the host.
+# make test-cluster-hosts (`scripts/test-cluster.sh hosts`): a head host and two worker hosts that share only
+# published ports and an S3 server (tests/cluster/hosts.py).
 #
 # As root on Debian: uses the running Docker engine, or installs Debian's (docker.io) and starts containerd and
 # dockerd by hand, stopping on exit only what it started. Adds the buildx and compose v2 CLI plugins when the
@@ -33,6 +35,10 @@ stop_started() {
   if docker info >/dev/null 2>&1; then  # a second safety net: the scenario tears down in its own `finally`
     POSTGRES_PASSWORD=x RAY_AUTH_TOKEN=x docker compose -p "$PROJECT" -f docker/compose.yaml down -v -t 1 \
       >/dev/null 2>&1 || true
+    POSTGRES_PASSWORD=x RAY_AUTH_TOKEN=x RAY_HEAD_IP=x docker compose -p bvit-hosts-head -f docker/compose.yaml \
+      -f docker/compose.head.yaml down -v -t 1 >/dev/null 2>&1 || true
+    for w in a b; do RAY_HEAD_IP=x RAY_NODE_IP=x RAY_AUTH_TOKEN=x docker compose -p "bvit-hosts-worker-$w" \
+      -f docker/compose.worker.yaml down -v -t 1 >/dev/null 2>&1 || true; done
   fi
   for ((i = ${#started_pids[@]} - 1; i >= 0; i--)); do
     local pid=${started_pids[i]}
@@ -120,5 +126,9 @@ fi
 export BVIT_ENGINE_PHASES
 BVIT_ENGINE_PHASES=$(printf '%s\n' "${PHASES[@]}")
 rc=0
-.venv/bin/python tests/cluster/scenario.py || rc=$?
+case ${1:-one-host} in
+  one-host) .venv/bin/python tests/cluster/scenario.py || rc=$? ;;
+  hosts) .venv/bin/python tests/cluster/hosts.py || rc=$? ;;  # make test-cluster-hosts
+  *) die "unknown scenario ${1}: one-host (make test-cluster) or hosts (make test-cluster-hosts)" ;;
+esac
 exit "$rc"

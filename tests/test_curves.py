@@ -48,17 +48,18 @@ def test_write_results_writes_the_curves_and_the_flag_beside_the_trial_table(tmp
     cell = {"arch": "bvit", "width": 32, "steps": 2, "heads": 2}
     rows = [{"trial_id": f"t{seed}", "status": "TERMINATED", **cell, "seed": seed, "optim.lr": 0.001, "params": 10,
              "final_test_top1": 50.0, "epochs": 2, "still_improving": seed == 0, "error": ""} for seed in (0, 1)]
-    table = TrialTable(rows, curves={"t0": epoch_curve([{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 1.0,
-                                                                                         "test_top1": 50.0}], epochs=2),
+    history = [{"epoch": 1, "train_loss": 2.0, "node_ip": "10.0.0.2"},  # then its node died: epoch 2 on another
+               {"epoch": 2, "train_loss": 1.0, "test_top1": 50.0, "node_ip": "10.0.0.3"}]
+    table = TrialTable(rows, curves={"t0": epoch_curve(history, epochs=2),
                                      "t1": []})  # a trial with no epoch yet has no lines
     write_results(table, spec=SweepSpec(name="t"), command="bvit-sweep launch t.yaml", results_dir=tmp_path,
                   sweep_dir=tmp_path / "runs", sha="abc")
     with open(tmp_path / "curves.csv") as f:
         lines = list(csv.DictReader(f))
     assert list(lines[0]) == ["trial_id", "arch", "width", "steps", "heads", "seed", "optim.lr", "epoch", "train_loss",
-                              "test_loss", "test_top1", "test_top5"]
-    assert [(r["trial_id"], r["epoch"], r["train_loss"], r["test_top1"]) for r in lines] == [
-        ("t0", "1", "2.0", ""), ("t0", "2", "1.0", "50.0")]
+                              "test_loss", "test_top1", "test_top5", "node"]
+    assert [(r["trial_id"], r["epoch"], r["train_loss"], r["test_top1"], r["node"]) for r in lines] == [
+        ("t0", "1", "2.0", "", "10.0.0.2"), ("t0", "2", "1.0", "50.0", "10.0.0.3")]
     with open(tmp_path / "trials.csv") as f:
         assert [r["still_improving"] for r in csv.DictReader(f)] == ["True", "False"]
     # the threshold behind the flag is in the results folder, even when the spec left it at its default

@@ -429,3 +429,57 @@ def test_clusters_hold_the_sweeps_concurrent_trials():
         have = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"][key])
                    for g in groups)
         assert have >= want[res], f"rayjob.yaml: {have} {res}s; the sweep runs {concurrent} trials, {want[res]}"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML as Compose reads it: `!reset` (an override that empties a field) loads as None."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: None)
+
+_RAY_PORT_FLAGS = ("node-manager-port", "object-manager-port", "runtime-env-agent-port", "dashboard-agent-grpc-port",
+                   "metrics-export-port", "dashboard-agent-listen-port")
+
+
+def _ray_ports(command: list[str]) -> tuple[dict[str, str], set[int]]:
+    """(`ray start`'s --flag=value options, every port it is told to use)."""
+    flags = dict(re.fullmatch(r"--([a-z-]+)=(.*)", a).groups() for a in command if re.fullmatch(r"--[a-z-]+=.*", a))
+    told = {int(flags[k]) for k in _RAY_PORT_FLAGS}
+    return flags, told | set(range(int(flags["min-worker-port"]), int(flags["max-worker-port"]) + 1))
+
+
+def test_a_worker_machine_publishes_every_port_ray_is_told_on_its_address_and_shares_no_volume():
+    """docker/compose.worker.yaml: Ray tells the other nodes the ports it binds, so each must be published, the same
+    number outside, on the address the worker advertises; its only volume is its own data cache; the head's
+    ports differ from a worker's (compose.head.yaml's head is on its machine's network: both fit on one machine)."""
+    doc = yaml.load((DOCKER / "compose.worker.yaml").read_text(), Loader=_ComposeLoader)
+    env = {"RAY_HEAD_IP": "10.0.0.1", "RAY_NODE_IP": "10.0.0.2", "RAY_AUTH_TOKEN": "t"}
+    schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
+    jsonschema.Draft7Validator(schema).validate(interpolate(doc, env))
+    for name in env:
+        with pytest.raises(KeyError, match=name):
+            interpolate(doc, {k: v for k, v in env.items() if k != name})
+    svc = interpolate(doc, env)["services"]["ray-worker"]
+    flags, told = _ray_ports(svc["command"])
+    assert flags["address"] == "10.0.0.1:6379" and flags["node-ip-address"] == "10.0.0.2"
+    published = set()
+    for spec in svc["ports"]:
+        host_ip, outside, inside = spec.rsplit(":", 2)
+        assert host_ip == "10.0.0.2", f"compose.worker.yaml publishes {spec!r} beyond the worker's address"
+        assert outside == inside, f"compose.worker.yaml maps {spec!r}: Ray would advertise the inside number"
+        low, _, high = outside.partition("-")
+        published |= set(range(int(low), int(high or low) + 1))
+    assert published == told, f"told but not published: {sorted(told - published)}; published, unused: {sorted(published - told)}"
+    assert svc["volumes"] == ["node-cache:/home/bvit/.cache"]
+    # root only to add the advertised address (orchestrator/node_address.py), then Ray as uid 1000
+    assert svc["user"] == "0:0" and svc["cap_add"] == ["NET_ADMIN"] and svc["environment"]["RAY_NODE_IP"] == "10.0.0.2"
+    script = svc["entrypoint"][2].replace("$$", "$")
+    assert script.startswith('python -m orchestrator.node_address "$RAY_NODE_IP" && exec setpriv --reuid=1000 ')
+    assert script.endswith(' ray "$@"') and svc["entrypoint"][3] == "ray" and svc["command"][0] == "start"
+    assert svc["environment"]["RAY_AUTH_TOKEN"] == "t" and svc["environment"]["MLFLOW_TRACKING_URI"] == "http://10.0.0.1:5000"
+    head = interpolate(yaml.load((DOCKER / "compose.head.yaml").read_text(), Loader=_ComposeLoader),
+                       {"RAY_HEAD_IP": "10.0.0.1"})["services"]
+    assert head["ray-head"]["network_mode"] == "host" and head["ray-head"]["ports"] is None
+    head_flags, head_ports = _ray_ports(head["ray-head"]["command"])
+    assert head_flags["node-ip-address"] == "10.0.0.1" and head["ray-worker"]["deploy"]["replicas"] == 0
+    assert not (head_ports | {6379, 8265, 10001}) & told, "a worker beside the head would find its ports taken"

@@ -301,7 +301,7 @@ class Cluster:
         return parents[0], children
 
     def epochs_logged(self, run_id: str) -> list[int]:
-        hist = self.rest("metrics/get-history", run_id=run_id, metric_key="epoch", max_results=1000)
+        hist = self.rest("metrics/get-history", run_id=run_id, metric_key="train_loss", max_results=1000)  # epochs are its steps
         return sorted(int(m["step"]) for m in hist.get("metrics", []))
 
     def mlflow_healthy(self, timeout: float = 120) -> None:
