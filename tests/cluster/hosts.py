@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 from pathlib import Path
 
 import scenario as sc
@@ -111,7 +112,8 @@ class Hosts(sc.Cluster):
     def artifacts(self, run_id: str, path: str = "") -> dict[str, int]:
         """{path: size} of a run's artifacts, as the MLflow server lists them (recursively)."""
         out: dict[str, int] = {}
-        listing = self.rest("artifacts/list", run_id=run_id, **({"path": path} if path else {}))
+        query = urllib.parse.urlencode({"run_id": run_id, **({"path": path} if path else {})})
+        listing = self.rest(f"artifacts/list?{query}")  # (rest's own `path` argument is the endpoint)
         for f in listing.get("files", []):
             if f.get("is_dir"):
                 out.update(self.artifacts(run_id, f["path"]))
@@ -253,6 +255,15 @@ def add_addresses() -> list[str]:
     return added
 
 
+# The one thing this machine cannot make real: the hosts' addresses are all this machine's, so a connection from
+# the head (on this machine's network) to a worker's address leaves with that same address as its source, which
+# inside the worker's container is its own (orchestrator/node_address.py) and the reply never leaves. Between real
+# machines the source is the head's own address. Traffic from the hosts' addresses into Docker's networks is
+# therefore source-NATed to the network's gateway, as a router between the machines would show it.
+SNAT = ["POSTROUTING", "-s", f"{NET}.0/24", "!", "-d", f"{NET}.0/24", "-j", "MASQUERADE",
+        "-m", "comment", "--comment", "bvit-hosts: the head's address is not the worker's"]
+
+
 def start_s3(tmp: Path, secret: str) -> subprocess.Popen:
     log = open(tmp / "moto.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", S3_IP, "-p", str(S3_PORT)],
@@ -307,13 +318,15 @@ def main() -> int:
     storage_env.write_text(f"AWS_ACCESS_KEY_ID=bvit-hosts\nAWS_SECRET_ACCESS_KEY={secret}\nAWS_REGION=us-east-1\n"
                            f"AWS_ENDPOINT_URL=http://{S3_IP}:{S3_PORT}\n")
     os.chmod(storage_env, 0o600)
-    ok, error, added, s3, c = False, "", [], None, None
+    ok, error, added, s3, c, snat = False, "", [], None, None, False
     try:
         os.chdir(ROOT)
         commands = sc.build_commands(sc.build_secrets(tmp))
         with phase("build images (cached when make test-cluster ran)", " && ".join(shlex.join(x) for x in commands)):
             sc.build(commands, tmp / "build.log")
         added = add_addresses()
+        run(["iptables", "-t", "nat", "-I", *SNAT])
+        snat = True
         with phase(f"S3 server (moto) on {S3_IP}:{S3_PORT}", f"python -m moto.server -H {S3_IP} -p {S3_PORT}"):
             s3 = start_s3(tmp, secret)
         fs = s3_fs(secret)
@@ -364,6 +377,8 @@ def main() -> int:
             s3.wait(10)
         for ip in added:
             run(["ip", "addr", "del", f"{ip}/32", "dev", "lo"], check_rc=False)
+        if snat:
+            run(["iptables", "-t", "nat", "-D", *SNAT], check_rc=False)
     if ok:
         shutil.rmtree(tmp, ignore_errors=True)
     else:

@@ -324,14 +324,26 @@ class Cluster:
         return int(out.strip())
 
 
+def idle_footprint(c: Cluster) -> str:
+    """Memory and processes of each service's container (docker stats), as a line for the report."""
+    out = []
+    for service in ("postgres", "mlflow", "ray-head", "ray-worker"):
+        for cid in c.compose("ps", "-q", service, capture=True, quiet=True).stdout.split()[:1]:
+            mem = run(["docker", "stats", "--no-stream", "--format", "{{.MemUsage}}", cid], capture=True,
+                      quiet=True).stdout.split("/")[0].strip()
+            procs = len(run(["docker", "top", cid], capture=True, quiet=True).stdout.splitlines()) - 1
+            out.append(f"{service} {mem} ({procs} processes)")
+    return ", ".join(out)
+
+
 # --- the checks -------------------------------------------------------------------------------------------------
 
 def write_spec(c: Cluster, name: str) -> str:
     """A copy of sweeps/cluster.yaml under another name (its own sweep, results and MLflow experiment), placed
     in the results mount so the cluster's nodes see it; returns its path inside the containers."""
     text = (ROOT / SPEC).read_text()
-    text, n = re.subn(r"^name: cluster$", f"name: {name}", text, flags=re.M)
-    assert n == 1, f"{SPEC}: expected a `name: cluster` line"
+    text, n = re.subn(r"^name: cluster-check\b.*$", f"name: {name}", text, flags=re.M)
+    assert n == 1, f"{SPEC}: expected a `name: cluster-check` line"
     d = c.results / "specs"
     d.mkdir(exist_ok=True)
     (d / f"{name}.yaml").write_text(text)
@@ -360,7 +372,7 @@ def check_mlflow(c: Cluster, sweep: str, trial_ids: list[str], *, every_epoch: b
 
 
 def sweep_distinct_workers(c: Cluster, workers: dict[str, str]) -> dict:
-    sweep = "cluster"
+    sweep = "cluster-check"  # sweeps/cluster.yaml's name
     cmd = f"bvit-sweep launch {SPEC}"
     with phase(f"sweep `{sweep}` (4 trials)", f"ray job submit --address {c.ray_address} -- bash -c 'cd /app && {cmd}'"):
         c.submit(cmd, "sweep-cluster")
@@ -554,6 +566,7 @@ def main() -> int:
             cluster.compose("up", "-d", "--wait", "--no-build", "--pull", "never")
         workers = cluster.containers("ray-worker")
         check(len(workers) == 2, f"2 Ray worker containers: {workers}")
+        CHECKS.append(f"idle, just up: {idle_footprint(cluster)}")
         sweep_distinct_workers(cluster, workers)
         sweep_worker_killed(cluster, workers)
         sweep_mlflow_down(cluster)
