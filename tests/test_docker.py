@@ -483,3 +483,46 @@ def test_a_worker_machine_publishes_every_port_ray_is_told_on_its_address_and_sh
     head_flags, head_ports = _ray_ports(head["ray-head"]["command"])
     assert head_flags["node-ip-address"] == "10.0.0.1" and head["ray-worker"]["deploy"]["replicas"] == 0
     assert not (head_ports | {6379, 8265, 10001}) & told, "a worker beside the head would find its ports taken"
+
+
+def test_docker_env_writes_fresh_secrets_and_picks_the_local_stand_ins_where_official_images_cannot_be_pulled(
+        tmp_path):
+    """scripts/docker-env.sh (README: Run on a cluster, step 2) against a `docker` that holds only some images
+    and can pull none: secrets filled (hex, the lengths .env.example asks), chmod 600, the PostgreSQL stand-in
+    where the official image is absent, the official base where present; data/ and results/ made for uid 1000;
+    a second run keeps the file and its secrets."""
+    import os
+    import stat
+
+    repo = tmp_path / "repo"
+    (repo / "docker").mkdir(parents=True)
+    (repo / "scripts").mkdir()
+    shutil.copy(DOCKER / ".env.example", repo / "docker")
+    shutil.copy(ROOT / "scripts" / "docker-env.sh", repo / "scripts")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text('#!/bin/sh\ncase "$1 $2" in\n  "image inspect") grep -qx "$3" "$IMAGES" ;;\n'
+                                 '  "pull -q") exit 1 ;;\nesac\n')
+    (fake / "docker").chmod(0o755)
+    images = tmp_path / "images"
+    images.write_text(f"local/postgres:15-bookworm\n{ENV_EXAMPLE['BASE_IMAGE']}\n")
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "IMAGES": str(images)}
+    r = subprocess.run(["bash", str(repo / "scripts" / "docker-env.sh")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    written = read_env_file(repo / "docker" / ".env")
+    assert re.fullmatch(r"[0-9a-f]{48}", written["POSTGRES_PASSWORD"]) and re.fullmatch(r"[0-9a-f]{64}", written["RAY_AUTH_TOKEN"])
+    assert written["POSTGRES_IMAGE"] == "local/postgres:15-bookworm" and written["BASE_IMAGE"] == ENV_EXAMPLE["BASE_IMAGE"]
+    assert "using the local stand-in local/postgres:15-bookworm" in r.stderr
+    assert stat.S_IMODE((repo / "docker" / ".env").stat().st_mode) == 0o600
+    assert {k: v for k, v in written.items() if k not in ("POSTGRES_PASSWORD", "RAY_AUTH_TOKEN", "POSTGRES_IMAGE")} == {
+        k: v for k, v in ENV_EXAMPLE.items() if k not in ("POSTGRES_PASSWORD", "RAY_AUTH_TOKEN", "POSTGRES_IMAGE")}
+    for d in ("data", "results"):
+        assert (repo / d).is_dir()
+        if os.geteuid() == 0:
+            assert (repo / d).stat().st_uid == 1000
+        else:
+            assert "sudo chown 1000:1000 data results" in r.stderr
+    before = (repo / "docker" / ".env").read_text()
+    again = subprocess.run(["bash", str(repo / "scripts" / "docker-env.sh")], env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "exists and is kept" in again.stderr
+    assert (repo / "docker" / ".env").read_text() == before
