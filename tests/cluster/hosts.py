@@ -283,9 +283,7 @@ def start_s3(tmp: Path, secret: str) -> subprocess.Popen:
 
 def write_report(ok: bool, error: str, started_at: str) -> Path:
     out = ROOT / "results" / "cluster" / f"{dt.date.today().isoformat()}-hosts.md"
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    sha, dirty = STARTED_AT_SHA  # the checkout the images were built from, not one committed during the run
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "")
     lines = [
@@ -304,6 +302,9 @@ def write_report(ok: bool, error: str, started_at: str) -> Path:
     ]
     out.write_text("\n".join(lines))
     return out
+
+
+STARTED_AT_SHA = sc.STARTED_AT_SHA  # taken when scenario was imported, before the build
 
 
 def main() -> int:

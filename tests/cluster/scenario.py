@@ -503,9 +503,7 @@ def image_alone() -> None:
 def write_report(ok: bool, error: str, sizes: dict[str, int], first_build_state: str, started_at: str) -> Path:
     out = ROOT / "results" / "cluster" / f"{dt.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    sha, dirty = STARTED_AT_SHA  # the checkout the images were built from, not one committed during the run
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     lines = [
@@ -538,6 +536,17 @@ def write_report(ok: bool, error: str, sizes: dict[str, int], first_build_state:
     ]
     out.write_text("\n".join(lines))
     return out
+
+
+def checkout_state() -> tuple[str, bool]:
+    """(short git SHA, whether tracked files differ from it) of the checkout, now."""
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return sha, bool(dirty)
+
+
+STARTED_AT_SHA = checkout_state()
 
 
 def main() -> int:
