@@ -16,7 +16,14 @@ from orchestrator.cells import Design, design_of, text
 from orchestrator.errors import UserError
 from orchestrator.spec import SweepSpec, load_spec
 from orchestrator.spec.load import SNAPSHOT, read_snapshot
-from orchestrator.storage import is_uri, location_of, storage_problems, sweep_location, sweep_name
+from orchestrator.storage import (
+    SweepLocation,
+    is_uri,
+    location_of,
+    storage_problems,
+    sweep_location,
+    sweep_name,
+)
 
 TUNER_STATE = "tuner.pkl"  # Ray Tune's (ray.tune.impl.tuner_internal._TUNER_PKL): a launched sweep has one
 
@@ -34,6 +41,7 @@ class Sweep:
     dir: Path
     spec: SweepSpec
     results_dir: Path
+    location: SweepLocation | None = None  # where it lives (a URI's local copy is `dir`)
 
     @property
     def name(self) -> str:
@@ -65,7 +73,7 @@ def resolve_sweep(arg: str, *, results_root: Path | str = "results", smoke: bool
                          "its spec file, or its name under ./runs"])
     check_tune_state(d)
     spec = read_snapshot(d)[1]
-    return Sweep(dir=d, spec=spec, results_dir=Path(results_root) / d.name)
+    return Sweep(dir=d, spec=spec, results_dir=Path(results_root) / d.name, location=where)
 
 
 def check_tune_state(sweep_dir: Path) -> None:
@@ -96,11 +104,13 @@ def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str
     """Recompute frontier.csv and plots (transfer.* for a fine-tuning sweep) into results/<sweep>/ and log
     them to the parent MLflow run."""
     from orchestrator.frontier import summarize
-    from orchestrator.results import finalize, trial_curves
+    from orchestrator.results import best_trial, finalize, trial_curves
     from orchestrator.tracking import resolve_tracking
 
     table = sweep_status(sweep)
     design = sweep_design(sweep)
+    if sweep.location is not None and sweep.location.uri is not None and (best := best_trial(table)) is not None:
+        sweep.location.pull_checkpoint(best)  # the best model goes to MLflow; a URI's copy leaves checkpoints out
     try:
         summary = summarize(table, sweep.results_dir, title=sweep.name, curves=trial_curves(table), design=design)
     except ValueError as e:

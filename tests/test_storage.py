@@ -202,6 +202,8 @@ def test_a_sweep_on_s3_runs_reads_back_and_resumes_from_there(tmp_path, monkeypa
     r3 = CliRunner().invoke(app, ["frontier", "s3://sweeps/bvit/ons3", "--json"])
     assert r3.exit_code == 0, r3.output
     assert (tmp_path / "results" / "ons3" / "frontier.csv").exists()
+    best = max(rows, key=lambda t: t["final_test_top1"])["trial_id"]  # its model fetched, for MLflow
+    assert [p.parts[-3] for p in (tmp_path / "cache").rglob("checkpoint.pt")] == [best]
 
     before = {t: _remote_bytes(f"s3://sweeps/bvit/ons3/{t}/result.json") for t in trials}
     t0 = time.time()
