@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import json
 import os
 import secrets
 import shlex
@@ -95,19 +94,9 @@ class Hosts(sc.Cluster):
         check(len(cid) == 1, f"worker host {name}: one ray-worker container ({cid})")
         return run(["docker", "inspect", "-f", "{{.Name}}", cid[0]], capture=True, quiet=True).stdout.strip().lstrip("/")
 
-    def results_of(self, sweep: str) -> dict[str, list[dict]]:
-        """{trial id: result rows} from the launcher's staging copy on the head (Tune syncs it up to S3 later)."""
-        script = (f"for f in /tmp/ray/session_latest/artifacts/*/{sweep}/driver_artifacts/*/result.json; do "
-                  "[ -f \"$f\" ] && echo \"== $(basename $(dirname $f))\" && cat \"$f\"; done; true")
-        out = run(["docker", "exec", self.head(), "sh", "-c", script], capture=True, quiet=True).stdout
-        trials: dict[str, list[dict]] = {}
-        current = None
-        for line in out.splitlines():
-            if line.startswith("== "):
-                current = trials.setdefault(line[3:], [])
-            elif line.strip() and current is not None:
-                current.append(json.loads(line))
-        return trials
+    def result_files(self, sweep: str) -> str:
+        """The launcher's staging copies on the head (Tune syncs them up to S3 only now and then)."""
+        return f"/tmp/ray/session_latest/artifacts/*/{sweep}/driver_artifacts/*/result.json"
 
     def artifacts(self, run_id: str, path: str = "") -> dict[str, int]:
         """{path: size} of a run's artifacts, as the MLflow server lists them (recursively)."""
@@ -201,22 +190,7 @@ def sweep_host_killed(c: Hosts, fs, workers: dict[str, str]) -> None:
     by_ip = {ip: name for name, ip in workers.items()}
     with phase(f"sweep `{sweep}` (a worker host's container killed mid-trial)", f"ray job submit ... -- bash -c 'cd /app && {cmd}'"):
         c.submit(cmd, "sweep-hosts-kill")
-        victim = trial = None
-        deadline = time.monotonic() + sc.JOB_TIMEOUT_S
-        while victim is None:
-            if time.monotonic() > deadline:
-                raise CheckFailed(f"{sweep}: no trial reached epoch 2 in time")
-            for t, rows in c.results_of(sweep).items():
-                if rows and 2 <= rows[-1]["epoch"] < sc.EPOCHS - 1 and rows[-1].get("node_ip") in by_ip:
-                    trial, victim, at_epoch = t, by_ip[rows[-1]["node_ip"]], rows[-1]["epoch"]
-                    break
-            else:
-                if c.job_status("sweep-hosts-kill") not in ("PENDING", "RUNNING"):
-                    raise CheckFailed(f"{sweep}: the job ended before a worker could be killed")
-                time.sleep(0.5)
-        run(["docker", "update", "--restart=no", victim], capture=True)
-        run(["docker", "kill", victim])
-        print(f"  killed {victim} while trial {trial} was past epoch {at_epoch} there")
+        trial, victim, at_epoch = sc.kill_mid_trial(c, sweep, "sweep-hosts-kill", by_ip)
         c.wait_job("sweep-hosts-kill")
     rows = sc.check_sweep_table(c, sweep, workers)
     row = next(r for r in rows if r["trial_id"] == trial)

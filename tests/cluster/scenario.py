@@ -259,9 +259,13 @@ class Cluster:
             time.sleep(3)
         raise CheckFailed(f"job {job_id} still running after {timeout:.0f} s")
 
+    def result_files(self, sweep: str) -> str:
+        """The glob, in the head container, of the sweep's trials' result.json files: the shared Ray storage."""
+        return f"/shared/runs/{sweep}/*/result.json"
+
     def results_of(self, sweep: str) -> dict[str, list[dict]]:
-        """{trial id: [result rows in order]} from the sweep's result.json files in the shared Ray storage."""
-        script = (f"for f in /shared/runs/{sweep}/*/result.json; do [ -f \"$f\" ] && "
+        """{trial id: [result rows in order]} from the sweep's result.json files (`result_files`)."""
+        script = (f"for f in {self.result_files(sweep)}; do [ -f \"$f\" ] && "
                   "echo \"== $(basename $(dirname $f))\" && cat \"$f\"; done; true")
         out = run(["docker", "exec", self.head(), "sh", "-c", script], capture=True, quiet=True).stdout
         trials: dict[str, list[dict]] = {}
@@ -408,23 +412,7 @@ def sweep_worker_killed(c: Cluster, workers: dict[str, str]) -> None:
     by_ip = {ip: name for name, ip in workers.items()}
     with phase(f"sweep `{sweep}` (4 trials, a worker killed mid-trial)", f"ray job submit ... -- bash -c 'cd /app && {cmd}'"):
         c.submit(cmd, "sweep-kill")
-        victim = trial = None
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while victim is None:
-            if time.monotonic() > deadline:
-                raise CheckFailed(f"{sweep}: no trial reached epoch 2 in time")
-            for t, rows in c.results_of(sweep).items():
-                if rows and 2 <= rows[-1]["epoch"] < EPOCHS - 1 and rows[-1].get("node_ip") in by_ip:
-                    trial, victim, at_epoch = t, by_ip[rows[-1]["node_ip"]], rows[-1]["epoch"]
-                    break
-            else:
-                if c.job_status("sweep-kill") not in ("PENDING", "RUNNING"):
-                    raise CheckFailed(f"{sweep}: the job ended before a worker could be killed")
-                time.sleep(0.5)
-        # The victim stays down (no restart policy), so the trial can only go on on a surviving worker.
-        run(["docker", "update", "--restart=no", victim], capture=True)
-        run(["docker", "kill", victim])
-        print(f"  killed {victim} while trial {trial} was past epoch {at_epoch} there")
+        trial, victim, at_epoch = kill_mid_trial(c, sweep, "sweep-kill", by_ip)
         c.wait_job("sweep-kill")
     rows = check_sweep_table(c, sweep, workers)
     row = next(r for r in rows if r["trial_id"] == trial)
@@ -447,6 +435,25 @@ def sweep_worker_killed(c: Cluster, workers: dict[str, str]) -> None:
     with phase("restore the killed worker", c.compose_cmd("up", "-d", "--wait", "--no-build")):
         run(["docker", "update", "--restart=unless-stopped", victim], capture=True)
         c.compose("up", "-d", "--wait", "--no-build", "--pull", "never")
+
+
+def kill_mid_trial(c: Cluster, sweep: str, job_id: str, by_ip: dict[str, str]) -> tuple[str, str, int]:
+    """Wait for a trial past epoch 2 (and before the last two) on a worker, then `docker kill` that worker and
+    leave it down (no restart policy), so the trial can only go on elsewhere: (trial, worker, its epoch)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:
+        if time.monotonic() > deadline:
+            raise CheckFailed(f"{sweep}: no trial reached epoch 2 in time")
+        for t, rows in c.results_of(sweep).items():
+            if rows and 2 <= rows[-1]["epoch"] < EPOCHS - 1 and rows[-1].get("node_ip") in by_ip:
+                trial, victim, at_epoch = t, by_ip[rows[-1]["node_ip"]], rows[-1]["epoch"]
+                run(["docker", "update", "--restart=no", victim], capture=True)
+                run(["docker", "kill", victim])
+                print(f"  killed {victim} while trial {trial} was past epoch {at_epoch} there")
+                return trial, victim, at_epoch
+        if c.job_status(job_id) not in ("PENDING", "RUNNING"):
+            raise CheckFailed(f"{sweep}: the job ended before a worker could be killed")
+        time.sleep(0.5)
 
 
 def sweep_mlflow_down(c: Cluster) -> None:
