@@ -68,8 +68,9 @@ class TrialEnvelope(BaseModel):
         return f"{self.sweep_dir.rstrip('/')}/train" if "://" in self.sweep_dir else str(Path(self.sweep_dir) / "train")
 
     def to_tune(self) -> dict[str, Any]:
-        """The envelope as JSON data, as Ray Tune carries it (see `of`)."""
-        return self.model_dump(mode="json")
+        """The envelope as JSON data, as Ray Tune carries it (see `of`); without `data_source` when there is none,
+        so a sweep on a local storage carries exactly what it did before the field existed."""
+        return self.model_dump(mode="json", exclude={"data_source"} if self.data_source is None else None)
 
     @classmethod
     def of(cls, config: Mapping[str, Any]) -> TrialEnvelope:

@@ -59,6 +59,15 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def ray_running(ray_local):
+    """`ray_local`, started again if an earlier test shut Ray down (a launch, or test_local_ray's own clusters)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> Callable[..., "torch.nn.Module"]:  # noqa: F821
     """`tiny(arch="bvit", **kw)`: a seeded width-32, 3-step (or depth-3) model for 28x28 grey images, eval mode."""

@@ -282,7 +282,7 @@ def test_a_published_copy_that_does_not_match_its_manifest_is_refused_and_leaves
         local_data("s3://sweeps/corrupt/.bvit-data/none-0", str(tmp_path / "elsewhere"))
 
 
-def test_a_node_that_cannot_fetch_the_published_data_is_named_before_any_trial(ray_local, tmp_path):
+def test_a_node_that_cannot_fetch_the_published_data_is_named_before_any_trial(ray_running, tmp_path):
     """The real Ray task on this node, asked for a copy that is not on the storage: one line naming the node, the
     URI and the reason, and what to do."""
     from orchestrator.data_share import stage_data_on_nodes
