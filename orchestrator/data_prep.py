@@ -21,8 +21,8 @@ from pathlib import Path
 from bvit.config import TrialConfig
 from orchestrator.errors import UserError
 
-__all__ = ["PROBE_S", "check_data_on_nodes", "data_fingerprints", "node_data_problems", "on_each_node", "prepare_data",
-           "trial_nodes"]
+__all__ = ["PROBE_S", "check_data_on_nodes", "data_files", "data_fingerprints", "fingerprint", "node_data_problems",
+           "nodes_line", "on_each_node", "prepare_data", "trial_nodes"]
 
 PROBE_S = 60.0  # how long the nodes have to answer (a worker process starts on each)
 _HEAD = 1 << 16  # bytes of each file hashed: enough to tell another preparation from this one, cheap on NFS
@@ -54,15 +54,20 @@ def prepare_data(trials: list[TrialConfig], *, cwd: Path) -> dict[str, str]:
     return resolved
 
 
-def data_fingerprints(paths: list[str]) -> dict[str, dict[str, list]]:
-    """{data dir: {file: [size, sha256 of its first 64 KiB]}} of every file the trials read, as this machine sees it."""
+def data_files() -> tuple[str, ...]:
+    """The files of a prepared data dir that trials read."""
     from bvit.data.format import META_NAME, SPLITS
 
-    return {d: {name: _fingerprint(os.path.join(d, name)) for name in (META_NAME, *(f"{s}.beton" for s in SPLITS))}
-            for d in sorted(set(paths))}
+    return (META_NAME, *(f"{s}.beton" for s in SPLITS))
 
 
-def _fingerprint(path: str) -> list:
+def data_fingerprints(paths: list[str]) -> dict[str, dict[str, list]]:
+    """{data dir: {file: [size, sha256 of its first 64 KiB]}} of every file the trials read, as this machine sees it."""
+    return {d: {name: fingerprint(os.path.join(d, name)) for name in data_files()} for d in sorted(set(paths))}
+
+
+def fingerprint(path: str) -> list:
+    """[size, sha256 of the first 64 KiB] of a file: enough to tell another preparation from this one, cheap."""
     with open(path, "rb") as f:
         return [os.fstat(f.fileno()).st_size, hashlib.sha256(f.read(_HEAD)).hexdigest()]
 
@@ -74,7 +79,7 @@ def _probe(expected: dict[str, dict[str, list]]) -> list[str]:
         for name, (size, digest) in files.items():
             path = os.path.join(d, name)
             try:
-                seen = _fingerprint(path)
+                seen = fingerprint(path)
             except OSError as e:
                 problems.append(f"{path} {'missing' if isinstance(e, FileNotFoundError) else f'unreadable ({e})'}")
                 continue
@@ -90,6 +95,11 @@ def node_data_problems(expected: dict[str, dict[str, list]], nodes: list[dict], 
     """{"node <ip> (<id>)": its problems} for each of Ray's `nodes` (entries of `ray.nodes()`) that does not see
     `expected` (data_fingerprints) as the launcher does: a task of no CPUs pinned to each node."""
     return on_each_node(_probe, expected, nodes, timeout_s=timeout_s)
+
+
+def nodes_line(bad: dict[str, list[str]]) -> str:
+    """`on_each_node`'s problems as one line: each node, its first three problems."""
+    return "; ".join(f"{node}: {', '.join(problems[:3])}" for node, problems in sorted(bad.items()))
 
 
 def on_each_node(fn, arg, nodes: list[dict], *, timeout_s: float) -> dict[str, list[str]]:
@@ -134,8 +144,7 @@ def check_data_on_nodes(data_paths: dict[str, str], *, skip_driver_node: bool = 
         return
     expected = data_fingerprints(list(data_paths.values()))
     if bad := node_data_problems(expected, nodes, timeout_s=timeout_s):
-        seen = "; ".join(f"{node}: {', '.join(problems[:3])}" for node, problems in sorted(bad.items()))
         raise UserError([f"data.path: {len(bad)} node(s) cannot read the data as "
-                         f"prepared on the launcher ({socket.gethostname()}) -- {seen}; put data.path on storage "
+                         f"prepared on the launcher ({socket.gethostname()}) -- {nodes_line(bad)}; put data.path on storage "
                          "every node mounts at the same path (NFS, the cluster's shared volume), or run "
                          "`bvit-sweep data prepare` on each of those nodes to the same path, then launch again"])

@@ -32,24 +32,18 @@ __all__ = ["DATA_PREFIX", "MANIFEST", "STAGE_S", "data_cache", "local_data", "pu
 DATA_PREFIX = ".bvit-data"  # under the storage URI, beside the sweeps
 MANIFEST = "manifest.json"
 STAGE_S = 900.0  # how long the nodes have to fetch the data before the first trial
-_HEAD = 1 << 16  # as data_prep's fingerprint: size + SHA-256 of the first 64 KiB
-
-
-def _data_files() -> tuple[str, ...]:
-    from bvit.data.format import META_NAME, SPLITS
-
-    return (META_NAME, *(f"{s}.beton" for s in SPLITS))
 
 
 def _describe(path: Path) -> dict[str, object]:
-    """{size, sha256, head}: the whole file's digest, and its first 64 KiB's (for the cheap same-files check)."""
-    whole, head = hashlib.sha256(), None
+    """{size, sha256, head}: the whole file's digest, and data_prep's fingerprint (the cheap same-files check)."""
+    from orchestrator.data_prep import fingerprint
+
+    whole = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            if head is None:
-                head = hashlib.sha256(chunk[:_HEAD]).hexdigest()
             whole.update(chunk)
-    return {"size": path.stat().st_size, "sha256": whole.hexdigest(), "head": head or hashlib.sha256(b"").hexdigest()}
+    size, head = fingerprint(str(path))
+    return {"size": size, "sha256": whole.hexdigest(), "head": head}
 
 
 def _read_manifest(fs, remote: str) -> dict | None:
@@ -63,12 +57,13 @@ def _read_manifest(fs, remote: str) -> dict | None:
 
 def publish_data(data_paths: dict[str, str], storage: str) -> dict[str, str]:
     """{absolute data dir: the URI of its copy on `storage`}, uploading each dir the storage does not hold yet."""
+    from orchestrator.data_prep import data_files
     from orchestrator.storage import open_uri
 
     fs, root = open_uri(storage)
     sources: dict[str, str] = {}
     for d in sorted(set(data_paths.values())):
-        files = {name: _describe(Path(d) / name) for name in _data_files()}
+        files = {name: _describe(Path(d) / name) for name in data_files()}
         key = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
         rel = f"{DATA_PREFIX}/{Path(d).name}-{key}"
         remote = f"{root}/{rel}"
@@ -92,14 +87,14 @@ def data_cache() -> Path:
 
 
 def _same_files(folder: str, files: dict[str, dict]) -> bool:
+    """Whether `folder` holds the manifest's files, as data_prep's node check compares them (size, first 64 KiB)."""
+    from orchestrator.data_prep import fingerprint
+
     try:
-        for name, want in files.items():
-            with open(os.path.join(folder, name), "rb") as f:
-                if os.fstat(f.fileno()).st_size != want["size"] or hashlib.sha256(f.read(_HEAD)).hexdigest() != want["head"]:
-                    return False
+        return all(fingerprint(os.path.join(folder, name)) == [want["size"], want["head"]]
+                   for name, want in files.items())
     except OSError:
         return False
-    return True
 
 
 def local_data(source: str, original: str) -> str:
@@ -154,13 +149,13 @@ def _stage(sources: dict[str, str]) -> list[str]:
 def stage_data_on_nodes(sources: dict[str, str], *, timeout_s: float = STAGE_S) -> None:
     """Every alive trial node has the published data (its cache, or the launcher's folder), or a one-line
     `UserError` naming each node that cannot get it. Needs Ray initialised."""
-    from orchestrator.data_prep import on_each_node, trial_nodes
+    from orchestrator.data_prep import nodes_line, on_each_node, trial_nodes
 
     nodes = trial_nodes(skip_driver_node=False)
     if not nodes or not sources:
         return
     if bad := on_each_node(_stage, sources, nodes, timeout_s=timeout_s):
-        seen = "; ".join(f"{node}: {', '.join(problems[:3])}" for node, problems in sorted(bad.items()))
-        raise UserError([f"data: {len(bad)} node(s) cannot get the trials' data from the sweep's storage -- {seen}; "
+        raise UserError([f"data: {len(bad)} node(s) cannot get the trials' data from the sweep's storage -- "
+                         f"{nodes_line(bad)}; "
                          "give every node the storage's credentials and endpoint (the AWS_* variables for s3://), "
                          "then launch again"])

@@ -205,8 +205,8 @@ def _launch_locked(*, spec: SweepSpec, spec_path: Path, strategy: Strategy, wher
                       storage_uri=where.uri)
         strategy.write_pareto(table, spec=spec, sweep_dir=sweep_dir, results_dir=results_dir, uri=uri,
                               experiment=experiment, verbose=verbose)
-        if where.uri is not None and (best := best_trial(table)) is not None:
-            where.pull_checkpoint(best)  # the best model goes to MLflow; `pull` leaves checkpoints on the storage
+        if (best := best_trial(table)) is not None:
+            where.pull_checkpoint(best)  # URI storage: the best model, for MLflow (`pull` leaves checkpoints there)
         finalize(sweep_dir=sweep_dir, results_dir=results_dir, table=table, verbose=verbose,
                  complete=not interrupted, **tracking)
     return LaunchResult(sweep_dir=sweep_dir, results_dir=results_dir, trials=table, interrupted=interrupted)

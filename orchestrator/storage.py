@@ -178,14 +178,8 @@ class SweepLocation:
         shutil.rmtree(fresh, ignore_errors=True)
         fresh.mkdir(parents=True)
 
-        def fetch(remote: str) -> None:
-            local = fresh / PurePosixPath(remote).relative_to(root)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(remote) as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            list(pool.map(fetch, files))
+            list(pool.map(lambda remote: _download(fs, remote, fresh / PurePosixPath(remote).relative_to(root)), files))
         shutil.rmtree(self.dir, ignore_errors=True)
         fresh.rename(self.dir)
         self._pushed = {p: _stamp(self.dir / p) for p in self._own()}  # what was fetched needs no push
@@ -193,10 +187,9 @@ class SweepLocation:
 
     def pull_checkpoint(self, trial_id: str) -> Path | None:
         """A URI: the trial's newest checkpoint folder, fetched into the local copy (`pull` leaves checkpoints out);
-        its local path, or None when it has none. A local storage: the folder as it is."""
+        its local path, or None when it has none. Nothing for a local storage (its checkpoints are in `dir`)."""
         if self.uri is None:
-            found = sorted((self.dir / trial_id).glob("checkpoint_*"))
-            return found[-1] if found else None
+            return None
         import pyarrow.fs
 
         fs, root = self._filesystem()
@@ -208,10 +201,7 @@ class SweepLocation:
         local = self.dir / trial_id / PurePosixPath(folders[-1]).name
         for info in fs.get_file_info(pyarrow.fs.FileSelector(folders[-1], recursive=True)):
             if info.type == pyarrow.fs.FileType.File:
-                target = local / PurePosixPath(info.path).relative_to(folders[-1])
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(info.path) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                _download(fs, info.path, local / PurePosixPath(info.path).relative_to(folders[-1]))
         return local
 
     def push(self, *, exclude: tuple[str, ...] = ()) -> int:
@@ -242,6 +232,12 @@ class SweepLocation:
     def _own(self) -> list[str]:
         return sorted({p.relative_to(self.dir).as_posix() for pattern in OWN_FILES for p in self.dir.glob(pattern)
                        if p.is_file()})
+
+
+def _download(fs, remote: str, local: Path) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with fs.open_input_stream(remote) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -109,8 +109,8 @@ def sweep_frontier(sweep: Sweep, *, tracking_uri: str | None = None) -> dict[str
 
     table = sweep_status(sweep)
     design = sweep_design(sweep)
-    if sweep.location is not None and sweep.location.uri is not None and (best := best_trial(table)) is not None:
-        sweep.location.pull_checkpoint(best)  # the best model goes to MLflow; a URI's copy leaves checkpoints out
+    if sweep.location is not None and (best := best_trial(table)) is not None:
+        sweep.location.pull_checkpoint(best)  # URI storage: the best model, for MLflow (the copy leaves checkpoints out)
     try:
         summary = summarize(table, sweep.results_dir, title=sweep.name, curves=trial_curves(table), design=design)
     except ValueError as e:
