@@ -157,8 +157,7 @@ def sweep_on_both_hosts(c: Hosts, fs, workers: dict[str, str]) -> None:
     arts = c.artifacts(parent["info"]["run_id"])
     want = {"trials.csv", "curves.csv", "spec.yaml", "run.json", "frontier/frontier.csv", "frontier/frontier.png"}
     check(want <= arts.keys(), f"{sweep}: the parent run's artifacts, through MLflow: {sorted(arts)}")
-    best = parent["data"]["tags"]
-    best_trial = next(t["value"] for t in best if t["key"] == "bvit.best_trial")
+    best_trial = next(t["value"] for t in parent["data"]["tags"] if t["key"] == "bvit.best_trial")
     best_run = next(ch for ch in children if ch["trial_id"] == best_trial)
     model = c.artifacts(best_run["info"]["run_id"])
     check(model.get("model/checkpoint.pt", 0) > 10_000, f"{sweep}: the best trial's ({best_trial}) model is an "
@@ -184,7 +183,7 @@ def workers_by_host(workers: dict[str, str]) -> dict[str, str]:
     return {name: container for container, ip in workers.items() for name, wip in WORKER_IPS.items() if ip == wip}
 
 
-def sweep_host_killed(c: Hosts, fs, workers: dict[str, str]) -> None:
+def sweep_host_killed(c: Hosts, workers: dict[str, str]) -> None:
     sweep = "hosts-kill"
     cmd = launch(c, sweep)
     by_ip = {ip: name for name, ip in workers.items()}
@@ -326,7 +325,7 @@ def main() -> int:
         CHECKS.append("worker hosts share no volume and no network with the head: "
                       + ", ".join(f"{w} at {ip}" for w, ip in workers.items()))
         sweep_on_both_hosts(c, fs, workers)
-        sweep_host_killed(c, fs, workers)
+        sweep_host_killed(c, workers)
         ok = True
     except Exception as e:  # noqa: BLE001 -- reported, then torn down
         error = f"{type(e).__name__}: {e}"
